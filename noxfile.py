@@ -1,0 +1,44 @@
+"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s typecheck`, `nox -s bench`."""
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_existing_virtualenvs = True
+
+# torch and torchvision are pinned to the builds this project is tested with; a plain
+# `torch` requirement would pull a multi-GB CUDA build on machines that need none.
+TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
+
+
+def install_project(session: nox.Session, extras: str) -> None:
+    session.install(*TORCH)
+    session.install("-e", f".[{extras}]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite (pass pytest arguments after --)."""
+    install_project(session, "test")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Check style and formatting with ruff."""
+    session.install("ruff")
+    session.run("ruff", "check", "samkd", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "samkd", "tests", "benchmarks", "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """Type-check the package with mypy."""
+    install_project(session, "dev")
+    session.run("mypy", "samkd")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run every benchmark and update BENCHMARKS.md."""
+    install_project(session, "test")
+    session.run("python", "-m", "benchmarks", *session.posargs)

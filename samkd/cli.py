@@ -1,0 +1,241 @@
+"""The `samkd` command: parses options, resolves settings, and calls the job functions."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from loguru import logger
+
+from samkd import __version__
+from samkd.settings import Settings, SettingsError, load_settings
+
+TAP_HELP = (
+    "Feature taps: encoder.embed (neck output, B x 256 x H/16 x W/16), encoder.block.<i> "
+    "(block or stage i), encoder.qk.<i> (attention block i), decoder.upscaled, "
+    "decoder.mask_logits, decoder.iou."
+)
+
+app = typer.Typer(
+    name="samkd",
+    help=(
+        "Distil Segment Anything teachers into MobileSAM and fine-tune it on your own data.\n\n"
+        "Every subcommand reads one settings tree: defaults < --config FILE < SAMKD_* "
+        "environment variables < --set key=value < the subcommand's own flags. "
+        "Add --print-config to any subcommand to see the resolved settings as YAML."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML settings file.", show_default=False),
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        help="Override one setting, e.g. --set train.lr=3e-4 (repeatable).",
+        show_default=False,
+    ),
+]
+PrintConfigOption = Annotated[
+    bool, typer.Option("--print-config", help="Print the resolved settings as YAML and exit.")
+]
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"samkd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the version and exit.", callback=_version_callback),
+    ] = False,
+) -> None:
+    """Distil Segment Anything teachers into MobileSAM."""
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Report samkd's own errors (all ValueError subclasses) as one line and a non-zero exit."""
+    try:
+        yield
+    except SettingsError as error:
+        raise _fail(str(error)) from None
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        if type(error).__module__.split(".")[0] != "samkd" and not isinstance(
+            error, FileNotFoundError
+        ):
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        raise _fail(str(message).splitlines()[0], code=1) from None
+
+
+def resolve_settings(
+    config: Path | None,
+    assignments: list[str] | None,
+    flags: Mapping[str, Any],
+    print_config: bool,
+) -> Settings:
+    """Load the settings; with --print-config, print them and stop."""
+    with one_line_errors():
+        settings = load_settings(config, assignments or (), flags)
+    if print_config:
+        sys.stdout.write(settings.to_yaml())
+        raise typer.Exit()
+    logger.remove()
+    logger.add(sys.stderr, level=settings.logging.level)
+    return settings
+
+
+def _teacher_flags(
+    model_type: str | None, checkpoint: Path | None
+) -> list[dict[str, Any]] | None:
+    if model_type is None:
+        if checkpoint is not None:
+            raise _fail("--checkpoint needs --teacher MODEL_TYPE")
+        return None
+    entry: dict[str, Any] = {"name": model_type, "model_type": model_type}
+    if checkpoint is not None:
+        entry["checkpoint"] = str(checkpoint)
+    return [entry]
+
+
+@app.command(epilog=TAP_HELP)
+def extract(
+    config: ConfigOption = None,
+    assignments: SetOption = None,
+    teacher: Annotated[
+        str | None,
+        typer.Option(help="Teacher model type (vit_b, vit_l, vit_h, vit_t, vit_mini).")
+    ] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Teacher weights (with --teacher).", show_default=False)
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Dataset folder to read.", show_default=False)
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="HDF5 file to write.", show_default=False)
+    ] = None,
+    tap: Annotated[
+        list[str] | None, typer.Option(help="Feature tap to store (repeatable).")
+    ] = None,
+    print_config: PrintConfigOption = False,
+) -> None:
+    """Run teachers over a dataset and store their features in one HDF5 file."""
+    flags = {
+        "teachers": _teacher_flags(teacher, checkpoint),
+        "data.train": str(data) if data else None,
+        "extract.output": str(output) if output else None,
+        "extract.taps": tap or None,
+    }
+    settings = resolve_settings(config, assignments, flags, print_config)
+    from samkd.extract import run_extract
+
+    with one_line_errors():
+        run_extract(settings)
+
+
+@app.command()
+def train(
+    config: ConfigOption = None,
+    assignments: SetOption = None,
+    features: Annotated[
+        Path | None, typer.Option(help="HDF5 feature file from `samkd extract`.")
+    ] = None,
+    online: Annotated[
+        bool | None,
+        typer.Option("--online/--precomputed", help="Run the teachers during training."),
+    ] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="Run folder.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue the run in this folder.", show_default=False)
+    ] = None,
+    print_config: PrintConfigOption = False,
+) -> None:
+    """Distil the student from stored or online teacher features."""
+    flags = {
+        "distillation.features": str(features) if features else None,
+        "distillation.use_precomputed_features": None if online is None else not online,
+        "train.output_dir": str(output_dir) if output_dir else None,
+        "train.steps": steps,
+    }
+    settings = resolve_settings(config, assignments, flags, print_config)
+    from samkd.train import run_train
+
+    with one_line_errors():
+        run_train(settings, resume=resume)
+
+
+@app.command("eval")
+def evaluate(
+    config: ConfigOption = None,
+    assignments: SetOption = None,
+    model_type: Annotated[
+        str | None, typer.Option(help="Model type to evaluate (default: student.model_type).")
+    ] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Weights to evaluate.", show_default=False)
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Dataset folder with masks.", show_default=False)
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write every number to this JSON file.")
+    ] = None,
+    overlays: Annotated[
+        Path | None, typer.Option(help="Save a few overlay PNGs in this folder.")
+    ] = None,
+    print_config: PrintConfigOption = False,
+) -> None:
+    """Measure mask quality (mIoU with box and point prompts) and speed."""
+    flags = {
+        "student.model_type": model_type,
+        "student.checkpoint": str(checkpoint) if checkpoint else None,
+        "data.val": str(data) if data else None,
+    }
+    settings = resolve_settings(config, assignments, flags, print_config)
+    from samkd.evaluate import run_eval
+
+    with one_line_errors():
+        run_eval(settings, json_path=json_path, overlays_dir=overlays)
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A feature file (.h5), run folder or checkpoint.")],
+    config: ConfigOption = None,
+    assignments: SetOption = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print JSON instead of tables.")
+    ] = False,
+    check: Annotated[bool, typer.Option(help="Read everything and verify it.")] = False,
+    print_config: PrintConfigOption = False,
+) -> None:
+    """Explain a feature file, a training run or a checkpoint."""
+    resolve_settings(config, assignments, {}, print_config)
+    from samkd.inspect import run_inspect
+
+    with one_line_errors():
+        code = run_inspect(path, as_json=json_output, check=check)
+    raise typer.Exit(code)

@@ -1,0 +1,482 @@
+"""The one settings tree shared by every `samkd` subcommand.
+
+Values come from four places, later ones winning:
+
+1. the defaults below;
+2. a YAML file (`--config FILE`);
+3. environment variables: `SAMKD_` prefix, nested keys joined with `__`
+   (`SAMKD_TRAIN__LR=3e-4`, `SAMKD_TEACHERS='[{"name": "h", "model_type": "vit_h"}]'`);
+4. `--set dotted.key=value` options (`--set train.lr=3e-4`, `--set teachers.0.weight=0.5`);
+5. a subcommand's dedicated flags (`samkd train --steps 100`).
+
+Every model forbids unknown keys, so a typo fails loudly; `format_validation_error` turns
+pydantic's report into one line naming the dotted path and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FilePath,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+ENV_PREFIX = "SAMKD_"
+ENV_NESTED_DELIMITER = "__"
+
+ModelType = Literal["vit_b", "vit_l", "vit_h", "vit_t", "vit_mini", "vit_t_mini"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+
+
+class SettingsError(ValueError):
+    """A settings file, variable or option is invalid; the message is one line."""
+
+
+class StrictModel(BaseModel):
+    """Base of every section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class PromptSettings(StrictModel):
+    """How prompts are drawn from each ground-truth mask."""
+
+    mode: Literal["box", "point", "mixed"] = Field(
+        "box", description="box: the mask's box; point: points inside it; mixed: either"
+    )
+    box_jitter: NonNegativeFloat = Field(
+        0.0, description="box corner noise as a fraction of the box side"
+    )
+    num_points: int = Field(1, ge=1, description="positive points per object")
+    num_negative_points: int = Field(0, ge=0, description="negative points per object")
+    max_objects: int = Field(16, ge=1, description="objects per image at most")
+
+
+class DataSettings(StrictModel):
+    """Where the images (and masks) are, and how they are read."""
+
+    train: Path | None = Field(None, description="training dataset folder")
+    val: Path | None = Field(None, description="validation dataset folder")
+    layout: Literal["auto", "folder", "coco", "sa1b"] = Field(
+        "auto", description="dataset layout; auto detects it"
+    )
+    annotation_file: str | None = Field(
+        None, description="COCO JSON name inside each dataset folder (auto when unset)"
+    )
+    image_size: int = Field(1024, description="model input side in pixels (multiple of 64)")
+    on_error: Literal["raise", "skip"] = Field(
+        "raise", description="a bad image or mask stops the run, or is skipped and counted"
+    )
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes")
+    prompts: PromptSettings = PromptSettings()
+
+    @field_validator("image_size")
+    @classmethod
+    def _multiple_of_64(cls, value: int) -> int:
+        if value <= 0 or value % 64:
+            raise ValueError(f"must be a positive multiple of 64, got {value}")
+        return value
+
+    @field_validator("train", "val")
+    @classmethod
+    def _folder_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"folder '{value}' does not exist")
+        return value
+
+
+# --------------------------------------------------------------------------- models
+
+
+class TeacherSettings(StrictModel):
+    """One teacher: a SAM model whose features the student learns from."""
+
+    name: str = Field(description="short name used in feature files and loss names")
+    model_type: ModelType = Field(description="registry name: vit_b, vit_l, vit_h, vit_t, ...")
+    checkpoint: FilePath | None = Field(None, description="weights file (random init if unset)")
+    weight: PositiveFloat = Field(1.0, description="this teacher's share of the distillation loss")
+
+    @field_validator("name")
+    @classmethod
+    def _simple_name(cls, value: str) -> str:
+        if not value or not value.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"must be letters, digits, '-' or '_', got {value!r}")
+        return value
+
+
+class StudentSettings(StrictModel):
+    """The model being trained."""
+
+    model_type: ModelType = Field("vit_t", description="registry name of the student")
+    checkpoint: FilePath | None = Field(None, description="initial weights (random if unset)")
+    gradient_checkpointing: bool = Field(False, description="trade compute for memory")
+    freeze_bn_stats: bool | None = Field(
+        None, description="keep BatchNorm statistics fixed (default: on with a checkpoint)"
+    )
+
+
+# --------------------------------------------------------------------------- distillation
+
+
+class TapPair(StrictModel):
+    """A student tap matched with a teacher tap, e.g. encoder.block.3 -> encoder.block.31."""
+
+    student: str
+    teacher: str
+
+
+class EncoderTermSettings(StrictModel):
+    """Encoder matching: lambda_mse * MSE + lambda_kl * tau^2 * KL over matched taps."""
+
+    enabled: bool = True
+    weight: NonNegativeFloat = Field(1.0, description="lambda of the whole term")
+    mse_weight: NonNegativeFloat = 1.0
+    kl_weight: NonNegativeFloat = 0.0
+    temperature: PositiveFloat = 1.0
+    kl_axis: Literal["spatial", "channel"] = Field(
+        "spatial", description="softmax over the positions of each channel, or over channels"
+    )
+    pairs: list[TapPair] | None = Field(None, description="matched taps (default per model)")
+
+
+class DecoderTermSettings(StrictModel):
+    """Decoder matching on the upscaled embedding and the mask logits."""
+
+    enabled: bool = False
+    weight: NonNegativeFloat = 1.0
+    mse_weight: NonNegativeFloat = 1.0
+    cosine_weight: NonNegativeFloat = 1.0
+    kl_weight: NonNegativeFloat = 1.0
+    temperature: PositiveFloat = 1.0
+
+
+class AttentionTermSettings(StrictModel):
+    """Attention matching: KL between coarse head-averaged attention maps."""
+
+    enabled: bool = False
+    weight: NonNegativeFloat = 1.0
+    grid_size: int = Field(16, ge=1, description="coarse map is grid_size^2 x grid_size^2")
+    query_chunk: int = Field(1024, ge=1, description="queries per chunk when coarsening")
+    pairs: list[TapPair] | None = Field(None, description="matched qk taps (default per model)")
+
+
+class RKDTermSettings(StrictModel):
+    """Relational KD (distance + angle) between patch embeddings."""
+
+    enabled: bool = False
+    weight: NonNegativeFloat = 1.0
+    distance_weight: NonNegativeFloat = 1.0
+    angle_weight: NonNegativeFloat = 2.0
+    tap: str = Field("encoder.embed", description="feature whose patches are related")
+    patches: Literal["grid", "sample"] = Field("grid", description="pooled grid or sampled")
+    grid_size: int = Field(8, ge=2, description="pooled grid side (patches = grid_size^2)")
+    num_samples: int = Field(64, ge=3, description="sampled positions per image")
+    across_batch: bool = Field(False, description="relate images of a batch instead")
+
+
+class DynamicLambdaSettings(StrictModel):
+    """lambda_kd drops by `factor` when the validation metric plateaus."""
+
+    enabled: bool = False
+    initial: NonNegativeFloat = 1.0
+    factor: float = Field(0.5, gt=0, le=1)
+    patience: int = Field(3, ge=0)
+    threshold: NonNegativeFloat = 1e-3
+    cooldown: int = Field(0, ge=0)
+    min_lambda: NonNegativeFloat = 0.0
+    mode: Literal["max", "min"] = "max"
+    metric: str = Field("val/miou", description="validation record key that is watched")
+
+
+class DistillationSettings(StrictModel):
+    """The distillation objective: one section per term."""
+
+    use_precomputed_features: bool = Field(True, description="read teachers from the HDF5 file")
+    features: Path | None = Field(None, description="HDF5 feature file written by extract")
+    encoder: EncoderTermSettings = EncoderTermSettings()
+    decoder: DecoderTermSettings = DecoderTermSettings()
+    attention: AttentionTermSettings = AttentionTermSettings()
+    rkd: RKDTermSettings = RKDTermSettings()
+    dynamic_lambda: DynamicLambdaSettings = DynamicLambdaSettings()
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+class TrainSettings(StrictModel):
+    """The optimisation loop."""
+
+    output_dir: Path = Field(Path("runs/train"), description="run folder")
+    steps: int = Field(1000, ge=1, description="optimizer steps")
+    batch_size: int = Field(2, ge=1, description="global batch size")
+    grad_accumulation: int = Field(1, ge=1)
+    lr: PositiveFloat = 1e-4
+    weight_decay: NonNegativeFloat = 0.01
+    warmup_steps: int = Field(50, ge=0)
+    grad_clip: NonNegativeFloat = Field(1.0, description="max gradient norm; 0 disables")
+    precision: Precision = Field("auto", description="auto: bf16 on CUDA, fp32 on the CPU")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    compile: bool = False
+    channels_last: bool = False
+    seed: int = 0
+    val_every: int = Field(200, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+    early_stop_patience: int | None = Field(None, ge=1)
+    max_nonfinite_steps: int = Field(5, ge=1, description="consecutive skipped steps that abort")
+
+
+class ExtractSettings(StrictModel):
+    """Writing teacher features to an HDF5 file."""
+
+    output: Path = Field(Path("features.h5"), description="feature file to write")
+    taps: list[str] = Field(default_factory=lambda: ["encoder.embed"])
+    dtype: Literal["float16", "float32"] = "float16"
+    compression: Literal["none", "gzip", "lzf"] = "none"
+    allow_overflow: bool = Field(False, description="store values beyond float16 range anyway")
+    batch_size: int = Field(4, ge=1)
+    attention_grid: int = Field(16, ge=1, description="coarse attention grid side")
+    precision: Precision = "auto"
+    device: str = "auto"
+
+
+class EvalSettings(StrictModel):
+    """Mask quality and speed measurement."""
+
+    prompts: list[Literal["box", "point", "points"]] = Field(
+        default_factory=lambda: ["box", "point"]
+    )
+    num_points: int = Field(3, ge=1, description="k for the points prompt")
+    multimask: bool = True
+    speed: bool = True
+    warmup: int = Field(2, ge=0)
+    repeats: int = Field(10, ge=1)
+    batch_size: int = Field(1, ge=1)
+    device: str = "auto"
+    seed: int = 0
+
+
+class LoggingSettings(StrictModel):
+    """What is written where."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_every: int = Field(10, ge=1, description="steps between metric records")
+    tensorboard: bool = True
+
+
+class Settings(BaseSettings):
+    """Root of the settings tree."""
+
+    model_config = SettingsConfigDict(extra="forbid", validate_assignment=True)
+
+    data: DataSettings = DataSettings()
+    teachers: list[TeacherSettings] = Field(default_factory=list)
+    student: StudentSettings = StudentSettings()
+    distillation: DistillationSettings = DistillationSettings()
+    train: TrainSettings = TrainSettings()
+    extract: ExtractSettings = ExtractSettings()
+    eval: EvalSettings = EvalSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @classmethod
+    def settings_customise_sources(  # type: ignore[override]
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # `load_settings` merges file, environment and options itself, so that `--set`
+        # can address list items; the model only validates what it is given.
+        return (init_settings,)
+
+    @model_validator(mode="after")
+    def _unique_teacher_names(self) -> Settings:
+        names = [teacher.name for teacher in self.teachers]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"teacher names must be unique, '{duplicates[0]}' is repeated")
+        return self
+
+    def to_yaml(self) -> str:
+        """The resolved settings as YAML that `load_settings` reads back to the same values."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def read_yaml_file(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML settings file (empty file: empty mapping)."""
+    if not path.is_file():
+        raise SettingsError(f"{path}: settings file does not exist")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise SettingsError(f"{path}{where}: not valid YAML: {error}".splitlines()[0]) from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise SettingsError(f"{path}: expected a mapping of sections, got {type(values).__name__}")
+    return values
+
+
+def read_environment(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Nested values from `SAMKD_...` variables (`SAMKD_TRAIN__LR=1e-3` -> train.lr)."""
+    source = EnvSettingsSource(
+        Settings,
+        case_sensitive=False,
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        env_parse_none_str="null",
+    )
+    if environ is not None:
+        source.env_vars = {key.lower(): value for key, value in environ.items()}
+    try:
+        return dict(source())
+    except Exception as error:  # pydantic-settings reports bad JSON with its own type
+        raise SettingsError(f"environment: {error}".splitlines()[0]) from None
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """`train.lr=3e-4` -> ("train.lr", 0.0003); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise SettingsError(f"--set {text!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def set_dotted(values: dict[str, Any], dotted_key: str, value: Any) -> None:
+    """Assign `value` at `a.b.0.c` inside nested dicts and lists, creating dicts as needed."""
+    parts = dotted_key.split(".")
+    node: Any = values
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise SettingsError(f"--set {dotted_key}: no list item '{where}'")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if not isinstance(node.get(part), dict | list):
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise SettingsError(f"--set {dotted_key}: '{where}' is not a section")
+
+
+def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` updated by `update`, recursing into mappings (lists are replaced whole)."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(
+    config_file: Path | None = None,
+    assignments: Sequence[str] = (),
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Resolve defaults < file < environment < `--set` assignments < flags into `Settings`.
+
+    `flags` maps dotted keys to values of a subcommand's dedicated options (None: not given).
+    `environ` defaults to `os.environ`. Raises `SettingsError` with a one-line message.
+    """
+    values: dict[str, Any] = read_yaml_file(config_file) if config_file else {}
+    values = deep_merge(values, read_environment(os.environ if environ is None else environ))
+    for assignment in assignments:
+        set_dotted(values, *parse_assignment(assignment))
+    for dotted_key, value in (flags or {}).items():
+        if value is not None:
+            set_dotted(values, dotted_key, value)
+    origin = str(config_file) if config_file else "settings"
+    try:
+        return Settings(**values)
+    except ValidationError as error:
+        raise SettingsError(format_validation_error(error, origin)) from None
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _fields_at(location: Sequence[str | int]) -> list[str]:
+    """Valid keys of the section that holds `location`'s last key."""
+    model: Any = Settings
+    for part in location[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return []
+        model = _model_of(field.annotation)
+        if model is None:
+            return []
+    return list(model.model_fields) if hasattr(model, "model_fields") else []
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside `X`, `list[X]` or `X | None`, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def format_validation_error(error: ValidationError, origin: str = "settings") -> str:
+    """One line: where, what was wrong, and the closest valid key for a misspelt one."""
+    first = error.errors()[0]
+    location = [part for part in first["loc"] if not isinstance(part, str) or part]
+    dotted = ".".join(str(part) for part in location) or "(root)"
+    more = len(error.errors()) - 1
+    suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
+    if first["type"] == "extra_forbidden":
+        valid = _fields_at(location)
+        close = difflib.get_close_matches(str(location[-1]), valid, n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+        return f"{origin}: unknown key '{dotted}'{hint}{suffix}"
+    message = first["msg"].removeprefix("Value error, ")
+    shown = first.get("input")
+    value = "" if isinstance(shown, dict | list) or shown is None else f" (got {shown!r})"
+    return f"{origin}: {dotted}: {message}{value}{suffix}"
