@@ -61,17 +61,24 @@ class StrictModel(BaseModel):
 
 
 class PromptSettings(StrictModel):
-    """How prompts are drawn from each ground-truth mask."""
+    """How training prompts are drawn from each ground-truth mask."""
 
-    mode: Literal["box", "point", "mixed"] = Field(
-        "box", description="box: the mask's box; point: points inside it; mixed: either"
+    mode: Literal["box", "points", "mixed"] = Field(
+        "box", description="box: the mask's box; points: points inside it; mixed: either"
     )
     box_jitter: NonNegativeFloat = Field(
-        0.0, description="box corner noise as a fraction of the box side"
+        0.1, description="box corner noise as a fraction of the box side"
     )
-    num_points: int = Field(1, ge=1, description="positive points per object")
+    min_points: int = Field(1, ge=1, description="fewest positive points per object")
+    max_points: int = Field(1, ge=1, description="most positive points per object")
     num_negative_points: int = Field(0, ge=0, description="negative points per object")
     max_objects: int = Field(16, ge=1, description="objects per image at most")
+
+    @model_validator(mode="after")
+    def _point_range(self) -> PromptSettings:
+        if self.min_points > self.max_points:
+            raise ValueError(f"min_points {self.min_points} exceeds max_points {self.max_points}")
+        return self
 
 
 class DataSettings(StrictModel):
@@ -194,6 +201,7 @@ class RKDTermSettings(StrictModel):
     grid_size: int = Field(8, ge=2, description="pooled grid side (patches = grid_size^2)")
     num_samples: int = Field(64, ge=3, description="sampled positions per image")
     across_batch: bool = Field(False, description="relate images of a batch instead")
+    seed: int = Field(0, description="seed of the sampled positions (patches: sample)")
 
 
 class DynamicLambdaSettings(StrictModel):
@@ -255,6 +263,13 @@ class ExtractSettings(StrictModel):
     dtype: Literal["float16", "float32"] = "float16"
     compression: Literal["none", "gzip", "lzf"] = "none"
     allow_overflow: bool = Field(False, description="store values beyond float16 range anyway")
+    allow_nonfinite: bool = Field(False, description="store NaN / Inf feature values anyway")
+    shard_size: int = Field(
+        64, ge=1, description="images per shard file; a killed run redoes at most one shard"
+    )
+    join: Literal["copy", "virtual"] = Field(
+        "copy", description="join shards by copying chunks, or as virtual datasets over them"
+    )
     batch_size: int = Field(4, ge=1)
     attention_grid: int = Field(16, ge=1, description="coarse attention grid side")
     precision: Precision = "auto"

@@ -1,0 +1,46 @@
+"""SAM teachers and MobileSAM students: building, weights, and taps on intermediate results."""
+
+from samkd.models.attention_capture import AttentionCapture
+from samkd.models.checkpoint import (
+    CheckpointError,
+    load_state_dict_file,
+    load_weights,
+    save_state_dict,
+)
+from samkd.models.image_encoder import CheckpointedImageEncoderViT
+from samkd.models.registry import (
+    MODEL_TYPES,
+    STUDENT_TYPES,
+    TEACHER_TYPES,
+    ModelType,
+    build_sam,
+    check_image_size,
+    default_image_size,
+    describe_model_types,
+    model_type_info,
+)
+from samkd.models.taps import TapError, Taps, available_taps, capture_taps
+from samkd.models.tiny_vit import TinyViT
+
+__all__ = [
+    "MODEL_TYPES",
+    "STUDENT_TYPES",
+    "TEACHER_TYPES",
+    "AttentionCapture",
+    "CheckpointError",
+    "CheckpointedImageEncoderViT",
+    "ModelType",
+    "TapError",
+    "Taps",
+    "TinyViT",
+    "available_taps",
+    "build_sam",
+    "capture_taps",
+    "check_image_size",
+    "default_image_size",
+    "describe_model_types",
+    "load_state_dict_file",
+    "load_weights",
+    "model_type_info",
+    "save_state_dict",
+]

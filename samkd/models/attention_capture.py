@@ -8,8 +8,9 @@ probabilities a chunk of queries at a time.
 Layout conventions, shared by SAM's ViT (global and windowed blocks) and TinyViT:
 
 - The image's token grid is `grid = (H, W)`. Windowed blocks pad it bottom-right to
-  `padded_grid = (Hp, Wp)`, multiples of `window`, and split it into `nW = (Hp/window) * (Wp/window)`
-  windows in row-major order; global blocks have `window = 0`, `padded_grid == grid`, `nW = 1`.
+  `padded_grid = (Hp, Wp)`, multiples of `window`, and split it into
+  `nW = (Hp/window) * (Wp/window)` windows in row-major order; global blocks have `window = 0`,
+  `padded_grid == grid`, `nW = 1`.
 - `query` and `key` are `(B * nW) x heads x T x head_dim`, with `T = window**2` (or `H * W` for a
   global block) tokens in row-major order inside each window; the batch index is the slow one.
 - logits = `scale * query @ key^T + bias + rel_h + rel_w`, where

@@ -1,0 +1,1 @@
+"""The self-contained demo: generated data and small models, nothing to download."""

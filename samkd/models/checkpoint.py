@@ -1,0 +1,178 @@
+"""Reading, checking and writing model weights.
+
+Files are read with `weights_only=True`, so a checkpoint can hold tensors and plain containers
+but no arbitrary Python objects. Training checkpoints wrapped as `{"model": ...}` or
+`{"state_dict": ...}`, and weights saved from a `DistributedDataParallel` (`module.` prefix),
+are unwrapped.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections.abc import Mapping
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WRAPPER_KEYS = ("model", "state_dict")
+DATA_PARALLEL_PREFIX = "module."
+WEIGHTS_ONLY_REASON = "WeightsUnpickler error:"
+# How many offending keys an error message names, per kind of mismatch.
+KEYS_SHOWN = 3
+
+StateDict = dict[str, torch.Tensor]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or that does not fit the model; one-line message."""
+
+
+def load_state_dict_file(path: str | PathLike[str]) -> StateDict:
+    """Reads a state dict onto the CPU, unwrapping training checkpoints."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable PyTorch weights file: {_load_failure(error)}"
+        ) from error
+    return unwrap_state_dict(loaded, source=str(path))
+
+
+def unwrap_state_dict(loaded: Any, source: str = "state dict") -> StateDict:
+    """The state dict inside `loaded`: unwraps `{"model": ...}`, `{"state_dict": ...}` and
+    strips a `module.` prefix carried by every key."""
+    for key in WRAPPER_KEYS:
+        if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
+            loaded = loaded[key]
+    if not isinstance(loaded, Mapping) or not all(
+        isinstance(value, torch.Tensor) for value in loaded.values()
+    ):
+        raise CheckpointError(f"checkpoint {source} holds no state dict of tensors")
+    state = {str(key): value for key, value in loaded.items()}
+    if state and all(key.startswith(DATA_PARALLEL_PREFIX) for key in state):
+        state = {key.removeprefix(DATA_PARALLEL_PREFIX): value for key, value in state.items()}
+    return state
+
+
+def load_weights(
+    model: nn.Module,
+    state_dict_or_path: Mapping[str, torch.Tensor] | str | PathLike[str],
+    model_type: str,
+) -> None:
+    """Loads weights strictly into `model` (of type `model_type`, named in errors).
+
+    Absolute positional embeddings and global relative positions saved for another image size
+    are interpolated to the model's size, as segment-anything does for fine-tuning.
+    """
+    if isinstance(state_dict_or_path, Mapping):
+        source = "state dict"
+        state = unwrap_state_dict(state_dict_or_path, source)
+    else:
+        source = str(state_dict_or_path)
+        state = load_state_dict_file(state_dict_or_path)
+    expected = model.state_dict()
+    state = _resize_positions(state, expected)
+    mismatch = describe_mismatch(expected, state)
+    if mismatch:
+        raise CheckpointError(
+            f"checkpoint {source} does not fit model type {model_type!r}: {mismatch}"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def describe_mismatch(
+    expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]
+) -> str:
+    """Empty if `given` has exactly the keys and shapes of `expected`, else a one-line summary."""
+    missing = [key for key in expected if key not in given]
+    unexpected = [key for key in given if key not in expected]
+    reshaped = [
+        f"{key}: {_shape(given[key])} vs {_shape(expected[key])}"
+        for key in expected
+        if key in given and given[key].shape != expected[key].shape
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys ({_first(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_first(unexpected)})")
+    if reshaped:
+        parts.append(f"{len(reshaped)} with other shapes, checkpoint vs model ({_first(reshaped)})")
+    return ", ".join(parts)
+
+
+def save_state_dict(
+    model: nn.Module | Mapping[str, torch.Tensor], path: str | PathLike[str]
+) -> None:
+    """Writes `model`'s state dict to `path` atomically: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(state, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _resize_positions(state: StateDict, expected: Mapping[str, torch.Tensor]) -> StateDict:
+    resized = dict(state)
+    for key, tensor in state.items():
+        target = expected.get(key)
+        if target is None or target.shape == tensor.shape:
+            continue
+        if key.endswith("pos_embed") and tensor.ndim == 4:
+            resized[key] = _resize_pos_embed(tensor, (target.shape[1], target.shape[2]))
+        elif key.endswith(("rel_pos_h", "rel_pos_w")) and tensor.ndim == 2:
+            resized[key] = _resize_rel_pos(tensor, target.shape[0])
+    return resized
+
+
+def _resize_pos_embed(pos_embed: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """1 x H x W x C -> 1 x size x C, bicubic."""
+    channels_first = pos_embed.permute(0, 3, 1, 2).float()
+    resized = F.interpolate(channels_first, size=size, mode="bicubic", align_corners=False)
+    return resized.permute(0, 2, 3, 1).to(pos_embed.dtype)
+
+
+def _resize_rel_pos(rel_pos: torch.Tensor, length: int) -> torch.Tensor:
+    """L x C -> length x C, linear (as segment-anything's `get_rel_pos`)."""
+    channels_first = rel_pos.t()[None].float()
+    resized = F.interpolate(channels_first, size=length, mode="linear")
+    return resized[0].t().to(rel_pos.dtype)
+
+
+def _first(items: list[str]) -> str:
+    shown = ", ".join(items[:KEYS_SHOWN])
+    return shown + ", ..." if len(items) > KEYS_SHOWN else shown
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return "x".join(str(size) for size in tensor.shape) or "scalar"
+
+
+def _load_failure(error: BaseException) -> str:
+    """The gist of a `torch.load` error: its first sentence."""
+    text = str(error)
+    prefix = ""
+    if WEIGHTS_ONLY_REASON in text:
+        # torch wraps the actual reason in paragraphs of advice on trusting the file.
+        text = text.split(WEIGHTS_ONLY_REASON, 1)[1]
+        prefix = "refused by weights-only loading: "
+    paragraphs = [" ".join(p.split()) for p in text.split("\n\n")]
+    first = next((p for p in paragraphs if p), "")
+    if not first:
+        return f"{type(error).__name__} (empty or truncated file?)"
+    return prefix + first.split(". ")[0].rstrip(".")

@@ -1,0 +1,261 @@
+"""Named taps on intermediate results of a SAM model, for feature and attention distillation.
+
+Tap names are the same on every model type:
+
+- `encoder.embed`: image embedding (neck output), B x 256 x H/16 x W/16.
+- `encoder.block.<i>`: output of ViT block `i` or of TinyViT stage `i` (which includes the
+  stage's patch merging), as B x C x h x w.
+- `encoder.qk.<i>`: an `AttentionCapture` of attention block `i`; TinyViT's attention blocks are
+  numbered across stages in order.
+- `decoder.upscaled`: mask decoder's upscaled image embedding, N x 32 x 4h x 4w, before the
+  product with the per-mask hypernetwork weights (N = images x prompts in that call).
+- `decoder.mask_logits`: low-resolution mask logits returned by the mask decoder.
+- `decoder.iou`: mask quality predictions returned by the mask decoder.
+
+Tapped tensors keep their autograd graph; detach them where no gradient is wanted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from segment_anything.modeling import ImageEncoderViT, Sam
+from segment_anything.modeling.image_encoder import Attention as SamAttention
+from segment_anything.modeling.image_encoder import Block as SamBlock
+from segment_anything.modeling.image_encoder import get_rel_pos
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from samkd.models.attention_capture import AttentionCapture
+from samkd.models.tiny_vit import Attention as TinyViTAttention
+from samkd.models.tiny_vit import TinyViT, TinyViTBlock
+
+ENCODER_EMBED = "encoder.embed"
+ENCODER_BLOCK = "encoder.block"
+ENCODER_QK = "encoder.qk"
+DECODER_UPSCALED = "decoder.upscaled"
+DECODER_MASK_LOGITS = "decoder.mask_logits"
+DECODER_IOU = "decoder.iou"
+
+TapValue = torch.Tensor | AttentionCapture
+Attach = Callable[["Taps"], list[RemovableHandle]]
+
+
+class TapError(ValueError):
+    """A tap name that the model does not have; one-line message."""
+
+
+class Taps(Mapping[str, TapValue]):
+    """Values captured by tap name. Each name holds the value of the tapped module's latest call:
+    read it before calling the module again (for instance per image when looping over a batch).
+
+    Hooks also fire when gradient checkpointing recomputes a block in backward; the recomputed
+    values are equal to the stored ones.
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = tuple(names)
+        self._values: dict[str, TapValue] = {}
+
+    def __getitem__(self, name: str) -> TapValue:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise KeyError(f"tap {name!r} has not been filled by a forward pass") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The value of a tensor tap (any tap but `encoder.qk.<i>`)."""
+        value = self[name]
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"tap {name!r} holds an attention capture, not a tensor")
+        return value
+
+    def attention(self, name: str) -> AttentionCapture:
+        """The value of an `encoder.qk.<i>` tap."""
+        value = self[name]
+        if not isinstance(value, AttentionCapture):
+            raise TypeError(f"tap {name!r} holds a tensor, not an attention capture")
+        return value
+
+    def clear(self) -> None:
+        """Drops the captured values (and the graphs they hold on to)."""
+        self._values.clear()
+
+    def record(self, name: str, value: TapValue) -> None:
+        self._values[name] = value
+
+
+def available_taps(model: Sam) -> list[str]:
+    """Names of every tap that `model` offers."""
+    return list(_tap_points(model))
+
+
+@contextmanager
+def capture_taps(model: Sam, names: Sequence[str]) -> Iterator[Taps]:
+    """Hooks the named taps into `model` for the duration of the block; yields the values.
+
+    Raises TapError for names the model does not offer. All hooks are removed on exit.
+    """
+    points = _tap_points(model)
+    unknown = [name for name in names if name not in points]
+    if unknown:
+        raise TapError(
+            f"unknown tap {', '.join(map(repr, unknown))}; valid taps: {', '.join(points)}"
+        )
+    taps = Taps(names)
+    handles: list[RemovableHandle] = []
+    try:
+        for name in dict.fromkeys(names):
+            handles.extend(points[name](taps))
+        yield taps
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _tap_points(model: Sam) -> dict[str, Attach]:
+    encoder = model.image_encoder
+    decoder = model.mask_decoder
+    points: dict[str, Attach] = {ENCODER_EMBED: _output_tap(ENCODER_EMBED, encoder, _same)}
+    if isinstance(encoder, ImageEncoderViT):
+        for i, block in enumerate(encoder.blocks):
+            points[f"{ENCODER_BLOCK}.{i}"] = _output_tap(f"{ENCODER_BLOCK}.{i}", block, _to_bchw)
+        for i, block in enumerate(encoder.blocks):
+            points[f"{ENCODER_QK}.{i}"] = _sam_attention_tap(f"{ENCODER_QK}.{i}", block)
+    elif isinstance(encoder, TinyViT):
+        for i, layer in enumerate(encoder.layers):
+            points[f"{ENCODER_BLOCK}.{i}"] = _output_tap(f"{ENCODER_BLOCK}.{i}", layer, _same)
+        attention_blocks = [m for m in encoder.modules() if isinstance(m, TinyViTBlock)]
+        for i, block in enumerate(attention_blocks):
+            points[f"{ENCODER_QK}.{i}"] = _tiny_vit_attention_tap(f"{ENCODER_QK}.{i}", block)
+    else:
+        raise TapError(f"no taps for image encoder {type(encoder).__name__}")
+    points[DECODER_UPSCALED] = _output_tap(DECODER_UPSCALED, decoder.output_upscaling, _same)
+    points[DECODER_MASK_LOGITS] = _output_tap(DECODER_MASK_LOGITS, decoder, _item(0))
+    points[DECODER_IOU] = _output_tap(DECODER_IOU, decoder, _item(1))
+    return points
+
+
+def _output_tap(name: str, module: nn.Module, convert: Callable[[Any], torch.Tensor]) -> Attach:
+    def attach(taps: Taps) -> list[RemovableHandle]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            taps.record(name, convert(output))
+
+        return [module.register_forward_hook(hook)]
+
+    return attach
+
+
+def _same(output: torch.Tensor) -> torch.Tensor:
+    return output
+
+
+def _to_bchw(output: torch.Tensor) -> torch.Tensor:
+    """Channel-last B x H x W x C -> B x C x H x W."""
+    return output.permute(0, 3, 1, 2)
+
+
+def _item(index: int) -> Callable[[tuple[torch.Tensor, ...]], torch.Tensor]:
+    def pick(output: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return output[index]
+
+    return pick
+
+
+def _grid_and_qkv_tap(
+    name: str,
+    block: nn.Module,
+    qkv: nn.Module,
+    capture: Callable[[torch.Tensor, tuple[int, int]], AttentionCapture],
+) -> Attach:
+    """Records the token grid entering `block` (B x H x W x C), then builds the capture from the
+    output of its `qkv` projection, computed on that block's windows."""
+
+    def attach(taps: Taps) -> list[RemovableHandle]:
+        grid: list[tuple[int, int]] = []
+
+        def grid_hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            grid[:] = [(inputs[0].shape[1], inputs[0].shape[2])]
+
+        def qkv_hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+            taps.record(name, capture(output, grid[0]))
+
+        return [block.register_forward_pre_hook(grid_hook), qkv.register_forward_hook(qkv_hook)]
+
+    return attach
+
+
+def _sam_attention_tap(name: str, block: SamBlock) -> Attach:
+    attention: SamAttention = block.attn
+    window = block.window_size
+
+    def capture(qkv: torch.Tensor, grid: tuple[int, int]) -> AttentionCapture:
+        # qkv: (B * nW) x h x w x 3C, laid out as [q, k, v] x heads x head_dim.
+        windows, rows, cols, _ = qkv.shape
+        per_head = qkv.reshape(windows, rows * cols, 3, attention.num_heads, -1)
+        query, key = per_head.permute(2, 0, 3, 1, 4).unbind(0)[:2]
+        rel_pos_h = rel_pos_w = None
+        if attention.use_rel_pos:
+            rel_pos_h, rel_pos_w = _decomposed_rel_pos(attention, query, rows, cols)
+        return AttentionCapture(
+            query=query,
+            key=key,
+            scale=attention.scale,
+            grid=grid,
+            window=window,
+            padded_grid=_padded(grid, window),
+            rel_pos_h=rel_pos_h,
+            rel_pos_w=rel_pos_w,
+        )
+
+    return _grid_and_qkv_tap(name, block, attention.qkv, capture)
+
+
+def _decomposed_rel_pos(
+    attention: SamAttention, query: torch.Tensor, rows: int, cols: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's relative position terms for queries N x heads x (rows * cols) x head_dim:
+    N x heads x T x rows and N x heads x T x cols (see segment-anything's
+    `add_decomposed_rel_pos`, which uses the unscaled queries)."""
+    table_h = get_rel_pos(rows, rows, attention.rel_pos_h)
+    table_w = get_rel_pos(cols, cols, attention.rel_pos_w)
+    spatial = query.unflatten(2, (rows, cols))
+    rel_h = torch.einsum("nahwc,hkc->nahwk", spatial, table_h).flatten(2, 3)
+    rel_w = torch.einsum("nahwc,wkc->nahwk", spatial, table_w).flatten(2, 3)
+    return rel_h, rel_w
+
+
+def _tiny_vit_attention_tap(name: str, block: TinyViTBlock) -> Attach:
+    attention: TinyViTAttention = block.attn
+    window = block.window_size
+
+    def capture(qkv: torch.Tensor, grid: tuple[int, int]) -> AttentionCapture:
+        query, key, _ = attention.split_qkv(qkv)
+        return AttentionCapture(
+            query=query,
+            key=key,
+            scale=attention.scale,
+            grid=grid,
+            window=window,
+            padded_grid=_padded(grid, window),
+            bias=attention.attention_bias(),
+        )
+
+    return _grid_and_qkv_tap(name, block, attention.qkv, capture)
+
+
+def _padded(grid: tuple[int, int], window: int) -> tuple[int, int]:
+    """Grid rounded up to whole windows (unchanged for global attention, `window == 0`)."""
+    if window == 0:
+        return grid
+    rows, cols = grid
+    return ((rows + window - 1) // window * window, (cols + window - 1) // window * window)
