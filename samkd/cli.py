@@ -106,9 +106,7 @@ def resolve_settings(
     return settings
 
 
-def _teacher_flags(
-    model_type: str | None, checkpoint: Path | None
-) -> list[dict[str, Any]] | None:
+def _teacher_flags(model_type: str | None, checkpoint: Path | None) -> list[dict[str, Any]] | None:
     if model_type is None:
         if checkpoint is not None:
             raise _fail("--checkpoint needs --teacher MODEL_TYPE")
@@ -124,8 +122,7 @@ def extract(
     config: ConfigOption = None,
     assignments: SetOption = None,
     teacher: Annotated[
-        str | None,
-        typer.Option(help="Teacher model type (vit_b, vit_l, vit_h, vit_t, vit_mini).")
+        str | None, typer.Option(help="Teacher model type (vit_b, vit_l, vit_h, vit_t, vit_mini).")
     ] = None,
     checkpoint: Annotated[
         Path | None, typer.Option(help="Teacher weights (with --teacher).", show_default=False)
@@ -206,9 +203,16 @@ def evaluate(
     overlays: Annotated[
         Path | None, typer.Option(help="Save a few overlay PNGs in this folder.")
     ] = None,
+    teacher: Annotated[
+        str | None,
+        typer.Option(
+            help="Also evaluate this teacher (a name from `teachers` or a model type) and "
+            "the agreement of the student's masks with its masks."
+        ),
+    ] = None,
     print_config: PrintConfigOption = False,
 ) -> None:
-    """Measure mask quality (mIoU with box and point prompts) and speed."""
+    """Measure mask quality (mIoU with box and point prompts), teacher agreement and speed."""
     flags = {
         "student.model_type": model_type,
         "student.checkpoint": str(checkpoint) if checkpoint else None,
@@ -218,7 +222,7 @@ def evaluate(
     from samkd.evaluate import run_eval
 
     with one_line_errors():
-        run_eval(settings, json_path=json_path, overlays_dir=overlays)
+        run_eval(settings, json_path=json_path, overlays_dir=overlays, teacher=teacher)
 
 
 @app.command()

@@ -104,7 +104,8 @@ def test_environment_typo_is_reported() -> None:
 
 
 def test_duplicate_teacher_names_rejected() -> None:
-    env = {"SAMKD_TEACHERS": '[{"name": "a", "model_type": "vit_h"}, {"name": "a", "model_type": "vit_b"}]'}
+    teachers = '[{"name": "a", "model_type": "vit_h"}, {"name": "a", "model_type": "vit_b"}]'
+    env = {"SAMKD_TEACHERS": teachers}
     with pytest.raises(SettingsError, match="'a' is repeated"):
         load_settings(environ=env)
 

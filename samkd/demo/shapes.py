@@ -17,7 +17,7 @@ def _texture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """A smooth random colour field with noise: `H x W x 3` float in [0, 255]."""
     coarse = rng.uniform(0, 255, size=(4, 4, 3)).astype(np.float32)
     smooth = np.asarray(
-        Image.fromarray(coarse.astype(np.uint8)).resize((width, height), Image.BILINEAR),
+        Image.fromarray(coarse.astype(np.uint8)).resize((width, height), Image.Resampling.BILINEAR),
         dtype=np.float32,
     )
     return np.clip(smooth + rng.normal(0, 12, size=(height, width, 3)), 0, 255)

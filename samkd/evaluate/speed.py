@@ -33,7 +33,9 @@ class SpeedReport:
         return asdict(self)
 
 
-def time_calls(call: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> Timing:
+def time_calls(
+    call: Callable[[], object], device: torch.device, warmup: int, repeats: int
+) -> Timing:
     """Time `call` after `warmup` untimed calls, synchronising CUDA around each one."""
     for _ in range(warmup):
         call()

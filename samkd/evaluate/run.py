@@ -1,0 +1,234 @@
+"""`samkd eval`: mask quality with box and point prompts, agreement with a teacher, speed."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from loguru import logger
+from rich.console import Console
+from rich.table import Table
+from segment_anything.modeling import Sam
+from torch.utils.data import DataLoader
+
+from samkd import __version__
+from samkd.data import Sample, SegmentationDataset, build_dataset, load_rgb_image, summarize_skipped
+from samkd.errors import UsageError
+from samkd.evaluate.metrics import SIZE_NAMES, IoUTable
+from samkd.evaluate.overlays import draw_overlay, save_png
+from samkd.evaluate.prompts import box_prompts
+from samkd.evaluate.quality import QualityOptions, QualityTables, evaluate_image
+from samkd.evaluate.speed import measure_speed
+from samkd.models import build_sam, default_image_size
+from samkd.runtime import progress_bar, resolve_device
+from samkd.settings import Settings, TeacherSettings
+
+OVERLAY_IMAGES = 4
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to build: a registry type, optional weights, and the input size."""
+
+    label: str
+    model_type: str
+    checkpoint: Path | None
+    image_size: int
+
+    def build(self, device: torch.device) -> Sam:
+        model = build_sam(self.model_type, image_size=self.image_size, checkpoint=self.checkpoint)
+        return model.to(device).eval()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "model_type": self.model_type,
+            "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
+            "image_size": self.image_size,
+        }
+
+
+def student_spec(settings: Settings) -> ModelSpec:
+    image_size = settings.data.image_size or default_image_size(settings.student.model_type)
+    checkpoint = settings.student.checkpoint
+    return ModelSpec("student", settings.student.model_type, checkpoint, image_size)
+
+
+def teacher_spec(settings: Settings, teacher: str, image_size: int) -> ModelSpec:
+    """The teacher named `teacher` in the settings, or a registry model type of that name."""
+    for entry in settings.teachers:
+        if entry.name == teacher:
+            return ModelSpec(
+                f"teacher {entry.name}", entry.model_type, entry.checkpoint, image_size
+            )
+    checked = TeacherSettings.model_validate({"name": teacher, "model_type": teacher})
+    return ModelSpec(f"teacher {teacher}", checked.model_type, None, image_size)
+
+
+def _first(batch: list[Sample]) -> Sample:
+    return batch[0]
+
+
+def load_eval_dataset(settings: Settings, image_size: int) -> SegmentationDataset:
+    root = settings.data.val or settings.data.train
+    if root is None:
+        raise UsageError("no dataset to evaluate: pass --data FOLDER or set data.val")
+    return build_dataset(
+        root,
+        layout=settings.data.layout,
+        annotation_file=settings.data.annotation_file,
+        image_size=image_size,
+        on_error=settings.data.on_error,
+        seed=settings.eval.seed,
+    )
+
+
+def evaluate_quality(
+    dataset: SegmentationDataset,
+    model: Sam,
+    teacher: Sam | None,
+    options: QualityOptions,
+    num_workers: int,
+    overlays_dir: Path | None,
+) -> tuple[QualityTables, list[str]]:
+    """Run every image through the model(s); returns the tables and skipped-item messages."""
+    tables = QualityTables()
+    skipped: list[str] = []
+    loader = DataLoader(dataset, batch_size=1, num_workers=num_workers, collate_fn=_first)
+    with progress_bar() as progress:
+        task = progress.add_task("evaluating", total=len(dataset))
+        for position, sample in enumerate(loader):
+            skipped.extend(sample.skipped)
+            if sample.masks.shape[0]:
+                shown = evaluate_image(
+                    tables,
+                    options,
+                    sample.image,
+                    sample.masks,
+                    sample.original_size,
+                    model,
+                    teacher,
+                )
+                if overlays_dir is not None and position < OVERLAY_IMAGES and "box" in shown:
+                    _save_overlays(dataset, sample, shown["box"], overlays_dir)
+            progress.advance(task)
+    return tables, skipped
+
+
+def _save_overlays(
+    dataset: SegmentationDataset, sample: Sample, masks: torch.Tensor, folder: Path
+) -> None:
+    image = load_rgb_image(dataset.records[sample.index].image_path)
+    boxes = box_prompts(sample.masks).boxes
+    assert boxes is not None
+    for number, (mask, target, box) in enumerate(zip(masks, sample.masks, boxes, strict=True)):
+        picture = draw_overlay(image, mask, target, box)
+        save_png(picture, folder / f"{sample.image_id}_obj{number}_box.png")
+
+
+def run_eval(
+    settings: Settings,
+    json_path: Path | None = None,
+    overlays_dir: Path | None = None,
+    teacher: str | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Evaluate the student (and optionally a teacher); print tables; return all numbers."""
+    console = console or Console()
+    device = resolve_device(settings.eval.device)
+    torch.manual_seed(settings.eval.seed)
+    student = student_spec(settings)
+    teacher_model_spec = (
+        None if teacher is None else teacher_spec(settings, teacher, student.image_size)
+    )
+    dataset = load_eval_dataset(settings, student.image_size)
+    model = student.build(device)
+    teacher_model = None if teacher_model_spec is None else teacher_model_spec.build(device)
+    options = QualityOptions(
+        tuple(settings.eval.prompts), settings.eval.num_points, settings.eval.multimask
+    )
+    tables, skipped = evaluate_quality(
+        dataset, model, teacher_model, options, settings.data.num_workers, overlays_dir
+    )
+    report: dict[str, Any] = {
+        "samkd_version": __version__,
+        "device": str(device),
+        "dataset": {
+            "root": str(settings.data.val or settings.data.train),
+            "images": len(dataset),
+            "objects": tables.model.count(options.prompt_names()[0], "single"),
+            "skipped": sorted(set(skipped) | set(dataset.skipped)),
+        },
+        "model": student.to_dict(),
+        "quality": tables.model.summary(),
+    }
+    if teacher_model_spec is not None:
+        report["teacher"] = teacher_model_spec.to_dict()
+        report["teacher_quality"] = tables.teacher.summary()
+        report["agreement"] = tables.agreement.summary()
+    if settings.eval.speed:
+        report["speed"] = {"model": _speed(model, settings)}
+        if teacher_model is not None:
+            report["speed"]["teacher"] = _speed(teacher_model, settings)
+    report["settings"] = settings.model_dump(mode="json")
+    print_report(report, tables, teacher_model_spec is not None, console)
+    if skipped or dataset.skipped:
+        logger.warning(summarize_skipped(list(skipped) + list(dataset.skipped)))
+    if json_path is not None:
+        write_json(report, json_path)
+        console.print(f"wrote {json_path}")
+    return report
+
+
+def _speed(model: Sam, settings: Settings) -> dict[str, object]:
+    return measure_speed(
+        model, settings.eval.batch_size, settings.eval.warmup, settings.eval.repeats
+    ).to_dict()
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    """Write `report` as JSON under a temporary name, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def _quality_table(title: str, table: IoUTable) -> Table:
+    shown = Table(title=title, title_justify="left")
+    for column in ("prompt", "output", "mIoU", "objects", *(f"mIoU {s}" for s in SIZE_NAMES)):
+        shown.add_column(column, justify="left" if column in ("prompt", "output") else "right")
+    for prompt, output in table.groups():
+        sizes = [_fmt(table.mean(prompt, output, size)) for size in SIZE_NAMES]
+        row = [prompt, output, _fmt(table.mean(prompt, output)), str(table.count(prompt, output))]
+        shown.add_row(*row, *sizes)
+    return shown
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def print_report(
+    report: dict[str, Any], tables: QualityTables, with_teacher: bool, console: Console
+) -> None:
+    model = report["model"]
+    console.print(_quality_table(f"{model['model_type']} vs ground truth", tables.model))
+    if with_teacher:
+        teacher = report["teacher"]["model_type"]
+        console.print(_quality_table(f"{teacher} (teacher) vs ground truth", tables.teacher))
+        console.print(_quality_table(f"{model['model_type']} vs {teacher} masks", tables.agreement))
+    for name, speed in report.get("speed", {}).items():
+        latency = speed["encoder_latency"]
+        decoder = speed["decoder_latency_per_prompt"]
+        console.print(
+            f"[bold]{name} speed[/] on {speed['device']} at {speed['image_size']} px: "
+            f"encoder {latency['median_s'] * 1000:.1f} ms median, "
+            f"{latency['p90_s'] * 1000:.1f} ms p90; "
+            f"{speed['encoder_images_per_s']:.2f} img/s at batch {speed['encoder_batch_size']}; "
+            f"decoder {decoder['median_s'] * 1000:.2f} ms per prompt"
+        )

@@ -1,0 +1,145 @@
+"""`run_eval` end to end on small generated data with a small preset."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from samkd.cli import app
+from samkd.data import build_dataset
+from samkd.demo.shapes import write_shapes_dataset
+from samkd.evaluate import run_eval
+from samkd.evaluate.predict import ObjectPrompts, encode_images, predict_masks
+from samkd.evaluate.prompts import box_prompts
+from samkd.models import build_sam, save_state_dict
+from samkd.settings import load_settings
+
+MODEL = "vit_t_mini"
+
+
+def self_predicted_dataset(root: Path, checkpoint: Path) -> None:
+    """A one-image dataset whose masks are the model's own box-prompted predictions, found
+    by iterating box -> mask -> box until the box no longer changes."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, size=(200, 256, 3), dtype=np.uint8)
+    (root / "image").mkdir(parents=True)
+    Image.fromarray(image).save(root / "image" / "a.png")
+    mask_dir = root / "mask" / "a"
+    mask_dir.mkdir(parents=True)
+    Image.fromarray(np.full((200, 256), 255, np.uint8)).save(mask_dir / "obj_0.png")
+    sample = build_dataset(root, image_size=256)[0]
+    model = build_sam(MODEL, checkpoint=checkpoint)
+    embedding = encode_images(model, sample.image[None])
+    boxes = torch.tensor([[30.0, 20.0, 120.0, 150.0]])
+    for _ in range(10):
+        masks = predict_masks(model, embedding, ObjectPrompts(boxes=boxes), (200, 256), False)
+        predicted = masks.masks[:, 0]
+        assert predicted.any(), "the model predicted an empty mask"
+        next_boxes = box_prompts(predicted).boxes
+        if torch.equal(next_boxes, boxes):
+            break
+        boxes = next_boxes
+    else:
+        pytest.fail("box prompts did not reach a fixed point")
+    Image.fromarray(predicted[0].numpy().astype(np.uint8) * 255).save(mask_dir / "obj_0.png")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "student.pt"
+    save_state_dict(build_sam(MODEL), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", 3, (96, 128))
+
+
+def settings_for(data: Path, checkpoint: Path, *extra: str):
+    return load_settings(
+        None,
+        [
+            f"data.val={data}",
+            f"student.model_type={MODEL}",
+            f"student.checkpoint={checkpoint}",
+            "data.num_workers=0",
+            "eval.speed=false",
+            *extra,
+        ],
+        environ={},
+    )
+
+
+def test_model_scores_one_on_its_own_masks(tmp_path: Path, checkpoint: Path) -> None:
+    self_predicted_dataset(tmp_path / "own", checkpoint)
+    settings = settings_for(
+        tmp_path / "own", checkpoint, "eval.prompts=[box]", "eval.multimask=false"
+    )
+    report = run_eval(settings)
+    assert report["quality"]["box"]["single"]["miou"] == pytest.approx(1.0)
+
+
+def test_agreement_with_itself_is_one(shapes: Path, checkpoint: Path) -> None:
+    settings = settings_for(
+        shapes,
+        checkpoint,
+        f"teachers=[{{name: same, model_type: {MODEL}, checkpoint: {checkpoint}}}]",
+        "eval.prompts=[box, point, points]",
+        "eval.num_points=2",
+    )
+    report = run_eval(settings, teacher="same")
+    for prompt in ("box", "point", "points-2"):
+        for output in ("single", "best"):
+            assert report["agreement"][prompt][output]["miou"] == pytest.approx(1.0)
+            assert (
+                report["teacher_quality"][prompt][output]["miou"]
+                == report["quality"][prompt][output]["miou"]
+            )
+
+
+def test_cli_writes_json_and_overlays(tmp_path: Path, shapes: Path, checkpoint: Path) -> None:
+    json_path = tmp_path / "out" / "eval.json"
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--model-type", MODEL,
+            "--checkpoint", str(checkpoint),
+            "--data", str(shapes),
+            "--json", str(json_path),
+            "--overlays", str(tmp_path / "overlays"),
+            "--set", "eval.repeats=2",
+            "--set", "eval.warmup=0",
+            "--set", "data.num_workers=0",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(json_path.read_text())
+    assert set(report) >= {"samkd_version", "dataset", "model", "quality", "speed", "settings"}
+    assert report["dataset"]["images"] == 3
+    entry = report["quality"]["box"]["best"]
+    assert 0.0 <= entry["miou"] <= 1.0
+    assert entry["count"] == report["dataset"]["objects"]
+    assert entry["count"] == sum(entry[f"count_{size}"] for size in ("small", "medium", "large"))
+    assert report["speed"]["model"]["encoder_latency"]["repeats"] == 2
+    assert report["model"]["model_type"] == MODEL
+    assert sorted(p.suffix for p in (tmp_path / "overlays").iterdir())[0] == ".png"
+
+
+def test_deterministic(shapes: Path, checkpoint: Path) -> None:
+    settings = settings_for(shapes, checkpoint, "eval.prompts=[points]")
+    assert run_eval(settings)["quality"] == run_eval(settings)["quality"]
+
+
+def test_missing_dataset_is_one_line_error(checkpoint: Path) -> None:
+    result = CliRunner().invoke(app, ["eval", "--model-type", MODEL])
+    assert result.exit_code == 1
+    assert (
+        result.stderr.strip() == "error: no dataset to evaluate: pass --data FOLDER or set data.val"
+    )
