@@ -43,6 +43,7 @@ ENV_NESTED_DELIMITER = "__"
 
 ModelType = Literal["vit_b", "vit_l", "vit_h", "vit_t", "vit_mini", "vit_t_mini"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+EvalPromptKind = Literal["box", "point", "points"]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 
@@ -92,7 +93,9 @@ class DataSettings(StrictModel):
     annotation_file: str | None = Field(
         None, description="COCO JSON name inside each dataset folder (auto when unset)"
     )
-    image_size: int = Field(1024, description="model input side in pixels (multiple of 64)")
+    image_size: int | None = Field(
+        None, description="model input side in pixels, a multiple of 64 (default: the model's)"
+    )
     on_error: Literal["raise", "skip"] = Field(
         "raise", description="a bad image or mask stops the run, or is skipped and counted"
     )
@@ -101,8 +104,8 @@ class DataSettings(StrictModel):
 
     @field_validator("image_size")
     @classmethod
-    def _multiple_of_64(cls, value: int) -> int:
-        if value <= 0 or value % 64:
+    def _multiple_of_64(cls, value: int | None) -> int | None:
+        if value is not None and (value <= 0 or value % 64):
             raise ValueError(f"must be a positive multiple of 64, got {value}")
         return value
 
@@ -279,8 +282,9 @@ class ExtractSettings(StrictModel):
 class EvalSettings(StrictModel):
     """Mask quality and speed measurement."""
 
-    prompts: list[Literal["box", "point", "points"]] = Field(
-        default_factory=lambda: ["box", "point"]
+    prompts: list[EvalPromptKind] = Field(
+        default_factory=lambda: list[EvalPromptKind](["box", "point"]),
+        description="box: the mask's box; point: its centre point; points: k corrective clicks",
     )
     num_points: int = Field(3, ge=1, description="k for the points prompt")
     multimask: bool = True
@@ -315,7 +319,7 @@ class Settings(BaseSettings):
     logging: LoggingSettings = LoggingSettings()
 
     @classmethod
-    def settings_customise_sources(  # type: ignore[override]
+    def settings_customise_sources(
         cls,
         settings_cls: type[BaseSettings],
         init_settings: PydanticBaseSettingsSource,

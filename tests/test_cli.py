@@ -80,6 +80,4 @@ def test_typo_in_config_file_is_one_line(tmp_path: Path) -> None:
     result = runner.invoke(app, ["train", "--config", str(config)])
     assert result.exit_code == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == [
-        f"error: {config}: unknown key 'distillation.encodr'; did you mean 'encoder'?"
-    ]
+    assert lines == [f"error: {config}: unknown key 'distillation.encodr'; did you mean 'encoder'?"]
