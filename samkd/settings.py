@@ -236,6 +236,17 @@ class DistillationSettings(StrictModel):
 # --------------------------------------------------------------------------- jobs
 
 
+ModelPart = Literal["image_encoder", "prompt_encoder", "mask_decoder"]
+
+
+class AugmentSettings(StrictModel):
+    """Augmentation that keeps stored teacher features valid (see `samkd.train.batches`)."""
+
+    brightness: NonNegativeFloat = Field(0.0, description="student input only, normalised units")
+    contrast: NonNegativeFloat = Field(0.0, description="student input only, relative")
+    flip: float = Field(0.0, ge=0, le=1, description="horizontal flip probability")
+
+
 class TrainSettings(StrictModel):
     """The optimisation loop."""
 
@@ -256,6 +267,11 @@ class TrainSettings(StrictModel):
     checkpoint_every: int = Field(500, ge=1)
     early_stop_patience: int | None = Field(None, ge=1)
     max_nonfinite_steps: int = Field(5, ge=1, description="consecutive skipped steps that abort")
+    frozen_until: dict[ModelPart, int] = Field(
+        default_factory=dict,
+        description="part -> first step it trains (-1: frozen for the whole run)",
+    )
+    augment: AugmentSettings = AugmentSettings()
 
 
 class ExtractSettings(StrictModel):

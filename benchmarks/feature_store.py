@@ -1,0 +1,227 @@
+"""HDF5 feature store vs one fp32 `.npy` per image per tap (the MobileSAM fine-tuning layout).
+
+Builds the same ViT-H-like features both ways, then measures in the same run: bytes on disk
+and random-access read throughput (images/s) through a DataLoader with 0 and 2 workers, cold
+(page cache dropped with posix_fadvise) and warm. Target: <= 0.5x the bytes at >= 1.0x the
+throughput of `.npy`.
+
+    python benchmarks/feature_store.py --images 96
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from samkd.features import (
+    ExtractionPlan,
+    FeatureStore,
+    ImageRecord,
+    TapSpec,
+    TeacherSpec,
+    open_for_extraction,
+)
+
+TAPS = (
+    TapSpec("encoder.embed", (256, 64, 64)),
+    TapSpec("encoder.attn.31", (256, 256)),
+    TapSpec("decoder.iou", (4,)),
+)
+
+
+@dataclass(frozen=True)
+class ReadResult:
+    layout: str
+    workers: int
+    cache: str
+    images_per_s: float
+
+
+def teacher_features(index: int) -> dict[str, np.ndarray]:
+    """Feature-like float32 values: smooth per-channel structure plus noise."""
+    rng = np.random.default_rng(index)
+    features = {}
+    for tap in TAPS:
+        base = rng.standard_normal(tap.shape[:1], dtype=np.float32)
+        noise = rng.standard_normal(tap.shape, dtype=np.float32) * 0.5
+        features[tap.name] = (base.reshape(-1, *[1] * (len(tap.shape) - 1)) + noise).astype(
+            np.float32
+        )
+    return features
+
+
+def build_hdf5(output: Path, num_images: int, batch_size: int = 8) -> None:
+    images = tuple(ImageRecord(f"{i:06d}.jpg", 1500, 2250, "0" * 64) for i in range(num_images))
+    plan = ExtractionPlan(images, (TeacherSpec("vit_h", "vit_h", 1024, TAPS),))
+    with open_for_extraction(output, plan) as writer:
+        for start in range(0, num_images, batch_size):
+            indices = list(range(start, min(start + batch_size, num_images)))
+            per_image = [teacher_features(i) for i in indices]
+            stacked = {tap.name: np.stack([f[tap.name] for f in per_image]) for tap in TAPS}
+            writer.write_batch("vit_h", indices, stacked)
+        writer.finish()
+
+
+def build_npy(root: Path, num_images: int) -> None:
+    for tap in TAPS:
+        (root / tap.name).mkdir(parents=True, exist_ok=True)
+    for index in range(num_images):
+        for name, value in teacher_features(index).items():
+            np.save(root / name / f"{index:06d}.npy", value)
+
+
+class NpyFeatures(Dataset):
+    """One `.npy` file per image per tap, read with np.load."""
+
+    def __init__(self, root: Path, num_images: int):
+        self.root, self.num_images = root, num_images
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {
+            tap.name: torch.from_numpy(np.load(self.root / tap.name / f"{index:06d}.npy"))
+            for tap in TAPS
+        }
+
+
+class StoreFeatures(Dataset):
+    """The same taps from the HDF5 store: float32, or float16 to be widened on the device."""
+
+    def __init__(self, path: Path, dtype: torch.dtype = torch.float32):
+        self.store = FeatureStore(path, dtype=dtype)
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.store[index]["vit_h"]
+
+
+def files_under(path: Path) -> list[Path]:
+    return [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+
+
+def bytes_on_disk(path: Path) -> int:
+    """Allocated bytes (st_blocks), what `du` reports."""
+    return sum(p.stat().st_blocks * 512 for p in files_under(path))
+
+
+def drop_page_cache(paths: Iterable[Path]) -> bool:
+    """Evict the files from the page cache; False where the platform cannot."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    os.sync()
+    for path in paths:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(descriptor)
+    return True
+
+
+def images_per_second(dataset: Dataset, order: Sequence[int], workers: int) -> float:
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=list(order),
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+    )
+    began = time.perf_counter()
+    for _ in loader:
+        pass
+    return len(order) / (time.perf_counter() - began)
+
+
+def measure_reads(
+    datasets: dict[str, tuple[Dataset, Path]], num_images: int, seed: int = 0
+) -> list[ReadResult]:
+    order = np.random.default_rng(seed).permutation(num_images).tolist()
+    results = []
+    for workers in (0, 2):
+        for layout, (dataset, path) in datasets.items():
+            cold = drop_page_cache(files_under(path))
+            rate = images_per_second(dataset, order, workers)
+            results.append(ReadResult(layout, workers, "cold" if cold else "unknown", rate))
+            rate = images_per_second(dataset, order, workers)
+            results.append(ReadResult(layout, workers, "warm", rate))
+    return results
+
+
+def markdown_section(
+    num_images: int, sizes: dict[str, int], reads: Sequence[ReadResult], seconds: float
+) -> str:
+    """The BENCHMARKS.md section for this run."""
+    shapes = ", ".join(f"`{tap.name}` {'x'.join(map(str, tap.shape))}" for tap in TAPS)
+    lines = [
+        "## Feature store: HDF5 vs .npy",
+        "",
+        f"{num_images} images, taps {shapes}; HDF5 float16, no compression, one image per chunk;",
+        "`.npy`: one float32 file per image per tap. Random order, DataLoader batch_size=None.",
+        "`hdf5` returns float32 tensors; `hdf5 (fp16 out)` returns the stored float16 tensors",
+        "(`FeatureStore(dtype=torch.float16)`), to be widened on the GPU.",
+        f"Measured by `python benchmarks/feature_store.py --images {num_images}` "
+        f"({seconds:.0f} s).",
+        "",
+        "| | HDF5 | .npy | ratio |",
+        "|---|---:|---:|---:|",
+        f"| bytes on disk | {sizes['hdf5'] / 2**20:.1f} MiB | {sizes['npy'] / 2**20:.1f} MiB "
+        f"| {sizes['hdf5'] / sizes['npy']:.3f}x |",
+    ]
+    for workers in (0, 2):
+        for cache in ("cold", "warm", "unknown"):
+            found = {r.layout: r for r in reads if r.workers == workers and r.cache == cache}
+            if "hdf5" in found and "npy" in found:
+                npy = found["npy"].images_per_s
+                for layout in ("hdf5", "hdf5 (fp16 out)"):
+                    rate = found[layout].images_per_s
+                    lines.append(
+                        f"| images/s, {workers} workers, {cache}, {layout} | {rate:.0f} "
+                        f"| {npy:.0f} | {rate / npy:.2f}x |"
+                    )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
+    args = parser.parse_args()
+    # DataLoader workers run torch single-threaded; do the same in the main process so the
+    # 0-worker numbers do not measure thread contention on small conversions.
+    torch.set_num_threads(1)
+    began = time.perf_counter()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="samkd-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        h5_path, npy_root = workdir / "features.h5", workdir / "npy"
+        build_hdf5(h5_path, args.images)
+        build_npy(npy_root, args.images)
+        sizes = {"hdf5": bytes_on_disk(h5_path), "npy": bytes_on_disk(npy_root)}
+        datasets = {
+            "hdf5": (StoreFeatures(h5_path), h5_path),
+            "npy": (NpyFeatures(npy_root, args.images), npy_root),
+            "hdf5 (fp16 out)": (StoreFeatures(h5_path, torch.float16), h5_path),
+        }
+        reads = measure_reads(datasets, args.images)
+        print(markdown_section(args.images, sizes, reads, time.perf_counter() - began))
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

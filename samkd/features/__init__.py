@@ -1,0 +1,64 @@
+"""Teacher-feature store: run the expensive teachers once, train from the HDF5 file many times.
+
+See `samkd.features.schema` for the file layout and `samkd.features.writer` for the
+resumable, crash-safe and distributed writing design.
+"""
+
+from samkd.features.inspect import (
+    FeatureFileReport,
+    TapReport,
+    TeacherReport,
+    inspect_feature_file,
+    render_report,
+)
+from samkd.features.join import join_shards, missing_shards
+from samkd.features.reader import FeatureStore, flip_tap, read_decoder_state_dict
+from samkd.features.schema import (
+    SCHEMA_VERSION,
+    ExtractionPlan,
+    FeatureStoreError,
+    ImageRecord,
+    TapSpec,
+    TeacherSpec,
+    describe_image_file,
+    file_sha256,
+    format_bytes,
+    plan_from_settings,
+    planned_bytes,
+)
+from samkd.features.writer import (
+    FeatureBatch,
+    FeatureWriter,
+    ensure_free_space,
+    extract_features,
+    open_for_extraction,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ExtractionPlan",
+    "FeatureBatch",
+    "FeatureFileReport",
+    "FeatureStore",
+    "FeatureStoreError",
+    "FeatureWriter",
+    "ImageRecord",
+    "TapReport",
+    "TapSpec",
+    "TeacherReport",
+    "TeacherSpec",
+    "describe_image_file",
+    "ensure_free_space",
+    "extract_features",
+    "file_sha256",
+    "flip_tap",
+    "format_bytes",
+    "inspect_feature_file",
+    "join_shards",
+    "missing_shards",
+    "open_for_extraction",
+    "plan_from_settings",
+    "planned_bytes",
+    "read_decoder_state_dict",
+    "render_report",
+]

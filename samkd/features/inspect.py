@@ -1,0 +1,391 @@
+"""What is in a feature file, how big it is, and whether it is complete and intact.
+
+Works on a finished file (copied or virtual) and on an extraction still running or stopped
+(pass the output path or its `.parts` folder: completed shards are read, in-progress ones are
+only counted). `status` is `complete`, `incomplete` or `corrupt`; `exit_code` maps them to
+0 / 1 / 2 for the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import h5py
+import numpy as np
+
+from samkd.features.join import read_parts_plan, shard_count
+from samkd.features.reader import file_teachers, missing_virtual_sources, open_feature_file
+from samkd.features.schema import (
+    FeatureStoreError,
+    TeacherSpec,
+    decoder_path,
+    format_bytes,
+    is_temporary,
+    parts_dir,
+    shard_path,
+)
+
+Status = Literal["complete", "incomplete", "corrupt"]
+RowReader = Callable[[int], tuple[np.ndarray, int]]
+
+
+@dataclass
+class TapReport:
+    """One tap of one teacher: layout, size on disk and value statistics."""
+
+    teacher: str
+    name: str
+    kind: str
+    shape: list[int]
+    dtype: str
+    chunks: list[int] | None
+    compression: str
+    bytes_on_disk: int
+    bytes_per_image: float
+    images_sampled: int = 0
+    mean: float | None = None
+    std: float | None = None
+    min: float | None = None
+    max: float | None = None
+    nan_count: int = 0
+    inf_count: int = 0
+    checksum_errors: int = 0
+
+
+@dataclass
+class TeacherReport:
+    name: str
+    model_type: str
+    image_size: int
+    checkpoint_name: str | None
+    checkpoint_sha256: str | None
+    images_done: int
+    images_total: int
+    decoder_tensors: int
+    taps: list[TapReport] = field(default_factory=list)
+
+
+@dataclass
+class FeatureFileReport:
+    """What `inspect_feature_file` found: `to_json()` for machines, `render_report` for people."""
+
+    path: str
+    source: Literal["file", "parts"]
+    status: Status
+    problems: list[str] = field(default_factory=list)
+    checked: bool = False
+    schema_version: int | None = None
+    samkd_version: str | None = None
+    created: str | None = None
+    layout: str | None = None
+    dtype: str | None = None
+    compression: str | None = None
+    num_images: int = 0
+    bytes_on_disk: int = 0
+    bytes_per_image: float = 0.0
+    teachers: list[TeacherReport] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return {"complete": 0, "incomplete": 1, "corrupt": 2}[self.status]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+
+def inspect_feature_file(path: Path, sample: int = 8, check: bool = False) -> FeatureFileReport:
+    """Report on a feature file (or a running extraction's parts folder).
+
+    Statistics are over `sample` evenly spaced finished images; `check=True` reads every
+    image, verifies each sample's crc32 and counts non-finite values in all of them.
+    """
+    path = Path(path)
+    if path.name.endswith(".parts") and path.is_dir():
+        path = path.with_name(path.name.removesuffix(".parts"))
+    if not path.exists() and parts_dir(path).is_dir():
+        return _inspect_parts(path, sample, check)
+    try:
+        return _inspect_file(path, sample, check)
+    except FeatureStoreError as error:
+        return FeatureFileReport(str(path), "file", "corrupt", [str(error)], check)
+    except (OSError, KeyError, ValueError, RuntimeError) as error:
+        problem = f"{path.name}: unreadable ({type(error).__name__}: {error})"
+        return FeatureFileReport(str(path), "file", "corrupt", [problem], check)
+
+
+# --------------------------------------------------------------------------- finished file
+
+
+def _inspect_file(path: Path, sample: int, check: bool) -> FeatureFileReport:
+    with open_feature_file(path) as handle:
+        plan = json.loads(handle.attrs["plan"])
+        report = _report_header(path, "file", plan, check)
+        report.schema_version = int(handle.attrs["schema_version"])
+        report.samkd_version = str(handle.attrs["samkd_version"])
+        report.layout = str(handle.attrs["layout"])
+        report.bytes_on_disk = path.stat().st_size
+        if report.layout == "virtual":
+            report.bytes_on_disk += _folder_bytes(parts_dir(path))
+        for teacher in file_teachers(handle):
+            group = handle["teachers"][teacher.name]
+            done = group["done"][()]
+            teacher_report = _teacher_report(teacher, int(done.sum()), done.size)
+            teacher_report.decoder_tensors = len(group["decoder"]) if "decoder" in group else 0
+            for tap in teacher.taps:
+                dataset = group["taps"][tap.name]
+                missing = missing_virtual_sources(path, dataset)
+                if missing:
+                    report.problems.append(f"teacher '{teacher.name}' shard {missing[0]} missing")
+                    continue
+                checksums = group["crc32"][tap.name][()]
+
+                def read(row: int, dataset: h5py.Dataset = dataset, crc: Any = checksums) -> Any:
+                    return dataset[row], int(crc[row])
+
+                tap_report = _tap_layout(teacher.name, tap.name, dataset, plan)
+                tap_report.bytes_on_disk = _dataset_bytes(path, dataset)
+                tap_report.bytes_per_image = tap_report.bytes_on_disk / max(done.size, 1)
+                _add_statistics(tap_report, read, np.flatnonzero(done), sample, check)
+                teacher_report.taps.append(tap_report)
+            report.teachers.append(teacher_report)
+    return _finish(report, plan)
+
+
+def _dataset_bytes(path: Path, dataset: h5py.Dataset) -> int:
+    if not dataset.is_virtual:
+        return int(dataset.id.get_storage_size())
+    total = 0
+    for source in dataset.virtual_sources():
+        with h5py.File(path.parent / source.file_name, "r") as shard:
+            total += int(shard[source.dset_name].id.get_storage_size())
+    return total
+
+
+# --------------------------------------------------------------------------- parts folder
+
+
+def _inspect_parts(path: Path, sample: int, check: bool) -> FeatureFileReport:
+    try:
+        plan, teachers = read_parts_plan(path)
+    except (FeatureStoreError, OSError, ValueError, KeyError) as error:
+        return FeatureFileReport(str(path), "parts", "corrupt", [str(error)], check)
+    report = _report_header(path, "parts", plan, check)
+    report.bytes_on_disk = _folder_bytes(parts_dir(path))
+    with ExitStack() as stack:
+        for teacher in teachers:
+            try:
+                report.teachers.append(_parts_teacher(path, plan, teacher, sample, check, stack))
+            except (OSError, KeyError, ValueError, RuntimeError) as error:
+                report.problems.append(f"teacher '{teacher.name}': unreadable shard ({error})")
+    in_progress = sum(1 for item in parts_dir(path).rglob(".*.tmp") if is_temporary(item))
+    if in_progress:
+        report.problems.append(f"{in_progress} shard(s) being written")
+    return _finish(report, plan)
+
+
+def _parts_teacher(
+    path: Path,
+    plan: dict[str, Any],
+    teacher: TeacherSpec,
+    sample: int,
+    check: bool,
+    stack: ExitStack,
+) -> TeacherReport:
+    num_images, shard_size = int(plan["num_images"]), int(plan["shard_size"])
+    shards: dict[int, h5py.File] = {}
+    for shard in range(shard_count(plan)):
+        file = shard_path(path, teacher.name, shard)
+        if file.exists():
+            shards[shard] = stack.enter_context(h5py.File(file, "r"))
+    done = np.zeros(num_images, dtype=bool)
+    for shard, handle in shards.items():
+        done[shard * shard_size : shard * shard_size + handle["done"].shape[0]] = handle["done"][()]
+    report = _teacher_report(teacher, int(done.sum()), num_images)
+    decoder = decoder_path(path, teacher.name)
+    if decoder.exists():
+        with h5py.File(decoder, "r") as handle:
+            report.decoder_tensors = len(handle)
+    for tap in teacher.taps:
+
+        def read(row: int, tap_name: str = tap.name) -> tuple[np.ndarray, int]:
+            handle = shards[row // shard_size]
+            local = row % shard_size
+            return handle["taps"][tap_name][local], int(handle["crc32"][tap_name][local])
+
+        if shards:
+            first = next(iter(shards.values()))["taps"][tap.name]
+            tap_report = _tap_layout(teacher.name, tap.name, first, plan)
+        else:
+            tap_report = TapReport(
+                teacher.name, tap.name, str(tap.kind), list(tap.shape), plan["dtype"], None,
+                plan["compression"], 0, 0.0,
+            )  # fmt: skip
+        tap_report.bytes_on_disk = sum(
+            int(handle["taps"][tap.name].id.get_storage_size()) for handle in shards.values()
+        )
+        tap_report.bytes_per_image = tap_report.bytes_on_disk / max(int(done.sum()), 1)
+        _add_statistics(tap_report, read, np.flatnonzero(done), sample, check)
+        report.taps.append(tap_report)
+    return report
+
+
+# --------------------------------------------------------------------------- shared
+
+
+def _report_header(
+    path: Path, source: Literal["file", "parts"], plan: dict[str, Any], check: bool
+) -> FeatureFileReport:
+    return FeatureFileReport(
+        path=str(path),
+        source=source,
+        status="complete",
+        checked=check,
+        schema_version=plan.get("schema_version"),
+        created=plan.get("created"),
+        dtype=plan.get("dtype"),
+        compression=plan.get("compression"),
+        num_images=int(plan["num_images"]),
+    )
+
+
+def _teacher_report(teacher: TeacherSpec, images_done: int, images_total: int) -> TeacherReport:
+    return TeacherReport(
+        name=teacher.name,
+        model_type=teacher.model_type,
+        image_size=teacher.image_size,
+        checkpoint_name=teacher.checkpoint_name,
+        checkpoint_sha256=teacher.checkpoint_sha256,
+        images_done=images_done,
+        images_total=images_total,
+        decoder_tensors=0,
+    )
+
+
+def _tap_layout(teacher: str, name: str, dataset: h5py.Dataset, plan: dict[str, Any]) -> TapReport:
+    chunks = None if dataset.is_virtual else dataset.chunks
+    if dataset.is_virtual:
+        chunks = (1, *dataset.shape[1:])  # the sources' chunking, one image per chunk
+    return TapReport(
+        teacher=teacher,
+        name=name,
+        kind=str(dataset.attrs.get("kind", "other")),
+        shape=list(dataset.shape[1:]),
+        dtype=str(dataset.dtype),
+        chunks=list(chunks) if chunks else None,
+        compression=str(plan["compression"]),
+        bytes_on_disk=0,
+        bytes_per_image=0.0,
+    )
+
+
+def _add_statistics(
+    report: TapReport, read: RowReader, done_rows: np.ndarray, sample: int, check: bool
+) -> None:
+    """Mean / std / min / max over sampled finite values; NaN, Inf and crc32 counts."""
+    if check:
+        rows = done_rows
+    else:
+        count = min(sample, done_rows.size)
+        rows = done_rows[np.linspace(0, done_rows.size - 1, count).astype(int)] if count else []
+    total = total_sq = 0.0
+    finite_count = 0
+    low, high = np.inf, -np.inf
+    for row in rows:
+        stored, crc = read(int(row))
+        if check and zlib.crc32(np.ascontiguousarray(stored).data) != crc:
+            report.checksum_errors += 1
+        values = stored.astype(np.float64)
+        finite = np.isfinite(values)
+        report.nan_count += int(np.isnan(values).sum())
+        report.inf_count += int(np.isinf(values).sum())
+        kept = values[finite]
+        if kept.size:
+            total += float(kept.sum())
+            total_sq += float(np.square(kept).sum())
+            finite_count += kept.size
+            low, high = min(low, float(kept.min())), max(high, float(kept.max()))
+    report.images_sampled = len(rows)
+    if finite_count:
+        report.mean = total / finite_count
+        report.std = max(total_sq / finite_count - report.mean**2, 0.0) ** 0.5
+        report.min, report.max = low, high
+
+
+def _finish(report: FeatureFileReport, plan: dict[str, Any]) -> FeatureFileReport:
+    """Decide the status from what was found."""
+    images_done = sum(teacher.images_done for teacher in report.teachers)
+    report.bytes_per_image = report.bytes_on_disk / max(report.num_images, 1)
+    nonfinite_allowed = bool(plan.get("allow_nonfinite")) or bool(plan.get("allow_overflow"))
+    for teacher in report.teachers:
+        for tap in teacher.taps:
+            where = f"teacher '{teacher.name}' tap '{tap.name}'"
+            if tap.checksum_errors:
+                report.problems.append(f"{where}: {tap.checksum_errors} images fail their crc32")
+            if (tap.nan_count or tap.inf_count) and not nonfinite_allowed:
+                report.problems.append(f"{where}: {tap.nan_count} NaN, {tap.inf_count} Inf values")
+    corrupt = [p for p in report.problems if "being written" not in p]
+    if corrupt:
+        report.status = "corrupt"
+    elif report.source == "parts" or images_done < report.num_images * len(report.teachers):
+        report.status = "incomplete"
+    return report
+
+
+def _folder_bytes(folder: Path) -> int:
+    if not folder.is_dir():
+        return 0
+    return sum(item.stat().st_size for item in folder.rglob("*") if item.is_file())
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def render_report(report: FeatureFileReport, console: Any = None) -> None:
+    """Print the report as a rich table (to `console`, default a new rich Console)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    colour = {"complete": "green", "incomplete": "yellow", "corrupt": "red"}[report.status]
+    console.print(
+        f"[bold]{report.path}[/bold] ({report.source}): [{colour}]{report.status}[/{colour}], "
+        f"{report.num_images} images, {format_bytes(report.bytes_on_disk)} on disk "
+        f"({format_bytes(report.bytes_per_image)} per image), dtype {report.dtype}, "
+        f"compression {report.compression}" + (", all images checked" if report.checked else "")
+    )
+    table = Table(show_lines=False)
+    for column in ("teacher", "tap", "shape", "dtype", "chunks", "done", "on disk", "per image"):
+        table.add_column(column)
+    for column in ("mean", "std", "min", "max", "NaN", "Inf"):
+        table.add_column(column, justify="right")
+    for teacher in report.teachers:
+        for tap in teacher.taps:
+            table.add_row(
+                teacher.name,
+                tap.name,
+                "x".join(map(str, tap.shape)),
+                tap.dtype,
+                "x".join(map(str, tap.chunks)) if tap.chunks else "-",
+                f"{teacher.images_done}/{teacher.images_total}",
+                format_bytes(tap.bytes_on_disk),
+                format_bytes(tap.bytes_per_image),
+                *(_number(value) for value in (tap.mean, tap.std, tap.min, tap.max)),
+                str(tap.nan_count),
+                str(tap.inf_count),
+            )
+    console.print(table)
+    for problem in report.problems:
+        console.print(f"[{colour}]- {problem}[/{colour}]")
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"

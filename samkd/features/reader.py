@@ -1,0 +1,294 @@
+"""Reading a feature file: random access by image, safe in DataLoader worker processes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from samkd.features.schema import (
+    FILE_FORMAT,
+    SCHEMA_VERSION,
+    FeatureStoreError,
+    TapKind,
+    TapSpec,
+    TeacherSpec,
+    parts_dir,
+    teacher_from_json,
+)
+
+CHUNK_CACHE_BYTES = 4 << 20
+
+
+def open_feature_file(path: Path) -> h5py.File:
+    """Open read-only, turning a missing or unreadable file into a one-line FeatureStoreError."""
+    path = Path(path)
+    if not path.exists():
+        if parts_dir(path).exists():
+            raise FeatureStoreError(
+                f"{path.name}: extraction not finished ({parts_dir(path).name} holds the parts); "
+                "rerun the extraction"
+            )
+        raise FeatureStoreError(f"{path}: feature file does not exist")
+    try:
+        handle = h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES)
+    except OSError as error:
+        raise FeatureStoreError(f"{path.name}: not a readable HDF5 file ({error})") from None
+    if handle.attrs.get("format") != FILE_FORMAT:
+        handle.close()
+        raise FeatureStoreError(f"{path.name}: not a samkd feature file")
+    version = int(handle.attrs.get("schema_version", -1))
+    if version != SCHEMA_VERSION:
+        handle.close()
+        raise FeatureStoreError(
+            f"{path.name}: schema_version {version}, this samkd reads {SCHEMA_VERSION}"
+        )
+    return handle
+
+
+def missing_virtual_sources(path: Path, dataset: h5py.Dataset) -> list[str]:
+    """Source files of a virtual dataset that do not exist (relative to the file's folder)."""
+    if not dataset.is_virtual:
+        return []
+    names = {source.file_name for source in dataset.virtual_sources()}
+    return sorted(name for name in names if not (Path(path).parent / name).exists())
+
+
+def file_teachers(handle: h5py.File) -> list[TeacherSpec]:
+    """The teachers of an open feature file, from its stored plan."""
+    plan = json.loads(handle.attrs["plan"])
+    return [teacher_from_json(record) for record in plan["teachers"]]
+
+
+def flip_attention(tensor: torch.Tensor) -> torch.Tensor:
+    """Mirror a `G^2 x G^2` coarse attention map left-right in both query and key grids."""
+    side = math.isqrt(tensor.shape[-1])
+    mirrored = torch.arange(side * side).view(side, side).flip(-1).reshape(-1)
+    return tensor[..., mirrored, :][..., mirrored]
+
+
+def flip_tap(tensor: torch.Tensor, kind: TapKind | None) -> torch.Tensor:
+    """Horizontal flip of one image's tap, matching a horizontally flipped input image."""
+    if kind == "spatial":
+        return tensor.flip(-1)
+    if kind == "attention":
+        return flip_attention(tensor)
+    return tensor
+
+
+class FeatureStore:
+    """Teacher features of a finished feature file, by image index or image id.
+
+    `store[i]` is `{teacher: {tap: tensor}}` with each tensor shaped like the tap
+    (e.g. 256 x 64 x 64), `dtype` float32 by default. The HDF5 handle is opened lazily in
+    each process (never shared across fork) and dropped when pickled, so the store can be
+    (part of) a Dataset read by DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        teachers: Sequence[str] | None = None,
+        taps: Sequence[str] | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.path = Path(path)
+        self.dtype = dtype
+        with open_feature_file(self.path) as handle:
+            self.teachers = _select_teachers(self.path, file_teachers(handle), teachers, taps)
+            self.image_ids: list[str] = list(handle["images/ids"].asstr()[()])
+            self.image_sizes = handle["images/original_sizes"][()]
+            self.image_hashes = [h.decode("ascii") for h in handle["images/sha256"][()]]
+            self.preprocessing = json.loads(handle["images"].attrs["preprocessing"])
+            self._fast = _check_datasets(self.path, handle, self.teachers)
+        self._positions: dict[str, int] | None = None
+        self._handle: h5py.File | None = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int | str) -> dict[str, dict[str, torch.Tensor]]:
+        return self.read(index)
+
+    def index_of(self, image_id: str) -> int:
+        if self._positions is None:
+            self._positions = {image_id: i for i, image_id in enumerate(self.image_ids)}
+        if image_id not in self._positions:
+            raise KeyError(f"{self.path.name}: no image '{image_id}'")
+        return self._positions[image_id]
+
+    def read(self, index: int | str, flip: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+        """`{teacher: {tap: tensor}}` of one image; `flip` mirrors them horizontally."""
+        row = self.index_of(index) if isinstance(index, str) else int(index)
+        if not -len(self) <= row < len(self):
+            raise IndexError(f"{self.path.name}: image {index} out of range ({len(self)} images)")
+        row %= len(self)
+        handle = self._file()
+        features: dict[str, dict[str, torch.Tensor]] = {}
+        for teacher in self.teachers:
+            group = handle["teachers"][teacher.name]["taps"]
+            features[teacher.name] = {}
+            for tap in teacher.taps:
+                fast = self._fast[teacher.name, tap.name]
+                array = self._read_row(group[tap.name], tap, row, fast)
+                tensor = torch.from_numpy(array).to(self.dtype)
+                features[teacher.name][tap.name] = flip_tap(tensor, tap.kind) if flip else tensor
+        return features
+
+    def check_matches(
+        self,
+        image_ids: Sequence[str] | None = None,
+        image_size: int | None = None,
+        preprocessing: Mapping[str, Any] | None = None,
+        teachers: Sequence[str] | None = None,
+        taps: Sequence[str] | None = None,
+        image_hashes: Sequence[str] | None = None,
+    ) -> None:
+        """Raise a one-line FeatureStoreError naming the first thing that differs."""
+        name = self.path.name
+        if image_ids is not None:
+            if len(image_ids) != len(self.image_ids):
+                raise FeatureStoreError(
+                    f"{name}: holds {len(self.image_ids)} images, the dataset has {len(image_ids)}"
+                )
+            for i, (stored, wanted) in enumerate(zip(self.image_ids, image_ids, strict=True)):
+                if stored != wanted:
+                    raise FeatureStoreError(
+                        f"{name}: image {i} is '{stored}' in the file, '{wanted}' in the dataset"
+                    )
+        if image_hashes is not None:
+            for i, (stored, wanted) in enumerate(zip(self.image_hashes, image_hashes, strict=True)):
+                if stored != wanted:
+                    raise FeatureStoreError(
+                        f"{name}: image '{self.image_ids[i]}' has changed since extraction "
+                        f"(sha256 {stored[:12]}..., now {wanted[:12]}...)"
+                    )
+        names = [teacher.name for teacher in self.teachers]
+        for wanted_teacher in teachers or ():
+            if wanted_teacher not in names:
+                raise FeatureStoreError(f"{name}: no teacher '{wanted_teacher}' (has {names})")
+        for teacher in self.teachers:
+            if image_size is not None and teacher.image_size != image_size:
+                raise FeatureStoreError(
+                    f"{name}: teacher '{teacher.name}' was extracted with image_size "
+                    f"{teacher.image_size}, now {image_size}"
+                )
+            for tap in taps or ():
+                if tap not in teacher.tap_names:
+                    raise FeatureStoreError(
+                        f"{name}: teacher '{teacher.name}' has no tap '{tap}' "
+                        f"(has {teacher.tap_names})"
+                    )
+        if preprocessing is not None:
+            wanted = json.loads(json.dumps(dict(preprocessing), sort_keys=True))
+            for key in sorted(set(wanted) | set(self.preprocessing)):
+                if wanted.get(key) != self.preprocessing.get(key):
+                    raise FeatureStoreError(
+                        f"{name}: preprocessing {key} was {self.preprocessing.get(key)} at "
+                        f"extraction, now {wanted.get(key)}"
+                    )
+
+    def close(self) -> None:
+        if self._handle is not None and self._pid == os.getpid():
+            self._handle.close()
+        self._handle, self._pid = None, None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_handle"], state["_pid"] = None, None
+        return state
+
+    def _file(self) -> h5py.File:
+        if self._handle is None or self._pid != os.getpid():
+            self._handle = open_feature_file(self.path)
+            self._pid = os.getpid()
+        return self._handle
+
+    @staticmethod
+    def _read_row(dataset: h5py.Dataset, tap: TapSpec, row: int, fast: bool) -> np.ndarray:
+        if fast:  # one uncompressed chunk per image: its bytes are the sample
+            sample = np.empty(tap.shape, dtype=dataset.dtype)
+            dataset.id.read_direct_chunk(
+                (row, *(0,) * len(tap.shape)), out=sample.reshape(-1).view(np.uint8)
+            )
+            return sample
+        return dataset[row]
+
+
+def _select_teachers(
+    path: Path,
+    available: list[TeacherSpec],
+    teachers: Sequence[str] | None,
+    taps: Sequence[str] | None,
+) -> list[TeacherSpec]:
+    by_name = {teacher.name: teacher for teacher in available}
+    selected = []
+    for name in teachers if teachers is not None else list(by_name):
+        if name not in by_name:
+            raise FeatureStoreError(f"{path.name}: no teacher '{name}' (has {list(by_name)})")
+        teacher = by_name[name]
+        if taps is not None:
+            missing = [tap for tap in taps if tap not in teacher.tap_names]
+            if missing:
+                raise FeatureStoreError(
+                    f"{path.name}: teacher '{name}' has no tap '{missing[0]}' "
+                    f"(has {teacher.tap_names})"
+                )
+            chosen = tuple(teacher.tap(tap) for tap in taps)
+            teacher = TeacherSpec(
+                teacher.name,
+                teacher.model_type,
+                teacher.image_size,
+                chosen,
+                teacher.checkpoint_name,
+                teacher.checkpoint_sha256,
+            )
+        selected.append(teacher)
+    return selected
+
+
+def _check_datasets(
+    path: Path, handle: h5py.File, teachers: Sequence[TeacherSpec]
+) -> dict[tuple[str, str], bool]:
+    """Refuse incomplete files and lost shards; which taps can be read chunk-direct."""
+    fast: dict[tuple[str, str], bool] = {}
+    for teacher in teachers:
+        group = handle["teachers"][teacher.name]
+        done = group["done"][()]
+        if not done.all():
+            raise FeatureStoreError(
+                f"{path.name}: teacher '{teacher.name}' has {int((~done).sum())} of "
+                f"{done.size} images unfinished; rerun the extraction"
+            )
+        for tap in teacher.taps:
+            dataset = group["taps"][tap.name]
+            missing = missing_virtual_sources(path, dataset)
+            if missing:
+                raise FeatureStoreError(
+                    f"{path.name}: shard {missing[0]} is missing "
+                    f"({len(missing)} in all for teacher '{teacher.name}' tap '{tap.name}')"
+                )
+            fast[teacher.name, tap.name] = not dataset.is_virtual and not dataset.compression
+    return fast
+
+
+def read_decoder_state_dict(path: Path, teacher: str) -> dict[str, torch.Tensor]:
+    """The teacher's `prompt_encoder.*` and `mask_decoder.*` weights stored in the file."""
+    path = Path(path)
+    with open_feature_file(path) as handle:
+        if teacher not in handle["teachers"]:
+            raise FeatureStoreError(
+                f"{path.name}: no teacher '{teacher}' (has {list(handle['teachers'])})"
+            )
+        group = handle["teachers"][teacher]
+        if "decoder" not in group:
+            raise FeatureStoreError(f"{path.name}: no decoder weights stored for '{teacher}'")
+        return {key: torch.from_numpy(group["decoder"][key][()]) for key in group["decoder"]}

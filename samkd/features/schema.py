@@ -1,0 +1,456 @@
+"""Layout of a samkd teacher-feature file, and the plan that an extraction writes.
+
+A feature file (`features.h5`) holds, for N images and one or more teachers:
+
+    /                                 attrs: format = "samkd-features", schema_version = 1,
+                                             samkd_version, created (ISO 8601, UTC),
+                                             dtype, compression, shard_size,
+                                             settings (the resolved settings, YAML),
+                                             plan (the extraction plan, JSON),
+                                             layout ("copy" or "virtual")
+    /images/ids                       (N,) utf-8 strings, in dataset order
+    /images/original_sizes            (N, 2) int64, (height, width) of the image file
+    /images/sha256                    (N,) 64-char ascii, sha256 of the image file bytes
+    /images                           attrs: preprocessing (JSON)
+    /teachers/<name>                  attrs: model_type, checkpoint_name, checkpoint_sha256,
+                                             image_size, taps (JSON list), tap_kinds (JSON)
+    /teachers/<name>/taps/<tap>       (N, *tap_shape) float16 (or float32), chunks (1, *tap_shape),
+                                      compression none / gzip / lzf. Encoder maps are
+                                      N x C x H x W; attention taps are coarse maps
+                                      N x G^2 x G^2 (never full maps); 1-D taps are N x D.
+    /teachers/<name>/crc32/<tap>      (N,) uint32, zlib.crc32 of each stored sample's bytes
+    /teachers/<name>/done             (N,) bool, per-image completion flag
+    /teachers/<name>/decoder/<key>    the teacher's `prompt_encoder.*` and `mask_decoder.*`
+                                      weights (state-dict keys, original dtype)
+
+While an extraction runs, the data lives next to the output in `<output>.parts/`:
+
+    plan.json                         the plan (everything that decides the data), JSON
+    index.h5                          the image index (/images as above)
+    <teacher>/part-00000.h5           shard 0: images [0, shard_size), with /taps/<tap>,
+                                      /crc32/<tap> and /done laid out as above
+    <teacher>/decoder.h5              the teacher's decoder weights
+
+Every file in the parts folder appears under its final name only once complete (written to a
+temporary name, fsynced, renamed), so the folder is always a consistent, resumable record of
+the work done. `join_shards` turns it into the output file, again via a temporary name: by
+copying the chunks ("copy", the parts folder is removed afterwards) or as HDF5 virtual datasets
+whose sources are the shards, by relative path ("virtual", the parts folder must stay).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+FILE_FORMAT = "samkd-features"
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+GZIP_LEVEL = 4
+
+StorageDtype = Literal["float16", "float32"]
+Compression = Literal["none", "gzip", "lzf"]
+JoinLayout = Literal["copy", "virtual"]
+TapKind = Literal["spatial", "attention", "other"]
+
+
+class FeatureStoreError(RuntimeError):
+    """A feature file is missing, incomplete, corrupt or does not match; the message is one line."""
+
+
+# --------------------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of the index: its id, original size and the sha256 of its file bytes."""
+
+    id: str
+    height: int
+    width: int
+    sha256: str
+
+
+def infer_tap_kind(name: str, shape: Sequence[int]) -> TapKind:
+    """`attention` for square G^2 x G^2 maps of attention taps, `spatial` for C x H x W."""
+    square = len(shape) == 2 and shape[0] == shape[1] and math.isqrt(shape[0]) ** 2 == shape[0]
+    if square and any(word in name for word in ("attn", "attention", "qk")):
+        return "attention"
+    if len(shape) >= 3:
+        return "spatial"
+    return "other"
+
+
+@dataclass(frozen=True)
+class TapSpec:
+    """A stored tap: its name and per-image shape (C x H x W, G^2 x G^2, or D).
+
+    `kind` decides how `flip` mirrors it: `spatial` flips the last axis, `attention` mirrors
+    the coarse grid of both queries and keys, `other` is left alone. Inferred when not given.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    kind: TapKind | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(side) for side in self.shape))
+        if self.kind is None:
+            object.__setattr__(self, "kind", infer_tap_kind(self.name, self.shape))
+        if "/" in self.name or not self.name:
+            raise ValueError(f"tap name must be non-empty without '/', got {self.name!r}")
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """What identifies one teacher's features: model, weights, input size and taps."""
+
+    name: str
+    model_type: str
+    image_size: int
+    taps: tuple[TapSpec, ...]
+    checkpoint_name: str | None = None
+    checkpoint_sha256: str | None = None
+
+    def tap(self, name: str) -> TapSpec:
+        for tap in self.taps:
+            if tap.name == name:
+                return tap
+        raise KeyError(f"teacher '{self.name}' has no tap '{name}'")
+
+    @property
+    def tap_names(self) -> list[str]:
+        return [tap.name for tap in self.taps]
+
+
+@dataclass(frozen=True)
+class ExtractionPlan:
+    """Everything that decides the bytes of a feature file, plus how the work is split.
+
+    Images are split into shards of `shard_size` consecutive images; shard `s` holds images
+    `[s * shard_size, (s + 1) * shard_size)`. `allow_overflow` / `allow_nonfinite` and
+    `settings_yaml` are recorded but do not make two plans differ.
+    """
+
+    images: tuple[ImageRecord, ...]
+    teachers: tuple[TeacherSpec, ...]
+    preprocessing: Mapping[str, Any] = field(default_factory=dict)
+    dtype: StorageDtype = "float16"
+    compression: Compression = "none"
+    shard_size: int = 64
+    allow_overflow: bool = False
+    allow_nonfinite: bool = False
+    settings_yaml: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "images", tuple(self.images))
+        object.__setattr__(self, "teachers", tuple(self.teachers))
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be at least 1, got {self.shard_size}")
+        ids = [image.id for image in self.images]
+        if len(set(ids)) != len(ids):
+            repeated = next(image_id for image_id in ids if ids.count(image_id) > 1)
+            raise ValueError(f"image ids must be unique, '{repeated}' is repeated")
+        names = [teacher.name for teacher in self.teachers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"teacher names must be unique, got {names}")
+
+    @property
+    def num_images(self) -> int:
+        return len(self.images)
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_images // self.shard_size)
+
+    def shard_range(self, shard: int) -> range:
+        """Image indices of `shard`."""
+        start = shard * self.shard_size
+        return range(start, min(start + self.shard_size, self.num_images))
+
+    def shards_of_rank(self, rank: int, world_size: int) -> list[int]:
+        """The shards that `rank` of `world_size` writes: every world_size-th, disjoint."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        return list(range(rank, self.num_shards, world_size))
+
+    def teacher(self, name: str) -> TeacherSpec:
+        for teacher in self.teachers:
+            if teacher.name == name:
+                return teacher
+        raise KeyError(f"no teacher '{name}' in the plan (teachers: {self.teacher_names})")
+
+    @property
+    def teacher_names(self) -> list[str]:
+        return [teacher.name for teacher in self.teachers]
+
+    def images_digest(self) -> str:
+        """sha256 over ids, sizes and content hashes, in order."""
+        digest = hashlib.sha256()
+        for image in self.images:
+            digest.update(f"{image.id}\0{image.height}\0{image.width}\0{image.sha256}\n".encode())
+        return digest.hexdigest()
+
+    def identity(self) -> dict[str, Any]:
+        """The JSON-able fields that decide the data (what a rerun must match)."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "num_images": self.num_images,
+            "images_digest": self.images_digest(),
+            "preprocessing": json.loads(json.dumps(dict(self.preprocessing), sort_keys=True)),
+            "dtype": self.dtype,
+            "compression": self.compression,
+            "shard_size": self.shard_size,
+            "teachers": [_teacher_to_json(teacher) for teacher in self.teachers],
+        }
+
+    def to_json(self, created: str) -> str:
+        """The plan as stored in `plan.json` and in the output's `plan` attribute."""
+        record = self.identity() | {
+            "created": created,
+            "allow_overflow": self.allow_overflow,
+            "allow_nonfinite": self.allow_nonfinite,
+            "settings": self.settings_yaml,
+        }
+        return json.dumps(record, indent=1)
+
+
+def _teacher_to_json(teacher: TeacherSpec) -> dict[str, Any]:
+    return {
+        "name": teacher.name,
+        "model_type": teacher.model_type,
+        "image_size": teacher.image_size,
+        "checkpoint_name": teacher.checkpoint_name,
+        "checkpoint_sha256": teacher.checkpoint_sha256,
+        "taps": [{"name": t.name, "shape": list(t.shape), "kind": t.kind} for t in teacher.taps],
+    }
+
+
+def teacher_from_json(record: Mapping[str, Any]) -> TeacherSpec:
+    taps = tuple(TapSpec(t["name"], tuple(t["shape"]), t["kind"]) for t in record["taps"])
+    return TeacherSpec(
+        name=record["name"],
+        model_type=record["model_type"],
+        image_size=int(record["image_size"]),
+        taps=taps,
+        checkpoint_name=record.get("checkpoint_name"),
+        checkpoint_sha256=record.get("checkpoint_sha256"),
+    )
+
+
+# --------------------------------------------------------------------------- differences
+
+
+def describe_difference(stored: Mapping[str, Any], planned: Mapping[str, Any]) -> str | None:
+    """The first way two plan identities differ, as a phrase; None when they match.
+
+    e.g. "teacher 'vit_h' was extracted with image_size 1024, now 512".
+    """
+    if stored.get("schema_version") != planned.get("schema_version"):
+        return (
+            f"schema_version was {stored.get('schema_version')}, "
+            f"now {planned.get('schema_version')}"
+        )
+    stored_teachers = {t["name"]: t for t in stored["teachers"]}
+    planned_teachers = {t["name"]: t for t in planned["teachers"]}
+    if list(stored_teachers) != list(planned_teachers):
+        return f"was extracted for teachers {list(stored_teachers)}, now {list(planned_teachers)}"
+    for name, old in stored_teachers.items():
+        new = planned_teachers[name]
+        for key in ("model_type", "image_size", "checkpoint_name", "checkpoint_sha256"):
+            if old[key] != new[key]:
+                return f"teacher '{name}' was extracted with {key} {old[key]}, now {new[key]}"
+        old_taps = {tap["name"]: tap for tap in old["taps"]}
+        new_taps = {tap["name"]: tap for tap in new["taps"]}
+        if list(old_taps) != list(new_taps):
+            return (
+                f"teacher '{name}' was extracted with taps {list(old_taps)}, now {list(new_taps)}"
+            )
+        for tap_name, tap in old_taps.items():
+            now = new_taps[tap_name]
+            if tap != now:
+                return (
+                    f"teacher '{name}' tap '{tap_name}' was extracted with shape "
+                    f"{tuple(tap['shape'])} ({tap['kind']}), "
+                    f"now {tuple(now['shape'])} ({now['kind']})"
+                )
+    if stored["images_digest"] != planned["images_digest"]:
+        return "was extracted with a different image index (ids, sizes or file hashes)"
+    for key in ("dtype", "compression", "shard_size"):
+        if stored[key] != planned[key]:
+            return f"was extracted with {key} {stored[key]}, now {planned[key]}"
+    old_pre, new_pre = stored["preprocessing"], planned["preprocessing"]
+    for key in sorted(set(old_pre) | set(new_pre)):
+        if old_pre.get(key) != new_pre.get(key):
+            was, now = old_pre.get(key), new_pre.get(key)
+            return f"was extracted with preprocessing {key}={was}, now {now}"
+    return None
+
+
+def first_image_difference(
+    stored: Sequence[ImageRecord], planned: Sequence[ImageRecord]
+) -> str | None:
+    """Which image differs first, e.g. "image 3 was 'a.jpg', now 'b.jpg'"."""
+    for index, (old, new) in enumerate(zip(stored, planned, strict=False)):
+        if old != new:
+            if old.id != new.id:
+                return f"image {index} was '{old.id}', now '{new.id}'"
+            if old.sha256 != new.sha256:
+                was, now = old.sha256[:12], new.sha256[:12]
+                return f"image '{old.id}' has changed (sha256 {was}..., now {now}...)"
+            return f"image '{old.id}' was {old.height}x{old.width}, now {new.height}x{new.width}"
+    if len(stored) != len(planned):
+        return f"was extracted for {len(stored)} images, now {len(planned)}"
+    return None
+
+
+# --------------------------------------------------------------------------- sizes and paths
+
+
+def storage_itemsize(dtype: StorageDtype) -> int:
+    return np.dtype(dtype).itemsize
+
+
+def planned_bytes(plan: ExtractionPlan) -> int:
+    """Bytes of the tap data (uncompressed) plus the index: an upper bound for the file size."""
+    itemsize = storage_itemsize(plan.dtype)
+    per_image = sum(
+        tap.numel * itemsize + 4 + 1 for teacher in plan.teachers for tap in teacher.taps
+    )
+    index = plan.num_images * (64 + 16 + 64)
+    return plan.num_images * per_image + index
+
+
+def format_bytes(size: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def parts_dir(output: Path) -> Path:
+    """Folder holding the shards of `output` while it is extracted (`features.h5.parts`)."""
+    return output.with_name(output.name + ".parts")
+
+
+def shard_path(output: Path, teacher: str, shard: int) -> Path:
+    return parts_dir(output) / teacher / f"part-{shard:05d}.h5"
+
+
+def decoder_path(output: Path, teacher: str) -> Path:
+    return parts_dir(output) / teacher / "decoder.h5"
+
+
+def temporary_path(path: Path) -> Path:
+    """A temporary name next to `path`, unique per process, never read as data."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def is_temporary(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
+def file_sha256(path: Path, block_size: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(block_size), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_image_file(path: Path, image_id: str | None = None) -> ImageRecord:
+    """An index record for an image file: id (default: file name), size, sha256 of its bytes."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        width, height = image.size
+    return ImageRecord(image_id or path.name, height, width, file_sha256(path))
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename inside `path` durable."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def publish(temporary: Path, final: Path, exclusive: bool = False) -> bool:
+    """Move a complete, closed file to its final name atomically (fsync first).
+
+    `exclusive`: keep an existing final file (another rank won) and return False.
+    """
+    fsync_file(temporary)
+    if exclusive:
+        try:
+            os.link(temporary, final)
+        except FileExistsError:
+            temporary.unlink()
+            return False
+        temporary.unlink()
+    else:
+        os.replace(temporary, final)
+    fsync_directory(final.parent)
+    return True
+
+
+def plan_from_settings(
+    settings: Any,
+    images: Sequence[ImageRecord],
+    tap_shapes: Mapping[str, Mapping[str, Sequence[int]]],
+    preprocessing: Mapping[str, Any],
+) -> ExtractionPlan:
+    """The plan of `samkd extract`: teachers, taps and storage options from `samkd.settings`.
+
+    `settings` is a `samkd.settings.Settings` (typed loosely to keep this module free of it).
+    `tap_shapes[teacher][tap]` is the per-image shape each teacher produces for each tap of
+    `settings.extract.taps` (attention taps: the coarse G^2 x G^2 map); `preprocessing` is
+    whatever decides the teacher's input pixels (resize, pad, normalisation).
+    """
+    extract = settings.extract
+    teachers = []
+    for teacher in settings.teachers:
+        shapes = tap_shapes[teacher.name]
+        checkpoint = teacher.checkpoint
+        teachers.append(
+            TeacherSpec(
+                name=teacher.name,
+                model_type=teacher.model_type,
+                image_size=settings.data.image_size,
+                taps=tuple(TapSpec(tap, tuple(shapes[tap])) for tap in extract.taps),
+                checkpoint_name=checkpoint.name if checkpoint else None,
+                checkpoint_sha256=file_sha256(checkpoint) if checkpoint else None,
+            )
+        )
+    return ExtractionPlan(
+        images=tuple(images),
+        teachers=tuple(teachers),
+        preprocessing=dict(preprocessing),
+        dtype=extract.dtype,
+        compression=extract.compression,
+        shard_size=extract.shard_size,
+        allow_overflow=extract.allow_overflow,
+        allow_nonfinite=extract.allow_nonfinite,
+        settings_yaml=settings.to_yaml(),
+    )
