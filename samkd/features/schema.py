@@ -420,13 +420,15 @@ def plan_from_settings(
     images: Sequence[ImageRecord],
     tap_shapes: Mapping[str, Mapping[str, Sequence[int]]],
     preprocessing: Mapping[str, Any],
+    image_size: int | None = None,
 ) -> ExtractionPlan:
     """The plan of `samkd extract`: teachers, taps and storage options from `samkd.settings`.
 
     `settings` is a `samkd.settings.Settings` (typed loosely to keep this module free of it).
     `tap_shapes[teacher][tap]` is the per-image shape each teacher produces for each tap of
     `settings.extract.taps` (attention taps: the coarse G^2 x G^2 map); `preprocessing` is
-    whatever decides the teacher's input pixels (resize, pad, normalisation).
+    whatever decides the teacher's input pixels (resize, pad, normalisation); `image_size`
+    defaults to `settings.data.image_size`.
     """
     extract = settings.extract
     teachers = []
@@ -437,7 +439,7 @@ def plan_from_settings(
             TeacherSpec(
                 name=teacher.name,
                 model_type=teacher.model_type,
-                image_size=settings.data.image_size,
+                image_size=image_size or settings.data.image_size,
                 taps=tuple(TapSpec(tap, tuple(shapes[tap])) for tap in extract.taps),
                 checkpoint_name=checkpoint.name if checkpoint else None,
                 checkpoint_sha256=file_sha256(checkpoint) if checkpoint else None,

@@ -204,25 +204,33 @@ def build_sam(
     return sam.eval()
 
 
-def _assemble(image_encoder: nn.Module, image_size: int) -> Sam:
+def build_prompt_decoder(image_size: int) -> tuple[PromptEncoder, MaskDecoder]:
+    """SAM's prompt encoder and mask decoder for `image_size` (the same on every model type)."""
     embedding_size = image_size // PATCH_SIZE
+    prompt_encoder = PromptEncoder(
+        embed_dim=PROMPT_EMBED_DIM,
+        image_embedding_size=(embedding_size, embedding_size),
+        input_image_size=(image_size, image_size),
+        mask_in_chans=16,
+    )
+    mask_decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(
+            depth=2, embedding_dim=PROMPT_EMBED_DIM, mlp_dim=2048, num_heads=8
+        ),
+        transformer_dim=PROMPT_EMBED_DIM,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+    )
+    return prompt_encoder, mask_decoder
+
+
+def _assemble(image_encoder: nn.Module, image_size: int) -> Sam:
+    prompt_encoder, mask_decoder = build_prompt_decoder(image_size)
     return Sam(
         image_encoder=image_encoder,
-        prompt_encoder=PromptEncoder(
-            embed_dim=PROMPT_EMBED_DIM,
-            image_embedding_size=(embedding_size, embedding_size),
-            input_image_size=(image_size, image_size),
-            mask_in_chans=16,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(
-                depth=2, embedding_dim=PROMPT_EMBED_DIM, mlp_dim=2048, num_heads=8
-            ),
-            transformer_dim=PROMPT_EMBED_DIM,
-            iou_head_depth=3,
-            iou_head_hidden_dim=256,
-        ),
+        prompt_encoder=prompt_encoder,
+        mask_decoder=mask_decoder,
         pixel_mean=list(PIXEL_MEAN),
         pixel_std=list(PIXEL_STD),
     )

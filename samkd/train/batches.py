@@ -1,0 +1,198 @@
+"""Training batches: samples with their prompts, low-resolution targets and teacher features.
+
+Augmentation keeps stored teacher features valid:
+- photometric changes (brightness, contrast) touch the student's input only, since the teacher
+  features stay those of the original image;
+- a horizontal flip mirrors the image, its masks and prompts inside the valid (unpadded)
+  region, and the stored feature maps alike. SAM's encoders are not exactly flip-equivariant,
+  so a flipped teacher map approximates the teacher's features of the flipped image; the flip
+  is off by default and refused with attention matching, whose coarse maps are not mirrored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from samkd.data import Sample, SegmentationDataset
+from samkd.features import FeatureStore
+
+LOW_RES_FACTOR = 4  # SAM's mask logits are 4x the embedding grid: image_size / 4
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Random photometric changes (student input only) and horizontal flips."""
+
+    brightness: float = 0.0
+    contrast: float = 0.0
+    flip_probability: float = 0.0
+
+
+@dataclass
+class TrainingSample:
+    """A dataset sample plus what training needs.
+
+    low_res_targets: `N x S/4 x S/4` float ground truth in the padded input frame;
+    teacher_features: `{teacher: {tap: tensor}}` from the feature file (empty when online).
+    """
+
+    sample: Sample
+    low_res_targets: torch.Tensor
+    teacher_features: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    flipped: bool = False
+
+
+@dataclass
+class TrainingBatch:
+    images: torch.Tensor
+    samples: list[TrainingSample]
+
+    def to(self, device: torch.device) -> TrainingBatch:
+        non_blocking = device.type == "cuda"
+        for item in self.samples:
+            item.low_res_targets = item.low_res_targets.to(device, non_blocking=non_blocking)
+            item.teacher_features = {
+                teacher: {tap: t.to(device, non_blocking=non_blocking) for tap, t in taps.items()}
+                for teacher, taps in item.teacher_features.items()
+            }
+        return TrainingBatch(self.images.to(device, non_blocking=non_blocking), self.samples)
+
+    def pin_memory(self) -> TrainingBatch:
+        self.images = self.images.pin_memory()
+        return self
+
+
+def low_res_targets(
+    masks: torch.Tensor, input_size: tuple[int, int], image_size: int
+) -> torch.Tensor:
+    """Masks `N x H x W` (original frame) -> `N x S/4 x S/4` in {0, 1}, aligned with SAM's
+    low-resolution logits: resized like the image, padded bottom-right, then downsampled."""
+    size = image_size // LOW_RES_FACTOR
+    if masks.shape[0] == 0:
+        return torch.zeros(0, size, size)
+    resized = F.interpolate(masks[:, None].float(), size=input_size, mode="bilinear")
+    padded = F.pad(resized, (0, image_size - input_size[1], 0, image_size - input_size[0]))
+    low = F.interpolate(padded, size=(size, size), mode="area")
+    return (low[:, 0] > 0.5).float()
+
+
+class DistillationDataset(Dataset[TrainingSample]):
+    """Samples of a `SegmentationDataset` joined with their rows of a `FeatureStore`.
+
+    Workers read both, so decoding and HDF5 reads overlap with the training step. `epoch` is
+    mixed into the augmentation seed; set it before each epoch's iterator is created.
+    """
+
+    def __init__(
+        self,
+        dataset: SegmentationDataset,
+        store: FeatureStore | None,
+        augmentation: Augmentation,
+        seed: int,
+    ) -> None:
+        self.dataset = dataset
+        self.store = store
+        self.augmentation = augmentation
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw new prompts and augmentations for `epoch` (before creating its iterator)."""
+        self.epoch = epoch
+        self.dataset.seed = self.seed + epoch
+
+    def __getitem__(self, index: int) -> TrainingSample:
+        sample = self.dataset[index]
+        rng = np.random.default_rng((self.seed, self.epoch, index, 7))
+        flip = bool(rng.random() < self.augmentation.flip_probability)
+        features = {} if self.store is None else self.store.read(sample.image_id)
+        if flip:
+            image_size = sample.image.shape[-1]
+            features = flip_features(features, sample.input_size[1], image_size)
+            sample = flip_sample(sample)
+        sample.image = photometric(sample.image, sample.input_size, self.augmentation, rng)
+        targets = low_res_targets(sample.masks, sample.input_size, sample.image.shape[-1])
+        return TrainingSample(sample, targets, features, flip)
+
+
+def photometric(
+    image: torch.Tensor,
+    input_size: tuple[int, int],
+    augmentation: Augmentation,
+    rng: np.random.Generator,
+) -> torch.Tensor:
+    """Random contrast and brightness on the valid region of a normalised `3 x S x S` image."""
+    if augmentation.brightness == 0 and augmentation.contrast == 0:
+        return image
+    contrast = 1 + rng.uniform(-augmentation.contrast, augmentation.contrast)
+    brightness = rng.uniform(-augmentation.brightness, augmentation.brightness)
+    height, width = input_size
+    changed = image.clone()
+    changed[:, :height, :width] = image[:, :height, :width] * contrast + brightness
+    return changed
+
+
+def flip_sample(sample: Sample) -> Sample:
+    """Mirror a sample horizontally: image inside its valid width, masks, boxes and prompts."""
+    height, width = sample.input_size
+    image = sample.image.clone()
+    image[:, :height, :width] = sample.image[:, :height, :width].flip(-1)
+    original_width = sample.original_size[1]
+    boxes = _flip_boxes(sample.boxes, original_width)
+    prompt_boxes = None if sample.prompt_boxes is None else _flip_boxes(sample.prompt_boxes, width)
+    points = sample.point_coords
+    if points is not None:
+        points = points.clone()
+        points[..., 0] = width - 1 - points[..., 0]
+    return Sample(
+        index=sample.index,
+        image_id=sample.image_id,
+        image=image,
+        original_size=sample.original_size,
+        input_size=sample.input_size,
+        masks=sample.masks.flip(-1),
+        boxes=boxes,
+        prompt_boxes=prompt_boxes,
+        point_coords=points,
+        point_labels=sample.point_labels,
+        prompt_kinds=sample.prompt_kinds,
+        skipped=sample.skipped,
+    )
+
+
+def flip_features(
+    features: dict[str, dict[str, torch.Tensor]], input_width: int, image_size: int
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Mirror every `C x H x W` feature map inside the columns that cover the image (the rest
+    is padding); other taps are left as they are."""
+    flipped: dict[str, dict[str, torch.Tensor]] = {}
+    for teacher, taps in features.items():
+        flipped[teacher] = {}
+        for tap, tensor in taps.items():
+            if tensor.ndim != 3:
+                flipped[teacher][tap] = tensor
+                continue
+            valid = -(-input_width * tensor.shape[-1] // image_size)
+            mirrored = tensor.clone()
+            mirrored[..., :valid] = tensor[..., :valid].flip(-1)
+            flipped[teacher][tap] = mirrored
+    return flipped
+
+
+def _flip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
+    flipped = boxes.clone()
+    flipped[:, 0] = width - 1 - boxes[:, 2]
+    flipped[:, 2] = width - 1 - boxes[:, 0]
+    return flipped
+
+
+def collate_training(items: list[TrainingSample]) -> TrainingBatch:
+    return TrainingBatch(torch.stack([item.sample.image for item in items]), items)

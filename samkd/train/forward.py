@@ -1,0 +1,148 @@
+"""The student's and teachers' forward passes for one training batch.
+
+`Sam.forward` runs under `no_grad`, so training calls the image encoder, prompt encoder and
+mask decoder itself. Objects of one image are decoded together, split by prompt kind (boxes
+or points), as SAM's prompt encoder takes one kind per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam
+from torch import nn
+
+from samkd.models import capture_taps
+from samkd.train.batches import TrainingBatch
+
+UPSCALED_TAP = "decoder.upscaled"
+MASK_LOGITS_TAP = "decoder.mask_logits"
+EMBED_TAP = "encoder.embed"
+
+
+@dataclass(frozen=True)
+class PromptGroup:
+    """Prompts of some objects of one image, all of one kind, in the input frame.
+
+    boxes: `n x 4`, or point_coords `n x K x 2` with point_labels `n x K`;
+    objects: `n` indices into the image's objects.
+    """
+
+    sample: int
+    objects: torch.Tensor
+    boxes: torch.Tensor | None = None
+    point_coords: torch.Tensor | None = None
+    point_labels: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class DecoderOutputs:
+    """For every prompted object of a batch, in group order: `mask_logits` N x 3 x 4h x 4w,
+    `iou` N x 3, `upscaled` N x 32 x 4h x 4w (when recorded)."""
+
+    mask_logits: torch.Tensor
+    iou: torch.Tensor
+    upscaled: torch.Tensor | None
+
+
+def prompt_groups(batch: TrainingBatch, device: torch.device) -> list[PromptGroup]:
+    """Box objects and point objects of each image, as separate groups."""
+    groups = []
+    for position, item in enumerate(batch.samples):
+        sample = item.sample
+        boxed = [i for i, kind in enumerate(sample.prompt_kinds) if kind == "box"]
+        pointed = [i for i, kind in enumerate(sample.prompt_kinds) if kind == "points"]
+        if boxed and sample.prompt_boxes is not None:
+            index = torch.tensor(boxed)
+            groups.append(PromptGroup(position, index, boxes=sample.prompt_boxes[index].to(device)))
+        if pointed and sample.point_coords is not None and sample.point_labels is not None:
+            index = torch.tensor(pointed)
+            groups.append(
+                PromptGroup(
+                    position,
+                    index,
+                    point_coords=sample.point_coords[index].to(device),
+                    point_labels=sample.point_labels[index].to(device),
+                )
+            )
+    return groups
+
+
+def group_targets(batch: TrainingBatch, groups: Sequence[PromptGroup]) -> torch.Tensor:
+    """Low-resolution ground truth `N x 4h x 4w` in the order of `groups`' objects."""
+    return torch.cat(
+        [batch.samples[group.sample].low_res_targets[group.objects] for group in groups]
+    )
+
+
+@contextmanager
+def recorded_upscaling(mask_decoder: MaskDecoder, enabled: bool) -> Iterator[list[torch.Tensor]]:
+    """Collect the decoder's upscaled embeddings (`n x 32 x 4h x 4w`) of every call."""
+    outputs: list[torch.Tensor] = []
+    if not enabled:
+        yield outputs
+        return
+
+    def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        outputs.append(output)
+
+    handle = mask_decoder.output_upscaling.register_forward_hook(hook)
+    try:
+        yield outputs
+    finally:
+        handle.remove()
+
+
+def run_decoder(
+    prompt_encoder: PromptEncoder,
+    mask_decoder: MaskDecoder,
+    embeddings: torch.Tensor,
+    groups: Sequence[PromptGroup],
+    record_upscaled: bool,
+) -> DecoderOutputs:
+    """Decode every group against its image's embedding (`B x 256 x h x w`), multimask."""
+    dense_pe = prompt_encoder.get_dense_pe()
+    logits, scores = [], []
+    with recorded_upscaling(mask_decoder, record_upscaled) as upscaled:
+        for group in groups:
+            points = None
+            if group.point_coords is not None and group.point_labels is not None:
+                points = (group.point_coords, group.point_labels)
+            sparse, dense = prompt_encoder(points=points, boxes=group.boxes, masks=None)
+            group_logits, group_scores = mask_decoder(
+                image_embeddings=embeddings[group.sample : group.sample + 1],
+                image_pe=dense_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=True,
+            )
+            logits.append(group_logits)
+            scores.append(group_scores)
+    return DecoderOutputs(
+        torch.cat(logits), torch.cat(scores), torch.cat(upscaled) if record_upscaled else None
+    )
+
+
+def encoder_forward(
+    model: Sam, images: torch.Tensor, taps: Sequence[str]
+) -> tuple[torch.Tensor, dict[str, object]]:
+    """Image embeddings `B x 256 x h x w` and the requested encoder taps."""
+    encoder_taps = [tap for tap in taps if tap.startswith("encoder.") and tap != EMBED_TAP]
+    with capture_taps(model, encoder_taps) as captured:
+        embeddings = model.image_encoder(images)
+        features: dict[str, object] = dict(captured)
+    features[EMBED_TAP] = embeddings
+    return embeddings, features
+
+
+def decoder_features(outputs: DecoderOutputs, taps: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The decoder taps among `taps`, from a decoder run."""
+    features: dict[str, torch.Tensor] = {}
+    if UPSCALED_TAP in taps and outputs.upscaled is not None:
+        features[UPSCALED_TAP] = outputs.upscaled
+    if MASK_LOGITS_TAP in taps:
+        features[MASK_LOGITS_TAP] = outputs.mask_logits
+    return features

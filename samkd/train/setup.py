@@ -1,0 +1,313 @@
+"""Everything a training run needs, built from the settings before the loop starts."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from segment_anything.modeling import Sam
+from torch import nn
+from torch.utils.data import DataLoader
+
+from samkd import __version__
+from samkd.data import PromptSampler, SegmentationDataset, build_dataset
+from samkd.distill import DistillationObjective
+from samkd.distill.adapters import feature_shapes
+from samkd.errors import UsageError
+from samkd.features import FeatureStore
+from samkd.models import build_sam, default_image_size
+from samkd.settings import Settings, load_settings
+from samkd.train.batches import Augmentation, DistillationDataset, collate_training
+from samkd.train.distributed import Distributed
+from samkd.train.forward import EMBED_TAP, encoder_forward
+from samkd.train.teachers import (
+    Teacher,
+    load_online_teacher,
+    load_precomputed_teacher,
+    split_taps,
+    stored_taps,
+)
+
+SETTINGS_FILE = "settings.yaml"
+# TinyViT keeps ImageNet classifier weights for strict loading of mobile_sam.pt; they never
+# run in SAM, so they are frozen rather than left without gradients (which DDP rejects).
+UNUSED_PREFIXES = ("image_encoder.head.", "image_encoder.norm_head.")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Autocast dtype (None: float32) and whether a GradScaler is needed."""
+
+    dtype: torch.dtype | None
+    use_scaler: bool
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager[object]:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.dtype)
+
+
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    """auto: bf16 on CUDA, float32 on the CPU; fp16 adds a GradScaler."""
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "fp32"
+    if name == "fp32":
+        return Precision(None, False)
+    if name == "bf16":
+        return Precision(torch.bfloat16, False)
+    if device.type != "cuda":
+        raise UsageError("train.precision fp16 needs a CUDA device; use fp32 or bf16")
+    return Precision(torch.float16, True)
+
+
+def image_size_of(settings: Settings) -> int:
+    return settings.data.image_size or default_image_size(settings.student.model_type)
+
+
+def build_student(settings: Settings, device: torch.device) -> Sam:
+    """The student, trainable, with unused and always-frozen parts excluded from training."""
+    student = build_sam(
+        settings.student.model_type,
+        image_size=image_size_of(settings),
+        checkpoint=settings.student.checkpoint,
+        gradient_checkpointing=settings.student.gradient_checkpointing,
+    ).to(device)
+    for name, parameter in student.named_parameters():
+        if name.startswith(UNUSED_PREFIXES):
+            parameter.requires_grad_(False)
+    for part, first_step in settings.train.frozen_until.items():
+        if first_step == -1:
+            getattr(student, part).requires_grad_(False)
+    return student
+
+
+def freeze_bn_statistics(settings: Settings) -> bool:
+    if settings.student.freeze_bn_stats is None:
+        return settings.student.checkpoint is not None
+    return settings.student.freeze_bn_stats
+
+
+def set_train_mode(student: nn.Module, frozen_bn: bool) -> None:
+    """Train mode, with BatchNorm statistics kept fixed when asked (small per-GPU batches)."""
+    student.train()
+    if frozen_bn:
+        for module in student.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def build_train_dataset(settings: Settings) -> SegmentationDataset:
+    if settings.data.train is None:
+        raise UsageError("no training data: set data.train (a dataset folder)")
+    prompts = settings.data.prompts
+    sampler = PromptSampler(
+        mode=prompts.mode,
+        box_jitter=prompts.box_jitter,
+        min_positive=prompts.min_points,
+        max_positive=prompts.max_points,
+        num_negative=prompts.num_negative_points,
+    )
+    return build_dataset(
+        settings.data.train,
+        layout=settings.data.layout,
+        annotation_file=settings.data.annotation_file,
+        image_size=image_size_of(settings),
+        on_error=settings.data.on_error,
+        prompts=sampler,
+        max_objects=prompts.max_objects,
+        seed=settings.train.seed,
+    )
+
+
+def build_val_dataset(settings: Settings) -> SegmentationDataset | None:
+    if settings.data.val is None:
+        return None
+    return build_dataset(
+        settings.data.val,
+        layout=settings.data.layout,
+        annotation_file=settings.data.annotation_file,
+        image_size=image_size_of(settings),
+        on_error=settings.data.on_error,
+        seed=settings.train.seed,
+    )
+
+
+def open_feature_store(
+    settings: Settings, dataset: SegmentationDataset, taps: dict[str, list[str]]
+) -> FeatureStore:
+    """The feature file, checked against the dataset, image size, teachers and taps."""
+    path = settings.distillation.features
+    if path is None:
+        raise UsageError(
+            "precomputed distillation needs a feature file: pass --features FILE.h5 "
+            "(from `samkd extract`) or --online"
+        )
+    if not path.is_file():
+        raise UsageError(f"{path}: feature file does not exist")
+    names = [teacher.name for teacher in settings.teachers]
+    all_taps = sorted({tap for tap_list in taps.values() for tap in tap_list})
+    store = FeatureStore(path, teachers=names, taps=all_taps)
+    store.check_matches(
+        image_ids=[record.image_id for record in dataset.records],
+        image_size=image_size_of(settings),
+        teachers=names,
+    )
+    return store
+
+
+def build_teachers(
+    settings: Settings, required: dict[str, list[str]], device: torch.device
+) -> list[Teacher]:
+    """Frozen teachers: decoders from the feature file, or whole models when online."""
+    teachers = []
+    for entry in settings.teachers:
+        encoder_taps = stored_taps(required[entry.name])
+        if settings.distillation.use_precomputed_features:
+            assert settings.distillation.features is not None
+            teacher = load_precomputed_teacher(
+                entry, settings.distillation.features, image_size_of(settings), encoder_taps, device
+            )
+        else:
+            teacher = load_online_teacher(entry, image_size_of(settings), encoder_taps, device)
+        teachers.append(teacher)
+    return teachers
+
+
+def probe_student_shapes(
+    student: Sam, taps: list[str], image_size: int, device: torch.device
+) -> dict[str, tuple[int, ...]]:
+    """`C x H x W` of the student's encoder taps, from one forward on a blank image."""
+    encoder_taps, _ = split_taps(taps)
+    with torch.no_grad():
+        image = torch.zeros(1, 3, image_size, image_size, device=device)
+        _, features = encoder_forward(student, image, encoder_taps or [EMBED_TAP])
+    return feature_shapes({k: v for k, v in features.items() if isinstance(v, torch.Tensor)})
+
+
+def probe_teacher_shapes(
+    store: FeatureStore | None, teachers: list[Teacher], image_size: int, device: torch.device
+) -> dict[str, dict[str, tuple[int, ...]]]:
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    for teacher in teachers:
+        if store is not None:
+            first = store.read(0)[teacher.name]
+            shapes[teacher.name] = feature_shapes({tap: t[None] for tap, t in first.items()})
+            continue
+        assert teacher.model is not None
+        with torch.no_grad():
+            image = torch.zeros(1, 3, image_size, image_size, device=device)
+            _, features = encoder_forward(teacher.model, image, teacher.encoder_taps)
+        tensors = {k: v for k, v in features.items() if isinstance(v, torch.Tensor)}
+        shapes[teacher.name] = feature_shapes(tensors)
+    return shapes
+
+
+def build_objective(
+    settings: Settings,
+    student_shapes: dict[str, tuple[int, ...]] | None = None,
+    teacher_shapes: dict[str, dict[str, tuple[int, ...]]] | None = None,
+) -> DistillationObjective | None:
+    """The distillation objective, or None for plain fine-tuning without teachers.
+
+    Without shapes, every adapter is an identity: enough to ask which taps are needed.
+    """
+    if not settings.teachers:
+        return None
+    return DistillationObjective(
+        settings.distillation,
+        settings.teachers,
+        settings.student.model_type,
+        student_shapes=student_shapes,
+        teacher_shapes=teacher_shapes,
+    )
+
+
+def write_run_files(settings: Settings, run_dir: Path) -> None:
+    """The resolved settings, versions and command line, beside the run's outputs."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / SETTINGS_FILE).write_text(settings.to_yaml())
+    info = {
+        "samkd_version": __version__,
+        "torch_version": torch.__version__,
+        "command": sys.argv,
+    }
+    (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def settings_for_resume(run_dir: Path) -> Settings:
+    """The settings a run was started with, read back from its folder."""
+    path = run_dir / SETTINGS_FILE
+    if not path.is_file():
+        raise UsageError(f"{run_dir}: not a training run folder (no {SETTINGS_FILE})")
+    return load_settings(path, environ={})
+
+
+def step_batches(
+    num_images: int, settings: Settings, epoch: int, first_step: int, dist: Distributed
+) -> Iterator[list[int]]:
+    """This rank's micro-batches of dataset indices for `epoch`, from step `first_step` on.
+
+    Each step takes the next `batch_size` images of a seeded permutation (the same on every
+    rank), split over ranks and then into `grad_accumulation` micro-batches.
+    """
+    train = settings.train
+    generator = torch.Generator().manual_seed(train.seed * 1_000_003 + epoch)
+    order = torch.randperm(num_images, generator=generator).tolist()
+    per_rank = train.batch_size // dist.world_size
+    micro = per_rank // train.grad_accumulation
+    for step in range(first_step, num_images // train.batch_size):
+        global_batch = order[step * train.batch_size : (step + 1) * train.batch_size]
+        mine = global_batch[dist.rank * per_rank : (dist.rank + 1) * per_rank]
+        for start in range(0, per_rank, micro):
+            yield mine[start : start + micro]
+
+
+def check_batching(settings: Settings, num_images: int, dist: Distributed) -> int:
+    """Steps per epoch; a one-line error when the batch cannot be split as asked."""
+    train = settings.train
+    per_rank, remainder = divmod(train.batch_size, dist.world_size)
+    if remainder or per_rank % train.grad_accumulation:
+        raise UsageError(
+            f"train.batch_size {train.batch_size} must split evenly over {dist.world_size} "
+            f"process(es) and {train.grad_accumulation} accumulation step(s)"
+        )
+    if num_images < train.batch_size:
+        raise UsageError(
+            f"the training set has {num_images} images, fewer than train.batch_size "
+            f"{train.batch_size}"
+        )
+    return num_images // train.batch_size
+
+
+def make_loader(
+    dataset: DistillationDataset,
+    settings: Settings,
+    epoch: int,
+    first_step: int,
+    dist: Distributed,
+    device: torch.device,
+) -> DataLoader:
+    dataset.set_epoch(epoch)
+    batches = list(step_batches(len(dataset), settings, epoch, first_step, dist))
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=settings.data.num_workers,
+        collate_fn=collate_training,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def augmentation_of(settings: Settings) -> Augmentation:
+    augment = settings.train.augment
+    if augment.flip and settings.distillation.attention.enabled:
+        raise UsageError(
+            "train.augment.flip cannot be used with attention matching: stored coarse "
+            "attention maps are not mirrored"
+        )
+    return Augmentation(augment.brightness, augment.contrast, augment.flip)
