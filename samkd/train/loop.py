@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,7 +90,9 @@ def _train(settings: Settings, resuming: bool, dist: Distributed, console: Conso
     if not resuming and checkpoint_path.exists():
         raise UsageError(f"{run_dir}: already holds a run; resume it with --resume {run_dir}")
 
-    # ---- data, teachers, student, objective
+    # ---- student (first, so its initialisation does not depend on the teacher mode), data,
+    # ---- teachers, objective
+    student = setup.build_student(settings, device)
     train_data = setup.build_train_dataset(settings)
     steps_per_epoch = setup.check_batching(settings, len(train_data), dist)
     provisional = setup.build_objective(settings)
@@ -106,7 +107,6 @@ def _train(settings: Settings, resuming: bool, dist: Distributed, console: Conso
             settings, train_data, {name: setup.stored_taps(taps) for name, taps in required.items()}
         )
     teachers = setup.build_teachers(settings, required, device) if provisional else []
-    student = setup.build_student(settings, device)
     image_size = setup.image_size_of(settings)
     objective = None
     if provisional is not None:
@@ -183,7 +183,7 @@ def _train(settings: Settings, resuming: bool, dist: Distributed, console: Conso
                     forward, batch.to(device), teachers, device, precision, accumulation
                 )
                 images_since_log += batch.images.shape[0] * dist.world_size
-                if not torch.isfinite(loss):
+                if not all_finite(loss, dist):
                     handle_nonfinite(terms, progress, settings, checkpoint, checkpoint_path)
                     optimizer.zero_grad(set_to_none=True)
                     if (micro + 1) % accumulation:
@@ -198,15 +198,16 @@ def _train(settings: Settings, resuming: bool, dist: Distributed, console: Conso
                 scheduler.step()
                 progress.step += 1
                 bar.update(task, completed=progress.step)
-                if progress.step % settings.logging.log_every == 0 and log is not None:
+                if progress.step % settings.logging.log_every == 0:
+                    average_over_ranks(progress, dist)
                     elapsed = time.perf_counter() - last_log_time
                     record = train_record(
                         progress, epoch, scheduler, objective, images_since_log / elapsed
                     )
-                    log.write(record)
-                    bar.update(
-                        task, description=f"training loss {record.get('loss/total', math.nan):.4f}"
-                    )
+                    if log is not None:
+                        log.write(record)
+                    loss_text = f"{record['loss/total']:.4f}" if "loss/total" in record else "-"
+                    bar.update(task, description=f"training loss {loss_text}")
                     last_log_time, images_since_log = time.perf_counter(), 0
                 if progress.step % settings.train.val_every == 0 or progress.step == total_steps:
                     stopped_early = validate_and_adapt(
@@ -286,6 +287,23 @@ def optimizer_step(
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+
+
+def all_finite(loss: torch.Tensor, dist: Distributed) -> bool:
+    """Whether every rank's loss is finite (ranks must agree to skip a step together)."""
+    finite = torch.isfinite(loss.detach()).float()
+    if dist.enabled:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite)
+
+
+def average_over_ranks(progress: Progress, dist: Distributed) -> None:
+    """Logged terms are means over the whole global batch, not rank 0's share."""
+    if not dist.enabled:
+        return
+    for name in sorted(progress.log_sums):
+        torch.distributed.all_reduce(progress.log_sums[name])
+        progress.log_sums[name] /= dist.world_size
 
 
 def accumulate(progress: Progress, terms: dict[str, torch.Tensor]) -> None:

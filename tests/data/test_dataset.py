@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from conftest import IMAGE_SIZES, make_folder_dataset, object_masks
 from torch.utils.data import DataLoader
 
 from samkd.data import (
@@ -18,6 +17,8 @@ from samkd.data import (
     resize_boxes,
     resize_coords,
 )
+
+from .conftest import IMAGE_SIZES, make_folder_dataset, object_masks
 
 SAMPLER = PromptSampler(mode="mixed", max_positive=2, num_negative=1)
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_coco_dataset, make_folder_dataset, make_sa1b_dataset, write_mask_png
 
 from samkd.data import DataError, SegmentationDataset, build_dataset, summarize_skipped
+
+from .conftest import make_coco_dataset, make_folder_dataset, make_sa1b_dataset, write_mask_png
 
 
 def load_all(dataset: SegmentationDataset) -> list[str]:

@@ -6,7 +6,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import write_image
 from PIL import Image
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
@@ -19,6 +18,8 @@ from samkd.data import (
     resize_boxes,
     resize_coords,
 )
+
+from .conftest import write_image
 
 
 def sam_reference(image: np.ndarray, image_size: int) -> torch.Tensor:

@@ -6,17 +6,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import (
+
+from samkd.data import DataError, PngMask, build_dataset, detect_layout, read_layout
+from samkd.data.masks import decode_rle_counts, rle_to_mask
+from samkd.data.prompts import select_objects
+
+from .conftest import (
     IMAGE_SIZES,
     make_coco_dataset,
     make_folder_dataset,
     make_sa1b_dataset,
     object_masks,
 )
-
-from samkd.data import DataError, PngMask, build_dataset, detect_layout, read_layout
-from samkd.data.masks import decode_rle_counts, rle_to_mask
-from samkd.data.prompts import select_objects
 
 
 def assert_masks_equal(dataset, expected: dict[str, list[np.ndarray]]) -> None:

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import object_masks
 
 from samkd.data import (
     PromptSampler,
@@ -11,6 +10,8 @@ from samkd.data import (
     select_objects,
 )
 from samkd.data.masks import mask_box
+
+from .conftest import object_masks
 
 
 def masks_array(height: int = 40, width: int = 60) -> np.ndarray:

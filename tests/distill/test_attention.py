@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
-from distill_helpers import make_capture, naive_coarse, naive_full_attention
 
 from samkd.distill.attention import attention_kl, coarse_attention_map, coarse_attention_support
+
+from .distill_helpers import make_capture, naive_coarse, naive_full_attention
 
 
 @pytest.mark.parametrize(

@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distill_helpers import make_capture
 
 from samkd.distill.attention import coarse_attention_map
 from samkd.distill.objective import DistillationObjective, term_weights
 from samkd.settings import DistillationSettings, TeacherSettings
+
+from .distill_helpers import make_capture
 
 TERMS = [
     "encoder_mse",

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from feature_helpers import extract, make_plan, write_all
 from rich.console import Console
 
 from samkd.features import inspect_feature_file, open_for_extraction, render_report
 from samkd.features.schema import parts_dir
+
+from .feature_helpers import extract, make_plan, write_all
 
 
 def test_report_of_a_complete_file(tmp_path: Path) -> None:

@@ -10,10 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from feature_helpers import read_datasets
-
 from samkd.features import inspect_feature_file
 from samkd.features.schema import parts_dir
+
+from .feature_helpers import read_datasets
 
 SCRIPT = Path(__file__).with_name("extract_script.py")
 SLEEP_PER_BATCH = 0.03

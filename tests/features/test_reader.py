@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from feature_helpers import PREPROCESSING, extract, make_plan
 from torch.utils.data import DataLoader
 
 from samkd.features import FeatureStore, FeatureStoreError, flip_tap
+
+from .feature_helpers import PREPROCESSING, extract, make_plan
 
 
 @pytest.fixture(scope="module")

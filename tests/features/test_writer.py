@@ -10,16 +10,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from feature_helpers import (
-    PREPROCESSING,
-    TAPS,
-    decoder_state_for,
-    extract,
-    features_for,
-    make_plan,
-    read_datasets,
-    write_all,
-)
 
 import samkd
 from samkd.features import (
@@ -33,6 +23,17 @@ from samkd.features import (
     read_decoder_state_dict,
 )
 from samkd.features.schema import parts_dir, shard_path
+
+from .feature_helpers import (
+    PREPROCESSING,
+    TAPS,
+    decoder_state_for,
+    extract,
+    features_for,
+    make_plan,
+    read_datasets,
+    write_all,
+)
 
 
 def test_file_schema_and_metadata(tmp_path: Path) -> None:

@@ -1,0 +1,221 @@
+"""`samkd inspect`: explain a feature file, a training run or a checkpoint to a person."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from samkd.errors import UsageError
+from samkd.features import inspect_feature_file, render_report
+from samkd.models import load_state_dict_file
+from samkd.train.metrics_log import read_metrics
+
+PLOT_NAME = "loss_curves.png"
+MODEL_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
+
+
+def run_inspect(
+    path: Path, as_json: bool = False, check: bool = False, console: Console | None = None
+) -> int:
+    """Print what `path` is and holds; returns the exit status (non-zero: incomplete/corrupt)."""
+    console = console or Console()
+    if path.is_dir() and (path / "metrics.jsonl").exists():
+        return _show(summarize_run(path, plot=True), as_json, console, render_run)
+    if path.suffix in (".h5", ".hdf5") or path.with_name(path.name + ".parts").is_dir():
+        report = inspect_feature_file(path, check=check)
+        if as_json:
+            console.print_json(report.to_json())
+        else:
+            render_report(report, console)
+        return report.exit_code
+    if path.is_file():
+        return _show(summarize_checkpoint(path), as_json, console, render_checkpoint)
+    raise UsageError(f"{path}: not a feature file, run folder or checkpoint")
+
+
+def _show(summary: dict[str, Any], as_json: bool, console: Console, render: Any) -> int:
+    if as_json:
+        console.print_json(json.dumps(summary))
+    else:
+        render(summary, console)
+    return 0
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def summarize_run(run_dir: Path, plot: bool = True) -> dict[str, Any]:
+    """Steps, best validation mIoU and when, lambda_kd changes, skipped steps, last terms."""
+    records = read_metrics(run_dir / "metrics.jsonl")
+    train = [record for record in records if record.get("kind") == "train"]
+    val = [record for record in records if record.get("kind") == "val"]
+    best = max(val, key=lambda record: record["val/miou"], default=None)
+    changes = [
+        {"step": record["step"], "from": record["lambda_kd_change"][0],
+         "to": record["lambda_kd_change"][1]}
+        for record in val
+        if "lambda_kd_change" in record
+    ]  # fmt: skip
+    summary: dict[str, Any] = {
+        "run": str(run_dir),
+        "steps": train[-1]["step"] if train else 0,
+        "train_records": len(train),
+        "validations": len(val),
+        "best_val_miou": None if best is None else best["val/miou"],
+        "best_step": None if best is None else best["step"],
+        "last_val_miou": val[-1]["val/miou"] if val else None,
+        "lambda_kd_changes": changes,
+        "skipped_steps": train[-1].get("skipped_steps", 0) if train else 0,
+        "last_terms": {k: v for k, v in (train[-1] if train else {}).items() if "/" in k},
+        "exported": str(run_dir / "student.pt") if (run_dir / "student.pt").exists() else None,
+    }
+    if plot and train:
+        summary["plot"] = str(plot_run(records, run_dir / PLOT_NAME))
+    return summary
+
+
+def loss_terms(records: list[dict[str, Any]]) -> list[str]:
+    """Every logged loss term (`task/...`, `kd/<teacher>/...`, `loss/total`), in log order."""
+    names: dict[str, None] = {}
+    for record in records:
+        if record.get("kind") != "train":
+            continue
+        for name in record:
+            if name.startswith(("task/", "kd/", "loss/")) and name != "kd/lambda":
+                names.setdefault(name, None)
+    return list(names)
+
+
+def plot_run(records: list[dict[str, Any]], path: Path) -> Path:
+    """One panel per loss term plus validation mIoU, saved as a PNG (atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    terms = loss_terms(records)
+    val = [record for record in records if record.get("kind") == "val"]
+    panels = terms + (["val/miou"] if val else [])
+    columns = min(4, len(panels))
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 2.8 * rows), squeeze=False)
+    for axis, name in zip(axes.flat, panels, strict=False):
+        source = val if name == "val/miou" else records
+        points = [(r["step"], r[name]) for r in source if name in r and r[name] is not None]
+        axis.plot(
+            [p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None
+        )
+        axis.set_title(name, fontsize=9)
+        axis.set_xlabel("step", fontsize=8)
+        axis.tick_params(labelsize=7)
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(panels) :]:
+        axis.axis("off")
+    figure.tight_layout()
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    figure.savefig(temporary, dpi=90)
+    plt.close(figure)
+    os.replace(temporary, path)
+    return path
+
+
+def render_run(summary: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"training run {summary['run']}", title_justify="left", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    best = summary["best_val_miou"]
+    table.add_row("steps", str(summary["steps"]))
+    table.add_row("validations", str(summary["validations"]))
+    if best is not None:
+        table.add_row("best val mIoU", f"{best:.4f} at step {summary['best_step']}")
+        table.add_row("last val mIoU", f"{summary['last_val_miou']:.4f}")
+    table.add_row("skipped steps (non-finite loss)", str(summary["skipped_steps"]))
+    changes = summary["lambda_kd_changes"]
+    table.add_row(
+        "lambda_kd changes",
+        ", ".join(f"step {c['step']}: {c['from']:g} -> {c['to']:g}" for c in changes) or "none",
+    )
+    table.add_row("exported student", summary["exported"] or "not yet")
+    console.print(table)
+    terms = Table(title="loss terms at the last logging step", title_justify="left")
+    terms.add_column("term")
+    terms.add_column("value", justify="right")
+    for name, value in summary["last_terms"].items():
+        terms.add_row(name, f"{value:.5g}")
+    console.print(terms)
+    if "plot" in summary:
+        console.print(f"loss curves: {summary['plot']}")
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def summarize_checkpoint(path: Path) -> dict[str, Any]:
+    """Model type guess, parameter counts per part, what else the file holds, its settings."""
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    training = isinstance(raw, dict) and "model" in raw and "optimizer" in raw
+    weights = raw["model"] if training else load_state_dict_file(path)
+    student = {
+        k.removeprefix("student."): v for k, v in weights.items() if not k.startswith("objective.")
+    }
+    adapters = {k: v for k, v in weights.items() if k.startswith("objective.")}
+    parts = {
+        part: sum(v.numel() for k, v in student.items() if k.startswith(f"{part}."))
+        for part in MODEL_PARTS
+    }
+    settings = yaml.safe_load(raw["settings"]) if training else None
+    summary: dict[str, Any] = {
+        "path": str(path),
+        "kind": "training checkpoint" if training else "model weights",
+        "model_type": _guess_model_type(student, settings),
+        "parameters": parts,
+        "total_parameters": sum(parts.values()),
+        "adapter_parameters": sum(
+            v.numel() for v in adapters.values() if isinstance(v, torch.Tensor)
+        ),
+        "holds": sorted(raw) if training else ["weights"],
+    }
+    if training:
+        summary["step"] = raw["progress"]["step"]
+        summary["samkd_version"] = raw.get("samkd_version")
+        summary["settings"] = settings
+    return summary
+
+
+def _guess_model_type(weights: dict[str, torch.Tensor], settings: dict[str, Any] | None) -> str:
+    if settings is not None:
+        return str(settings["student"]["model_type"])
+    if "image_encoder.layers.0.blocks.0.conv1.c.weight" in weights:
+        return "TinyViT (vit_t family)"
+    blocks = {k.split(".")[2] for k in weights if k.startswith("image_encoder.blocks.")}
+    width = weights.get("image_encoder.patch_embed.proj.weight")
+    known = {(12, 768): "vit_b", (24, 1024): "vit_l", (32, 1280): "vit_h"}
+    if width is not None:
+        return known.get((len(blocks), width.shape[0]), f"SAM ViT ({len(blocks)} blocks)")
+    return "unknown"
+
+
+def render_checkpoint(summary: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"{summary['kind']} {summary['path']}", title_justify="left")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("model type", summary["model_type"])
+    for part, count in summary["parameters"].items():
+        table.add_row(f"{part} parameters", f"{count:,}")
+    table.add_row("total parameters", f"{summary['total_parameters']:,}")
+    if summary["adapter_parameters"]:
+        table.add_row("adapter parameters", f"{summary['adapter_parameters']:,}")
+    table.add_row("holds", ", ".join(summary["holds"]))
+    if "step" in summary:
+        table.add_row("step", str(summary["step"]))
+    console.print(table)
+    if summary.get("settings"):
+        console.print("[bold]settings it was trained with[/]")
+        console.print(yaml.safe_dump(summary["settings"], sort_keys=False))

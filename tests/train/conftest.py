@@ -1,0 +1,84 @@
+"""Shared fixtures for training tests: generated data, a teacher checkpoint, feature files."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from samkd.demo.shapes import write_shapes_dataset
+from samkd.extract import run_extract
+from samkd.models import build_sam, save_state_dict
+from samkd.settings import Settings, load_settings
+
+STUDENT = "vit_t_mini"
+TEACHER = "vit_mini"
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shapes_dataset(tmp_path_factory.mktemp("data") / "train", 8, (96, 128), seed=0)
+
+
+@pytest.fixture(scope="session")
+def shapes_val(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shapes_dataset(tmp_path_factory.mktemp("data") / "val", 2, (96, 128), seed=1)
+
+
+@pytest.fixture(scope="session")
+def unlabelled(tmp_path_factory: pytest.TempPathFactory, shapes: Path) -> Path:
+    """The training images without any masks (pure distillation)."""
+    root = tmp_path_factory.mktemp("data") / "unlabelled"
+    shutil.copytree(shapes / "image", root / "image")
+    return root
+
+
+@pytest.fixture(scope="session")
+def teacher_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("weights") / "teacher.pt"
+    save_state_dict(build_sam(TEACHER), path)
+    return path
+
+
+def make_settings(*assignments: str) -> Settings:
+    return load_settings(None, list(assignments), environ={})
+
+
+def base_assignments(data: Path, teacher: Path, run_dir: Path) -> list[str]:
+    return [
+        f"data.train={data}",
+        f"student.model_type={STUDENT}",
+        f"teachers=[{{name: t, model_type: {TEACHER}, checkpoint: {teacher}}}]",
+        f"train.output_dir={run_dir}",
+        "train.batch_size=2",
+        "train.warmup_steps=0",
+        "train.lr=1e-3",
+        "data.num_workers=0",
+        "logging.log_every=1",
+        "logging.tensorboard=false",
+    ]
+
+
+ALL_TERMS = [
+    "distillation.encoder.kl_weight=1",
+    "distillation.decoder.enabled=true",
+    "distillation.attention.enabled=true",
+    "distillation.rkd.enabled=true",
+]
+
+
+@pytest.fixture(scope="session")
+def feature_file(
+    tmp_path_factory: pytest.TempPathFactory, shapes: Path, teacher_checkpoint: Path
+) -> Path:
+    """float32 teacher features with every tap that all four terms need."""
+    output = tmp_path_factory.mktemp("features") / "features.h5"
+    settings = make_settings(
+        *base_assignments(shapes, teacher_checkpoint, output.parent / "unused"),
+        f"extract.output={output}",
+        "extract.dtype=float32",
+        "extract.taps=[encoder.embed, encoder.qk.3]",
+    )
+    run_extract(settings)
+    return output

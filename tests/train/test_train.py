@@ -1,0 +1,287 @@
+"""Training runs on the small presets: both teacher modes, resume, export, NaN guard, DDP."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import mobile_sam
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from samkd.cli import app
+from samkd.errors import UsageError
+from samkd.models import build_sam, load_state_dict_file
+from samkd.train import run_train, setup
+from samkd.train.distributed import Distributed
+from samkd.train.loop import NonFiniteLossError
+from samkd.train.metrics_log import read_metrics
+from samkd.train.state import load_checkpoint
+
+from .conftest import ALL_TERMS, STUDENT, base_assignments, make_settings
+
+# Wall-clock and throughput fields differ between any two runs.
+TIMING_FIELDS = {"images_per_s"}
+
+
+def loss_records(run_dir: Path) -> list[dict]:
+    return [
+        {k: v for k, v in record.items() if k not in TIMING_FIELDS}
+        for record in read_metrics(run_dir / "metrics.jsonl")
+    ]
+
+
+def first_train_record(run_dir: Path) -> dict:
+    return next(r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train")
+
+
+def test_precomputed_equals_online_on_a_batch(
+    tmp_path: Path, shapes: Path, teacher_checkpoint: Path, feature_file: Path
+) -> None:
+    common = [*base_assignments(shapes, teacher_checkpoint, tmp_path), *ALL_TERMS]
+    common += ["train.steps=1", "train.lr=1e-12"]
+    stored = make_settings(*common, f"distillation.features={feature_file}")
+    stored.train.output_dir = tmp_path / "stored"
+    run_train(stored)
+    online = make_settings(*common, "distillation.use_precomputed_features=false")
+    online.train.output_dir = tmp_path / "online"
+    run_train(online)
+    from_file = first_train_record(tmp_path / "stored")
+    computed = first_train_record(tmp_path / "online")
+    terms = [name for name in computed if name.startswith(("kd/t/", "task/"))]
+    assert {"kd/t/encoder_mse", "kd/t/decoder_kl", "kd/t/attention_kl", "kd/t/rkd_angle"} <= set(
+        terms
+    )
+    for name in terms:
+        assert from_file[name] == pytest.approx(computed[name], rel=1e-4, abs=1e-6), name
+
+
+def test_short_run_lowers_distillation_loss(
+    tmp_path: Path, shapes: Path, teacher_checkpoint: Path, feature_file: Path
+) -> None:
+    settings = make_settings(
+        *base_assignments(shapes, teacher_checkpoint, tmp_path / "run"),
+        f"distillation.features={feature_file}",
+        "train.steps=24",
+        "logging.log_every=4",
+    )
+    result = run_train(settings)
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    assert result.steps == 24
+    assert records[-1]["kd/t/encoder_mse"] < 0.8 * records[0]["kd/t/encoder_mse"]
+
+
+def test_online_run_with_two_teachers_logs_every_term(
+    tmp_path: Path, shapes: Path, teacher_checkpoint: Path
+) -> None:
+    settings = make_settings(
+        *base_assignments(shapes, teacher_checkpoint, tmp_path / "run"),
+        *ALL_TERMS,
+        f"teachers=[{{name: big, model_type: vit_mini, checkpoint: {teacher_checkpoint}}}, "
+        f"{{name: small, model_type: {STUDENT}, weight: 0.5}}]",
+        "distillation.use_precomputed_features=false",
+        "train.steps=2",
+    )
+    run_train(settings)
+    record = first_train_record(tmp_path / "run")
+    for teacher in ("big", "small"):
+        for term in ("encoder_mse", "encoder_kl", "decoder_mse", "decoder_cosine", "decoder_kl"):
+            assert f"kd/{teacher}/{term}" in record
+        for term in ("attention_kl", "rkd_distance", "rkd_angle"):
+            assert f"kd/{teacher}/{term}" in record
+    assert {"task/focal", "task/dice", "task/iou_mse", "loss/total", "lr", "epoch"} <= set(record)
+
+
+def test_validation_best_checkpoint_and_dynamic_weight(
+    tmp_path: Path, shapes: Path, shapes_val: Path, teacher_checkpoint: Path, feature_file: Path
+) -> None:
+    settings = make_settings(
+        *base_assignments(shapes, teacher_checkpoint, tmp_path / "run"),
+        f"distillation.features={feature_file}",
+        f"data.val={shapes_val}",
+        "train.steps=6",
+        "train.val_every=2",
+        "distillation.dynamic_lambda.enabled=true",
+        "distillation.dynamic_lambda.patience=0",
+        "distillation.dynamic_lambda.threshold=1.0",  # no evaluation can improve by 1.0 mIoU
+    )
+    run_train(settings)
+    val = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "val"]
+    assert [r["step"] for r in val] == [2, 4, 6]
+    assert all(0.0 <= r["val/miou"] <= 1.0 for r in val)
+    assert val[-1]["lambda_kd"] < 1.0
+    assert any("lambda_kd_change" in r for r in val)
+    assert (tmp_path / "run" / "checkpoints" / "best.pt").exists()
+
+
+def test_exported_student_loads_strictly(
+    tmp_path: Path, shapes: Path, teacher_checkpoint: Path, feature_file: Path
+) -> None:
+    settings = make_settings(
+        *base_assignments(shapes, teacher_checkpoint, tmp_path / "run"),
+        f"distillation.features={feature_file}",
+        "train.steps=1",
+    )
+    result = run_train(settings)
+    assert result.exported is not None
+    exported = load_state_dict_file(result.exported)
+    assert not any("adapter" in key or key.startswith("objective") for key in exported)
+    build_sam(STUDENT, checkpoint=result.exported)
+
+
+def test_full_size_export_loads_into_upstream_mobile_sam(tmp_path: Path) -> None:
+    settings = make_settings("student.model_type=vit_t")
+    student = setup.build_student(settings, torch.device("cpu"))
+    path = tmp_path / "mobile_sam.pt"
+    torch.save(student.state_dict(), path)
+    upstream = mobile_sam.sam_model_registry["vit_t"]()
+    upstream.load_state_dict(torch.load(path, weights_only=True), strict=True)
+
+
+def test_resume_after_sigkill_reproduces_log(
+    tmp_path: Path, shapes: Path, teacher_checkpoint: Path, feature_file: Path
+) -> None:
+    assignments = [
+        *base_assignments(shapes, teacher_checkpoint, tmp_path / "killed"),
+        f"distillation.features={feature_file}",
+        "distillation.rkd.enabled=true",
+        "distillation.rkd.patches=sample",
+        "train.steps=24",
+        "train.checkpoint_every=3",
+        "train.augment.flip=0.5",
+        "train.augment.brightness=0.1",
+    ]
+    killed_config = tmp_path / "killed.yaml"
+    killed_config.write_text(make_settings(*assignments).to_yaml())
+    reference_config = tmp_path / "reference.yaml"
+    reference = make_settings(*assignments)
+    reference.train.output_dir = tmp_path / "reference"
+    reference_config.write_text(reference.to_yaml())
+    # Bitwise equality needs a fixed reduction order: one thread, so that a loaded machine
+    # cannot change how CPU kernels split their work.
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    train = [sys.executable, "-m", "samkd", "train"]
+    process = subprocess.Popen(
+        [*train, "--config", str(killed_config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=environment,
+    )
+    checkpoint = tmp_path / "killed" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if checkpoint.exists() and load_checkpoint(checkpoint)["progress"]["step"] >= 6:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "training finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    for command in (
+        [*train, "--resume", str(tmp_path / "killed")],
+        [*train, "--config", str(reference_config)],
+    ):
+        completed = subprocess.run(command, capture_output=True, text=True, env=environment)
+        assert completed.returncode == 0, completed.stderr[-2000:]
+    killed = loss_records(tmp_path / "killed")
+    assert [record["step"] for record in killed] == list(range(1, 25))
+    assert killed == loss_records(tmp_path / "reference")
+
+
+def test_nonfinite_steps_are_skipped_then_abort(
+    tmp_path: Path, shapes: Path, teacher_checkpoint: Path, feature_file: Path
+) -> None:
+    broken = tmp_path / "broken.h5"
+    broken.write_bytes(feature_file.read_bytes())
+    settings = make_settings(
+        *base_assignments(shapes, teacher_checkpoint, tmp_path / "run"),
+        f"distillation.features={broken}",
+        "train.steps=8",
+        "train.checkpoint_every=1",
+        "train.max_nonfinite_steps=2",
+    )
+    # The images of steps 2 and 3 (0-based) get NaN teacher embeddings.
+    batches = list(setup.step_batches(8, settings, 0, 0, Distributed()))
+    with h5py.File(broken, "r+") as handle:
+        embed = handle["teachers/t/taps/encoder.embed"]
+        for index in batches[2] + batches[3]:
+            embed[index] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"2 consecutive steps.*kd/t/encoder_mse"):
+        run_train(settings)
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    # Step 2 was skipped (no update) and checkpointed; step 3 aborted the run before saving.
+    assert state["progress"]["step"] == 3
+    assert state["progress"]["skipped_total"] == 1
+    weights = [v for v in state["model"].values() if torch.is_tensor(v) and v.is_floating_point()]
+    assert all(torch.isfinite(weight).all() for weight in weights)
+
+
+def test_settings_errors_are_one_line(tmp_path: Path, shapes: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "--set", "train.batch_sise=2"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        "error: settings: unknown key 'train.batch_sise'; did you mean 'batch_size'?"
+    )
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--set", f"data.train={shapes}",
+            "--set", "teachers=[{name: t, model_type: vit_mini}]",
+            "--set", f"train.output_dir={tmp_path}",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert result.stderr.strip().startswith("error: precomputed distillation needs a feature")
+    result = runner.invoke(
+        app,
+        ["train", "--set", f"data.train={shapes}", "--set", "train.batch_size=3",
+         "--set", "train.grad_accumulation=2", "--set", f"train.output_dir={tmp_path}"],
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert "must split evenly" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_refuses_to_overwrite_a_run(
+    tmp_path: Path, shapes: Path, teacher_checkpoint: Path, feature_file: Path
+) -> None:
+    settings = make_settings(
+        *base_assignments(shapes, teacher_checkpoint, tmp_path / "run"),
+        f"distillation.features={feature_file}",
+        "train.steps=1",
+    )
+    run_train(settings)
+    with pytest.raises(UsageError, match="already holds a run; resume it"):
+        run_train(settings)
+
+
+def test_ddp_two_processes_match_one(
+    tmp_path: Path, unlabelled: Path, teacher_checkpoint: Path
+) -> None:
+    assignments = [
+        *base_assignments(unlabelled, teacher_checkpoint, tmp_path / "ddp"),
+        "distillation.use_precomputed_features=false",
+        "student.freeze_bn_stats=true",
+        "train.steps=3",
+    ]
+    config = tmp_path / "config.yaml"
+    config.write_text(make_settings(*assignments).to_yaml())
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        "--master_port=29517", "-m", "samkd", "train", "--config", str(config),
+    ]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, env=environment)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    single = make_settings(*assignments)
+    single.train.output_dir = tmp_path / "single"
+    run_train(single)
+    distributed, alone = loss_records(tmp_path / "ddp"), loss_records(tmp_path / "single")
+    assert [r["step"] for r in distributed] == [r["step"] for r in alone]
+    for left, right in zip(distributed, alone, strict=True):
+        assert left["kd/t/encoder_mse"] == pytest.approx(right["kd/t/encoder_mse"], rel=1e-4)
