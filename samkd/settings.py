@@ -145,6 +145,11 @@ class StudentSettings(StrictModel):
     freeze_bn_stats: bool | None = Field(
         None, description="keep BatchNorm statistics fixed (default: on with a checkpoint)"
     )
+    decoder_from: str | None = Field(
+        None,
+        description="teacher whose prompt encoder and mask decoder start the student "
+        "(MobileSAM's recipe: the student inherits the teacher's decoder)",
+    )
 
 
 # --------------------------------------------------------------------------- distillation
@@ -353,6 +358,9 @@ class Settings(BaseSettings):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"teacher names must be unique, '{duplicates[0]}' is repeated")
+        source = self.student.decoder_from
+        if source is not None and source not in names:
+            raise ValueError(f"student.decoder_from names no teacher: '{source}' (have {names})")
         return self
 
     def to_yaml(self) -> str:

@@ -19,8 +19,8 @@ from samkd.data import PromptSampler, SegmentationDataset, build_dataset
 from samkd.distill import DistillationObjective
 from samkd.distill.adapters import feature_shapes
 from samkd.errors import UsageError
-from samkd.features import FeatureStore
-from samkd.models import build_sam, default_image_size
+from samkd.features import FeatureStore, read_decoder_state_dict
+from samkd.models import build_sam, default_image_size, load_state_dict_file
 from samkd.settings import Settings, load_settings
 from samkd.train.batches import Augmentation, DistillationDataset, collate_training
 from samkd.train.distributed import Distributed
@@ -77,6 +77,9 @@ def build_student(settings: Settings, device: torch.device) -> Sam:
         checkpoint=settings.student.checkpoint,
         gradient_checkpointing=settings.student.gradient_checkpointing,
     ).to(device)
+    if settings.student.decoder_from is not None:
+        inherited = teacher_decoder_state(settings, settings.student.decoder_from)
+        student.load_state_dict({**student.state_dict(), **inherited}, strict=True)
     for name, parameter in student.named_parameters():
         if name.startswith(UNUSED_PREFIXES):
             parameter.requires_grad_(False)
@@ -84,6 +87,24 @@ def build_student(settings: Settings, device: torch.device) -> Sam:
         if first_step == -1:
             getattr(student, part).requires_grad_(False)
     return student
+
+
+DECODER_PREFIXES = ("prompt_encoder.", "mask_decoder.")
+
+
+def teacher_decoder_state(settings: Settings, name: str) -> dict[str, torch.Tensor]:
+    """A teacher's prompt-encoder and mask-decoder weights: from the feature file when
+    training from one, else from the teacher's checkpoint."""
+    features = settings.distillation.features
+    if settings.distillation.use_precomputed_features and features is not None:
+        return read_decoder_state_dict(features, name)
+    teacher = next(entry for entry in settings.teachers if entry.name == name)
+    if teacher.checkpoint is None:
+        raise UsageError(
+            f"student.decoder_from: teacher '{name}' has no checkpoint to take a decoder from"
+        )
+    weights = load_state_dict_file(teacher.checkpoint)
+    return {key: value for key, value in weights.items() if key.startswith(DECODER_PREFIXES)}
 
 
 def freeze_bn_statistics(settings: Settings) -> bool:
