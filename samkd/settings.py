@@ -462,20 +462,57 @@ def load_settings(
     """Resolve defaults < file < environment < `--set` assignments < flags into `Settings`.
 
     `flags` maps dotted keys to values of a subcommand's dedicated options (None: not given).
-    `environ` defaults to `os.environ`. Raises `SettingsError` with a one-line message.
+    `environ` defaults to `os.environ`. Raises `SettingsError` with a one-line message that
+    names where the offending value came from.
     """
+    origins: dict[str, str] = {}
     values: dict[str, Any] = read_yaml_file(config_file) if config_file else {}
-    values = deep_merge(values, read_environment(os.environ if environ is None else environ))
+    _record_origins(values, str(config_file), origins)
+    environment = read_environment(os.environ if environ is None else environ)
+    _record_origins(environment, "environment", origins)
+    values = deep_merge(values, environment)
     for assignment in assignments:
-        set_dotted(values, *parse_assignment(assignment))
+        key, value = parse_assignment(assignment)
+        set_dotted(values, key, value)
+        origins[key] = f"--set {assignment}"
     for dotted_key, value in (flags or {}).items():
         if value is not None:
             set_dotted(values, dotted_key, value)
-    origin = str(config_file) if config_file else "settings"
+            origins[dotted_key] = "option"
     try:
         return Settings(**values)
     except ValidationError as error:
-        raise SettingsError(format_validation_error(error, origin)) from None
+        raise SettingsError(format_validation_error(error, origins)) from None
+
+
+def _record_origins(values: Mapping[str, Any], label: str, origins: dict[str, str]) -> None:
+    """Remember, for every dotted key in `values`, that `label` set it."""
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, Mapping):
+            for key, child in node.items():
+                walk(child, f"{prefix}.{key}" if prefix else str(key))
+        if prefix:
+            if label == "environment":
+                variable = ENV_PREFIX + prefix.upper().replace(".", ENV_NESTED_DELIMITER)
+                origins[prefix] = f"environment variable {variable}"
+            else:
+                origins[prefix] = label
+
+    walk(values, "")
+
+
+def _origin_of(dotted: str, origins: Mapping[str, str]) -> str:
+    """The source of `dotted` or of its nearest parent that has one."""
+    parts = dotted.split(".")
+    for length in range(len(parts), 0, -1):
+        found = origins.get(".".join(parts[:length]))
+        if found is not None:
+            return found
+    for key, found in origins.items():  # a whole misspelt section: the source of a key in it
+        if key.startswith(f"{dotted}."):
+            return found
+    return "settings"
 
 
 # --------------------------------------------------------------------------- errors
@@ -507,11 +544,15 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def format_validation_error(error: ValidationError, origin: str = "settings") -> str:
-    """One line: where, what was wrong, and the closest valid key for a misspelt one."""
+def format_validation_error(
+    error: ValidationError, origins: Mapping[str, str] | str = "settings"
+) -> str:
+    """One line: where the value came from, the dotted key, what was wrong, and the closest
+    valid key for a misspelt one."""
     first = error.errors()[0]
     location = [part for part in first["loc"] if not isinstance(part, str) or part]
     dotted = ".".join(str(part) for part in location) or "(root)"
+    origin = origins if isinstance(origins, str) else _origin_of(dotted, origins)
     more = len(error.errors()) - 1
     suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
     if first["type"] == "extra_forbidden":

@@ -99,8 +99,22 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
 
 
 def test_environment_typo_is_reported() -> None:
-    with pytest.raises(SettingsError, match="unknown key 'train.lrr'; did you mean 'lr'"):
+    with pytest.raises(SettingsError) as caught:
         load_settings(environ={"SAMKD_TRAIN__LRR": "1"})
+    assert str(caught.value) == (
+        "environment variable SAMKD_TRAIN__LRR: unknown key 'train.lrr'; did you mean 'lr'?"
+    )
+
+
+def test_errors_name_their_source(tmp_path: Path) -> None:
+    config = write(tmp_path / "c.yaml", "train:\n  lr: 0.1\n")
+    with pytest.raises(SettingsError, match=r"^--set trian.lr=1: unknown key 'trian'"):
+        load_settings(config, ["trian.lr=1"], environ={})
+    with pytest.raises(SettingsError, match=r"^option: train.steps: Input should be"):
+        load_settings(config, [], {"train.steps": "many"}, environ={})
+    with pytest.raises(SettingsError, match=r"c\.yaml: train.lr: Input should be greater"):
+        write(config, "train:\n  lr: -1\n")
+        load_settings(config, environ={})
 
 
 def test_duplicate_teacher_names_rejected() -> None:

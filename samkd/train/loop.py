@@ -147,6 +147,9 @@ def _train(settings: Settings, resuming: bool, dist: Distributed, console: Conso
         set_rng_state(state["rng"])
         if log is not None:
             log.truncate_after(progress.step)
+        if progress.step >= settings.train.steps:
+            console.print(f"{run_dir}: finished at step {progress.step}; nothing to resume")
+            return TrainResult(run_dir, progress.step, progress.best_metric, None, False)
         logger.info(f"resuming {run_dir} at step {progress.step}")
     elif dist.is_main:
         setup.write_run_files(settings, run_dir)
