@@ -210,6 +210,13 @@ def evaluate(
             "the agreement of the student's masks with its masks."
         ),
     ] = None,
+    features: Annotated[
+        Path | None,
+        typer.Option(
+            help="Compare with the teacher stored in this feature file (its embeddings and "
+            "decoder; --teacher picks one of several)."
+        ),
+    ] = None,
     print_config: PrintConfigOption = False,
 ) -> None:
     """Measure mask quality (mIoU with box and point prompts), teacher agreement and speed."""
@@ -222,7 +229,9 @@ def evaluate(
     from samkd.evaluate import run_eval
 
     with one_line_errors():
-        run_eval(settings, json_path=json_path, overlays_dir=overlays, teacher=teacher)
+        run_eval(
+            settings, json_path=json_path, overlays_dir=overlays, teacher=teacher, features=features
+        )
 
 
 @app.command()

@@ -95,15 +95,18 @@ def evaluate_image(
     original_size: tuple[int, int],
     model: Sam,
     teacher: Sam | None = None,
+    teacher_embedding: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Add one image's objects to `tables`; returns the model's `box`/`single` masks (if
     measured) keyed by prompt kind, for overlays.
 
-    image: `3 x S x S` preprocessed; targets: `N x H x W` bool at the original size.
+    image: `3 x S x S` preprocessed; targets: `N x H x W` bool at the original size;
+    teacher_embedding: `1 x 256 x h x w`, the teacher's stored embedding (else it is computed).
     """
     areas = targets.flatten(1).sum(dim=1)
     embedding = encode_images(model, image[None])
-    teacher_embedding = None if teacher is None else encode_images(teacher, image[None])
+    if teacher is not None and teacher_embedding is None:
+        teacher_embedding = encode_images(teacher, image[None])
     shown: dict[str, torch.Tensor] = {}
     for kind in options.prompt_names():
         for mode in options.output_modes():

@@ -13,6 +13,7 @@ from loguru import logger
 from rich.console import Console
 from rich.table import Table
 from segment_anything.modeling import Sam
+from torch import nn
 from torch.utils.data import DataLoader
 
 from samkd import __version__
@@ -23,9 +24,11 @@ from samkd.evaluate.overlays import draw_overlay, save_png
 from samkd.evaluate.prompts import box_prompts
 from samkd.evaluate.quality import QualityOptions, QualityTables, evaluate_image
 from samkd.evaluate.speed import measure_speed
+from samkd.features import FeatureStore, read_decoder_state_dict
 from samkd.models import build_sam, default_image_size
 from samkd.runtime import progress_bar, resolve_device
 from samkd.settings import Settings, TeacherSettings
+from samkd.train.teachers import PromptDecoder
 
 OVERLAY_IMAGES = 4
 
@@ -69,6 +72,35 @@ def teacher_spec(settings: Settings, teacher: str, image_size: int) -> ModelSpec
     return ModelSpec(f"teacher {teacher}", checked.model_type, None, image_size)
 
 
+class StoredEmbeddings(nn.Module):
+    """Stands in for a teacher's image encoder whose embeddings come from a feature file:
+    it only tells `Sam` the input size."""
+
+    def __init__(self, img_size: int) -> None:
+        super().__init__()
+        self.img_size = img_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("this teacher's embeddings are read from the feature file")
+
+
+def stored_teacher(
+    features: Path, teacher: str | None, device: torch.device
+) -> tuple[Sam, FeatureStore, str]:
+    """A teacher made of its stored decoder, plus the store that holds its embeddings."""
+    store = FeatureStore(features, taps=["encoder.embed"])
+    names = [spec.name for spec in store.teachers]
+    name = teacher or names[0]
+    if name not in names:
+        raise UsageError(f"{features}: no teacher '{name}' (has {', '.join(names)})")
+    spec = next(spec for spec in store.teachers if spec.name == name)
+    image_size = spec.image_size
+    decoder = PromptDecoder(image_size)
+    decoder.load_state_dict(read_decoder_state_dict(features, name), strict=True)
+    model = Sam(StoredEmbeddings(image_size), decoder.prompt_encoder, decoder.mask_decoder)
+    return model.to(device).eval(), store, name, spec.model_type
+
+
 def _first(batch: list[Sample]) -> Sample:
     return batch[0]
 
@@ -94,6 +126,7 @@ def evaluate_quality(
     options: QualityOptions,
     num_workers: int,
     overlays_dir: Path | None,
+    store: tuple[FeatureStore, str] | None = None,
 ) -> tuple[QualityTables, list[str]]:
     """Run every image through the model(s); returns the tables and skipped-item messages."""
     tables = QualityTables()
@@ -104,6 +137,11 @@ def evaluate_quality(
         for position, sample in enumerate(loader):
             skipped.extend(sample.skipped)
             if sample.masks.shape[0]:
+                stored = None
+                if store is not None:
+                    features, name = store
+                    embedding = features.read(sample.image_id)[name]["encoder.embed"]
+                    stored = embedding[None].to(model.device)
                 shown = evaluate_image(
                     tables,
                     options,
@@ -112,6 +150,7 @@ def evaluate_quality(
                     sample.original_size,
                     model,
                     teacher,
+                    stored,
                 )
                 if overlays_dir is not None and position < OVERLAY_IMAGES and "box" in shown:
                     _save_overlays(dataset, sample, shown["box"], overlays_dir)
@@ -135,24 +174,38 @@ def run_eval(
     json_path: Path | None = None,
     overlays_dir: Path | None = None,
     teacher: str | None = None,
+    features: Path | None = None,
     console: Console | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the student (and optionally a teacher); print tables; return all numbers."""
+    """Evaluate the student and, with `teacher` (built) or `features` (its stored embeddings
+    and decoder), a teacher; print tables; return all numbers."""
     console = console or Console()
     device = resolve_device(settings.eval.device)
     torch.manual_seed(settings.eval.seed)
     student = student_spec(settings)
-    teacher_model_spec = (
-        None if teacher is None else teacher_spec(settings, teacher, student.image_size)
-    )
     dataset = load_eval_dataset(settings, student.image_size)
     model = student.build(device)
-    teacher_model = None if teacher_model_spec is None else teacher_model_spec.build(device)
+    teacher_model_spec, teacher_model, store = None, None, None
+    if features is not None:
+        teacher_model, feature_store, name, model_type = stored_teacher(features, teacher, device)
+        store = (feature_store, name)
+        stored_size = teacher_model.image_encoder.img_size
+        teacher_model_spec = ModelSpec(
+            f"teacher {name} (stored)", model_type, features, stored_size
+        )
+        if stored_size != student.image_size:
+            raise UsageError(
+                f"{features}: teacher '{name}' features are at {stored_size} px, the student "
+                f"runs at {student.image_size} px"
+            )
+    elif teacher is not None:
+        teacher_model_spec = teacher_spec(settings, teacher, student.image_size)
+        teacher_model = teacher_model_spec.build(device)
     options = QualityOptions(
         tuple(settings.eval.prompts), settings.eval.num_points, settings.eval.multimask
     )
     tables, skipped = evaluate_quality(
-        dataset, model, teacher_model, options, settings.data.num_workers, overlays_dir
+        dataset, model, teacher_model, options, settings.data.num_workers, overlays_dir, store
     )
     report: dict[str, Any] = {
         "samkd_version": __version__,
@@ -172,7 +225,7 @@ def run_eval(
         report["agreement"] = tables.agreement.summary()
     if settings.eval.speed:
         report["speed"] = {"model": _speed(model, settings)}
-        if teacher_model is not None:
+        if teacher_model is not None and store is None:
             report["speed"]["teacher"] = _speed(teacher_model, settings)
     report["settings"] = settings.model_dump(mode="json")
     print_report(report, tables, teacher_model_spec is not None, console)

@@ -15,6 +15,7 @@ from samkd.demo.shapes import write_shapes_dataset
 from samkd.evaluate import run_eval
 from samkd.evaluate.predict import ObjectPrompts, encode_images, predict_masks
 from samkd.evaluate.prompts import box_prompts
+from samkd.extract import run_extract
 from samkd.models import build_sam, save_state_dict
 from samkd.settings import load_settings
 
@@ -130,6 +131,30 @@ def test_cli_writes_json_and_overlays(tmp_path: Path, shapes: Path, checkpoint: 
     assert report["speed"]["model"]["encoder_latency"]["repeats"] == 2
     assert report["model"]["model_type"] == MODEL
     assert sorted(p.suffix for p in (tmp_path / "overlays").iterdir())[0] == ".png"
+
+
+def test_stored_teacher_matches_the_built_teacher(
+    tmp_path: Path, shapes: Path, checkpoint: Path
+) -> None:
+    teacher = f"teachers=[{{name: t, model_type: {MODEL}, checkpoint: {checkpoint}}}]"
+    features = tmp_path / "features.h5"
+    run_extract(
+        load_settings(
+            None,
+            [teacher, f"data.train={shapes}", f"extract.output={features}",
+             "extract.dtype=float32", f"student.model_type={MODEL}", "data.num_workers=0"],
+            environ={},
+        )
+    )  # fmt: skip
+    settings = settings_for(shapes, checkpoint, teacher)
+    built = run_eval(settings, teacher="t")
+    stored = run_eval(settings, features=features)
+    assert stored["teacher"]["model_type"] == MODEL
+    for prompt in ("box", "point"):
+        for output in ("single", "best"):
+            left = stored["teacher_quality"][prompt][output]["miou"]
+            assert left == pytest.approx(built["teacher_quality"][prompt][output]["miou"], abs=1e-3)
+            assert stored["agreement"][prompt][output]["miou"] == pytest.approx(1.0, abs=1e-3)
 
 
 def test_deterministic(shapes: Path, checkpoint: Path) -> None:
