@@ -29,6 +29,7 @@ from samkd.features import (
     open_for_extraction,
     plan_from_settings,
     planned_bytes,
+    teacher_taps,
 )
 from samkd.models import (
     AttentionCapture,
@@ -129,10 +130,11 @@ def make_plan(
     tap_shapes = {}
     for entry in settings.teachers:
         model = build_sam(entry.model_type, image_size=image_size, device="cpu")
-        check_taps(model, settings.extract.taps)
+        taps = teacher_taps(settings, entry)
+        check_taps(model, taps)
         tap_shapes[entry.name] = probe_tap_shapes(
             model,
-            settings.extract.taps,
+            taps,
             image_size,
             settings.extract.attention_grid,
             torch.device("cpu"),
@@ -184,7 +186,7 @@ def extract_teacher(
             images = batch.images.to(device, non_blocking=True)
             with autocast_for(settings, device):
                 features = teacher_batch_features(
-                    model, images, settings.extract.taps, settings.extract.attention_grid
+                    model, images, teacher_taps(settings, entry), settings.extract.attention_grid
                 )
             writer.write_batch(entry.name, batch.indices, features)
             bar.advance(task, len(batch.indices))

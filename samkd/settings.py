@@ -1,6 +1,6 @@
 """The one settings tree shared by every `samkd` subcommand.
 
-Values come from four places, later ones winning:
+Values come from five places, later ones winning:
 
 1. the defaults below;
 2. a YAML file (`--config FILE`);
@@ -120,6 +120,13 @@ class DataSettings(StrictModel):
 # --------------------------------------------------------------------------- models
 
 
+class TapPair(StrictModel):
+    """A student tap matched with a teacher tap, e.g. encoder.block.3 -> encoder.block.31."""
+
+    student: str = Field(description="tap name on the student, e.g. encoder.qk.9")
+    teacher: str = Field(description="tap name on the teacher, e.g. encoder.qk.31")
+
+
 class TeacherSettings(StrictModel):
     """One teacher: a SAM model whose features the student learns from."""
 
@@ -127,6 +134,15 @@ class TeacherSettings(StrictModel):
     model_type: ModelType = Field(description="registry name: vit_b, vit_l, vit_h, vit_t, ...")
     checkpoint: FilePath | None = Field(None, description="weights file (random init if unset)")
     weight: PositiveFloat = Field(1.0, description="this teacher's share of the distillation loss")
+    taps: list[str] | None = Field(
+        None, description="taps `samkd extract` stores for this teacher (default: extract.taps)"
+    )
+    encoder_pairs: list[TapPair] | None = Field(
+        None, description="encoder-matching pairs for this teacher (default: the term's pairs)"
+    )
+    attention_pairs: list[TapPair] | None = Field(
+        None, description="attention-matching pairs for this teacher (default: the term's pairs)"
+    )
 
     @field_validator("name")
     @classmethod
@@ -153,13 +169,6 @@ class StudentSettings(StrictModel):
 
 
 # --------------------------------------------------------------------------- distillation
-
-
-class TapPair(StrictModel):
-    """A student tap matched with a teacher tap, e.g. encoder.block.3 -> encoder.block.31."""
-
-    student: str
-    teacher: str
 
 
 class EncoderTermSettings(StrictModel):
@@ -223,7 +232,11 @@ class DynamicLambdaSettings(StrictModel):
     cooldown: int = Field(0, ge=0)
     min_lambda: NonNegativeFloat = 0.0
     mode: Literal["max", "min"] = "max"
-    metric: str = Field("val/miou", description="validation record key that is watched")
+    metric: Literal["val/miou", "val/kd_loss"] = Field(
+        "val/miou",
+        description="validation value watched: box mIoU (use mode max) or the distillation "
+        "loss on the validation set (mode min; needs online teachers or val_features)",
+    )
 
 
 class DistillationSettings(StrictModel):
@@ -231,6 +244,9 @@ class DistillationSettings(StrictModel):
 
     use_precomputed_features: bool = Field(True, description="read teachers from the HDF5 file")
     features: Path | None = Field(None, description="HDF5 feature file written by extract")
+    val_features: Path | None = Field(
+        None, description="feature file of the validation set, for val/kd_loss when precomputed"
+    )
     encoder: EncoderTermSettings = EncoderTermSettings()
     decoder: DecoderTermSettings = DecoderTermSettings()
     attention: AttentionTermSettings = AttentionTermSettings()
@@ -272,6 +288,9 @@ class TrainSettings(StrictModel):
     checkpoint_every: int = Field(500, ge=1)
     early_stop_patience: int | None = Field(None, ge=1)
     max_nonfinite_steps: int = Field(5, ge=1, description="consecutive skipped steps that abort")
+    task_loss: bool = Field(
+        True, description="add SAM's mask loss (focal, dice, IoU) when the data has masks"
+    )
     frozen_until: dict[ModelPart, int] = Field(
         default_factory=dict,
         description="part -> first step it trains (-1: frozen for the whole run)",

@@ -120,12 +120,14 @@ class DistillationObjective(nn.Module):
         self.teachers = {teacher.name: teacher for teacher in teachers}
         self.term_weights = term_weights(settings)
         self.encoder_pairs = {
-            teacher.name: settings.encoder.pairs
+            teacher.name: teacher.encoder_pairs
+            or settings.encoder.pairs
             or default_encoder_pairs(student_type, teacher.model_type)
             for teacher in teachers
         }
         self.attention_pairs = {
-            teacher.name: settings.attention.pairs
+            teacher.name: teacher.attention_pairs
+            or settings.attention.pairs
             or default_attention_pairs(student_type, teacher.model_type)
             for teacher in teachers
         }

@@ -1,7 +1,8 @@
 """Default matched taps for each (student, teacher) model pair.
 
 Defaults are computed from each encoder's attention-block count, so the small presets get
-sensible pairs too; `distillation.encoder.pairs` and `distillation.attention.pairs` override them.
+sensible pairs too; `distillation.encoder.pairs` and `distillation.attention.pairs` override them,
+and a teacher's own `encoder_pairs` / `attention_pairs` override those.
 
 - encoder: `encoder.embed` <-> `encoder.embed` (256 channels on every SAM model, so no adapter;
   MobileSAM's decoupled distillation);

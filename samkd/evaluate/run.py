@@ -86,8 +86,9 @@ class StoredEmbeddings(nn.Module):
 
 def stored_teacher(
     features: Path, teacher: str | None, device: torch.device
-) -> tuple[Sam, FeatureStore, str]:
-    """A teacher made of its stored decoder, plus the store that holds its embeddings."""
+) -> tuple[Sam, FeatureStore, str, str]:
+    """A teacher made of its stored decoder, the store that holds its embeddings, and the
+    teacher's name and model type."""
     store = FeatureStore(features, taps=["encoder.embed"])
     names = [spec.name for spec in store.teachers]
     name = teacher or names[0]

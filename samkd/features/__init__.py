@@ -25,6 +25,7 @@ from samkd.features.schema import (
     format_bytes,
     plan_from_settings,
     planned_bytes,
+    teacher_taps,
 )
 from samkd.features.writer import (
     FeatureBatch,
@@ -61,4 +62,5 @@ __all__ = [
     "planned_bytes",
     "read_decoder_state_dict",
     "render_report",
+    "teacher_taps",
 ]

@@ -86,6 +86,7 @@ def flip_tap(tensor: torch.Tensor, kind: TapKind | None) -> torch.Tensor:
 class FeatureStore:
     """Teacher features of a finished feature file, by image index or image id.
 
+    `taps` selects the taps read: one list for every teacher, or a list per teacher name.
     `store[i]` is `{teacher: {tap: tensor}}` with each tensor shaped like the tap
     (e.g. 256 x 64 x 64), `dtype` float32 by default. The HDF5 handle is opened lazily in
     each process (never shared across fork) and dropped when pickled, so the store can be
@@ -96,7 +97,7 @@ class FeatureStore:
         self,
         path: Path,
         teachers: Sequence[str] | None = None,
-        taps: Sequence[str] | None = None,
+        taps: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
         dtype: torch.dtype = torch.float32,
     ):
         self.path = Path(path)
@@ -227,7 +228,7 @@ def _select_teachers(
     path: Path,
     available: list[TeacherSpec],
     teachers: Sequence[str] | None,
-    taps: Sequence[str] | None,
+    tap_selection: Sequence[str] | Mapping[str, Sequence[str]] | None,
 ) -> list[TeacherSpec]:
     by_name = {teacher.name: teacher for teacher in available}
     selected = []
@@ -235,6 +236,7 @@ def _select_teachers(
         if name not in by_name:
             raise FeatureStoreError(f"{path.name}: no teacher '{name}' (has {list(by_name)})")
         teacher = by_name[name]
+        taps = tap_selection.get(name) if isinstance(tap_selection, Mapping) else tap_selection
         if taps is not None:
             missing = [tap for tap in taps if tap not in teacher.tap_names]
             if missing:

@@ -415,6 +415,11 @@ def publish(temporary: Path, final: Path, exclusive: bool = False) -> bool:
     return True
 
 
+def teacher_taps(settings: Any, teacher: Any) -> list[str]:
+    """The taps stored for one teacher: its own `taps`, else `extract.taps`."""
+    return list(teacher.taps or settings.extract.taps)
+
+
 def plan_from_settings(
     settings: Any,
     images: Sequence[ImageRecord],
@@ -425,8 +430,8 @@ def plan_from_settings(
     """The plan of `samkd extract`: teachers, taps and storage options from `samkd.settings`.
 
     `settings` is a `samkd.settings.Settings` (typed loosely to keep this module free of it).
-    `tap_shapes[teacher][tap]` is the per-image shape each teacher produces for each tap of
-    `settings.extract.taps` (attention taps: the coarse G^2 x G^2 map); `preprocessing` is
+    `tap_shapes[teacher][tap]` is the per-image shape each teacher produces for each of its
+    taps (`teacher_taps`) (attention taps: the coarse G^2 x G^2 map); `preprocessing` is
     whatever decides the teacher's input pixels (resize, pad, normalisation); `image_size`
     defaults to `settings.data.image_size`.
     """
@@ -440,7 +445,9 @@ def plan_from_settings(
                 name=teacher.name,
                 model_type=teacher.model_type,
                 image_size=image_size or settings.data.image_size,
-                taps=tuple(TapSpec(tap, tuple(shapes[tap])) for tap in extract.taps),
+                taps=tuple(
+                    TapSpec(tap, tuple(shapes[tap])) for tap in teacher_taps(settings, teacher)
+                ),
                 checkpoint_name=checkpoint.name if checkpoint else None,
                 checkpoint_sha256=file_sha256(checkpoint) if checkpoint else None,
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from samkd.models import save_state_dict
 from samkd.runtime import progress_bar, resolve_device
 from samkd.settings import Settings
 from samkd.train import setup
-from samkd.train.batches import DistillationDataset, TrainingBatch
+from samkd.train.batches import DistillationDataset, TrainingBatch, collate_training
 from samkd.train.distributed import Distributed, barrier, device_for, init_distributed, shutdown
 from samkd.train.forward import group_targets, prompt_groups
 from samkd.train.metrics_log import MetricsLog
@@ -117,7 +118,7 @@ def _train(settings: Settings, resuming: bool, dist: Distributed, console: Conso
         objective = setup.build_objective(settings, student_shapes, teacher_shapes)
         assert objective is not None
         objective.to(device)
-    step_module = DistillationStep(student, objective).to(device)
+    step_module = DistillationStep(student, objective, settings.train.task_loss).to(device)
     if settings.train.channels_last:
         student.image_encoder.to(memory_format=torch.channels_last)
     trained: torch.nn.Module = step_module
@@ -127,7 +128,7 @@ def _train(settings: Settings, resuming: bool, dist: Distributed, console: Conso
     dataset = DistillationDataset(
         train_data, store, setup.augmentation_of(settings), settings.train.seed
     )
-    val_data = setup.build_val_dataset(settings)
+    validation = setup.build_validation(settings, teachers, device, precision)
 
     # ---- optimizer, schedule, resume
     optimizer = build_optimizer(
@@ -214,15 +215,7 @@ def _train(settings: Settings, resuming: bool, dist: Distributed, console: Conso
                     last_log_time, images_since_log = time.perf_counter(), 0
                 if progress.step % settings.train.val_every == 0 or progress.step == total_steps:
                     stopped_early = validate_and_adapt(
-                        student,
-                        objective,
-                        val_data,
-                        progress,
-                        settings,
-                        log,
-                        console,
-                        checkpoint,
-                        run_dir,
+                        step_module, validation, progress, settings, dist, log, console, checkpoint
                     )
                     setup.set_train_mode(student, frozen_bn)
                 if (
@@ -373,39 +366,65 @@ def validation_miou(student: Any, dataset: SegmentationDataset) -> float:
     return tables.model.mean("box", "single") or 0.0
 
 
+def validation_kd_loss(step_module: DistillationStep, validation: setup.Validation) -> float:
+    """Mean weighted distillation loss over the validation images (NaN when unavailable)."""
+    if validation.with_teachers is None or step_module.objective is None:
+        return math.nan
+    step_module.eval()
+    losses = []
+    with torch.no_grad():
+        for index in range(len(validation.with_teachers)):
+            batch = collate_training([validation.with_teachers[index]]).to(validation.device)
+            _, terms = micro_step(
+                step_module, batch, validation.teachers, validation.device, validation.precision, 1
+            )
+            if "kd/weighted" in terms:
+                losses.append(float(terms["kd/weighted"]))
+    return sum(losses) / len(losses) if losses else math.nan
+
+
 def validate_and_adapt(
-    student: Any,
-    objective: Any,
-    val_data: SegmentationDataset | None,
+    step_module: DistillationStep,
+    validation: setup.Validation | None,
     progress: Progress,
     settings: Settings,
+    dist: Distributed,
     log: MetricsLog | None,
     console: Console,
     checkpoint: Any,
-    run_dir: Path,
 ) -> bool:
-    """Validate; update the dynamic weight, the best checkpoint and early stopping.
+    """Validate on the main process, share the numbers with every rank, then update the
+    dynamic weight, the best checkpoint and early stopping the same way on all of them.
 
-    Returns True when training should stop early. Runs on the main process only.
+    Returns True when training should stop early.
     """
-    if val_data is None or log is None:
+    if validation is None:
         return False
-    miou = validation_miou(student, val_data)
+    values = torch.full((2,), math.nan, device=validation.device)
+    if dist.is_main:
+        values[0] = validation_miou(step_module.student, validation.images)
+        values[1] = validation_kd_loss(step_module, validation)
+    if dist.enabled:
+        torch.distributed.broadcast(values, src=0)
+    miou, kd_loss = values.tolist()
     record: dict[str, Any] = {"kind": "val", "step": progress.step, "val/miou": miou}
+    if not math.isnan(kd_loss):
+        record["val/kd_loss"] = kd_loss
+    objective = step_module.objective
     if objective is not None and settings.distillation.dynamic_lambda.enabled:
-        change = objective.kd_weight.step(miou)
+        change = objective.kd_weight.step(record[settings.distillation.dynamic_lambda.metric])
         if change is not None:
             record["lambda_kd_change"] = [change.old, change.new]
         record["lambda_kd"] = objective.kd_weight.value
-    improved = progress.best_metric is None or miou > progress.best_metric
-    if improved:
+    if progress.best_metric is None or miou > progress.best_metric:
         progress.best_metric, progress.best_step = miou, progress.step
         progress.evals_without_improvement = 0
-        checkpoint(run_dir / "checkpoints" / "best.pt")
+        checkpoint(settings.train.output_dir / "checkpoints" / "best.pt")
     else:
         progress.evals_without_improvement += 1
-    log.write(record)
-    console.print(validation_table(record, progress))
+    if log is not None:
+        log.write(record)
+        console.print(validation_table(record, progress))
     patience = settings.train.early_stop_patience
     return patience is not None and progress.evals_without_improvement >= patience
 

@@ -145,17 +145,57 @@ def build_train_dataset(settings: Settings) -> SegmentationDataset:
     )
 
 
-def build_val_dataset(settings: Settings) -> SegmentationDataset | None:
+@dataclass
+class Validation:
+    """What validation needs: the images with masks (for mIoU) and, when teacher features
+    are available for them, the same images paired with those features (for val/kd_loss)."""
+
+    images: SegmentationDataset
+    with_teachers: DistillationDataset | None
+    teachers: list[Teacher]
+    device: torch.device
+    precision: Precision
+
+
+def build_validation(
+    settings: Settings, teachers: list[Teacher], device: torch.device, precision: Precision
+) -> Validation | None:
+    """The validation set (box prompts, no jitter) and, with online teachers or
+    `distillation.val_features`, its teacher features."""
     if settings.data.val is None:
+        if settings.distillation.dynamic_lambda.enabled or settings.train.early_stop_patience:
+            raise UsageError("the dynamic weight and early stopping need data.val")
         return None
-    return build_dataset(
+    images = build_dataset(
         settings.data.val,
         layout=settings.data.layout,
         annotation_file=settings.data.annotation_file,
         image_size=image_size_of(settings),
         on_error=settings.data.on_error,
+        prompts=PromptSampler(mode="box", box_jitter=0.0),
         seed=settings.train.seed,
     )
+    with_teachers = None
+    distillation = settings.distillation
+    if teachers and not distillation.use_precomputed_features:
+        with_teachers = DistillationDataset(images, None, Augmentation(), settings.train.seed)
+    elif teachers and distillation.val_features is not None:
+        required = {teacher.name: teacher.encoder_taps for teacher in teachers}
+        store = FeatureStore(distillation.val_features, teachers=list(required), taps=required)
+        store.check_matches(
+            image_ids=[record.image_id for record in images.records],
+            image_size=image_size_of(settings),
+        )
+        with_teachers = DistillationDataset(images, store, Augmentation(), settings.train.seed)
+    uses_kd_loss = distillation.dynamic_lambda.enabled and (
+        distillation.dynamic_lambda.metric == "val/kd_loss"
+    )
+    if uses_kd_loss and with_teachers is None:
+        raise UsageError(
+            "distillation.dynamic_lambda.metric val/kd_loss needs online teachers or "
+            "distillation.val_features"
+        )
+    return Validation(images, with_teachers, teachers, device, precision)
 
 
 def open_feature_store(
@@ -171,8 +211,7 @@ def open_feature_store(
     if not path.is_file():
         raise UsageError(f"{path}: feature file does not exist")
     names = [teacher.name for teacher in settings.teachers]
-    all_taps = sorted({tap for tap_list in taps.values() for tap in tap_list})
-    store = FeatureStore(path, teachers=names, taps=all_taps)
+    store = FeatureStore(path, teachers=names, taps=taps)
     store.check_matches(
         image_ids=[record.image_id for record in dataset.records],
         image_size=image_size_of(settings),

@@ -32,10 +32,13 @@ class DistillationStep(nn.Module):
     `task/iou_mse`, `task/total`, every `kd/<teacher>/<term>`, `kd/lambda`, `loss/total`.
     """
 
-    def __init__(self, student: Sam, objective: DistillationObjective | None) -> None:
+    def __init__(
+        self, student: Sam, objective: DistillationObjective | None, task_loss: bool = True
+    ) -> None:
         super().__init__()
         self.student = student
         self.objective = objective
+        self.task_loss = task_loss
         taps = objective.required_student_taps() if objective is not None else []
         self.encoder_taps, self.decoder_taps = split_taps(taps)
 
@@ -58,7 +61,7 @@ class DistillationStep(nn.Module):
                 record_upscaled=UPSCALED_TAP in self.decoder_taps,
             )
             student_features.update(decoder_features(decoded, self.decoder_taps))
-            if targets is not None:
+            if targets is not None and self.task_loss:
                 task = sam_task_loss(decoded.mask_logits, decoded.iou, targets)
                 task_total = combine_task_losses(task)
                 terms.update({f"task/{name}": value.detach() for name, value in task.items()})

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from samkd.cli import app
 from samkd.errors import UsageError
+from samkd.extract import run_extract
 from samkd.models import build_sam, load_state_dict_file
 from samkd.train import run_train, setup
 from samkd.train.distributed import Distributed
@@ -224,7 +225,8 @@ def test_settings_errors_are_one_line(tmp_path: Path, shapes: Path) -> None:
     result = runner.invoke(app, ["train", "--set", "train.batch_sise=2"])
     assert result.exit_code == 2
     assert result.stderr.strip() == (
-        "error: settings: unknown key 'train.batch_sise'; did you mean 'batch_size'?"
+        "error: --set train.batch_sise=2: unknown key 'train.batch_sise'; did you mean "
+        "'batch_size'?"
     )
     result = runner.invoke(
         app,
@@ -285,3 +287,79 @@ def test_ddp_two_processes_match_one(
     assert [r["step"] for r in distributed] == [r["step"] for r in alone]
     for left, right in zip(distributed, alone, strict=True):
         assert left["kd/t/encoder_mse"] == pytest.approx(right["kd/t/encoder_mse"], rel=1e-4)
+
+
+def test_teachers_with_their_own_taps_and_pairs(
+    tmp_path: Path, shapes: Path, teacher_checkpoint: Path
+) -> None:
+    teachers = (
+        f"teachers=[{{name: a, model_type: vit_mini, checkpoint: {teacher_checkpoint}}}, "
+        f"{{name: b, model_type: {STUDENT}, taps: [encoder.embed, encoder.qk.2], "
+        "attention_pairs: [{student: encoder.qk.3, teacher: encoder.qk.2}]}]"
+    )
+    features = tmp_path / "two.h5"
+    common = [
+        *base_assignments(shapes, teacher_checkpoint, tmp_path / "run"),
+        teachers,
+        "extract.taps=[encoder.embed, encoder.qk.3]",
+        f"distillation.features={features}",
+        "distillation.attention.enabled=true",
+        "train.steps=1",
+    ]
+    run_extract(make_settings(*common, f"extract.output={features}"))
+    run_train(make_settings(*common))
+    record = first_train_record(tmp_path / "run")
+    assert {"kd/a/attention_kl", "kd/b/attention_kl"} <= set(record)
+
+
+def test_task_loss_can_be_switched_off(
+    tmp_path: Path, shapes: Path, teacher_checkpoint: Path, feature_file: Path
+) -> None:
+    settings = make_settings(
+        *base_assignments(shapes, teacher_checkpoint, tmp_path / "run"),
+        f"distillation.features={feature_file}",
+        "train.task_loss=false",
+        "train.steps=1",
+    )
+    run_train(settings)
+    record = first_train_record(tmp_path / "run")
+    assert not any(name.startswith("task/") for name in record)
+    assert record["loss/total"] == pytest.approx(record["kd/weighted"])
+
+
+def test_dynamic_weight_on_validation_kd_loss_and_inherited_decoder(
+    tmp_path: Path, shapes: Path, shapes_val: Path, teacher_checkpoint: Path
+) -> None:
+    settings = make_settings(
+        *base_assignments(shapes, teacher_checkpoint, tmp_path / "run"),
+        "distillation.use_precomputed_features=false",
+        f"data.val={shapes_val}",
+        "student.decoder_from=t",
+        "train.steps=4",
+        "train.val_every=2",
+        "distillation.dynamic_lambda.enabled=true",
+        "distillation.dynamic_lambda.metric=val/kd_loss",
+        "distillation.dynamic_lambda.mode=min",
+    )
+    run_train(settings)
+    val = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "val"]
+    assert len(val) == 2 and all(r["val/kd_loss"] > 0 for r in val)
+    student = setup.build_student(settings, torch.device("cpu"))
+    teacher = load_state_dict_file(teacher_checkpoint)
+    inherited = student.state_dict()
+    for key in ("mask_decoder.iou_token.weight", "prompt_encoder.point_embeddings.0.weight"):
+        assert torch.equal(inherited[key], teacher[key])
+
+
+def test_kd_loss_metric_needs_teacher_features(
+    tmp_path: Path, shapes: Path, shapes_val: Path, teacher_checkpoint: Path, feature_file: Path
+) -> None:
+    settings = make_settings(
+        *base_assignments(shapes, teacher_checkpoint, tmp_path / "run"),
+        f"distillation.features={feature_file}",
+        f"data.val={shapes_val}",
+        "distillation.dynamic_lambda.enabled=true",
+        "distillation.dynamic_lambda.metric=val/kd_loss",
+    )
+    with pytest.raises(UsageError, match="val/kd_loss needs online teachers or"):
+        run_train(settings)
