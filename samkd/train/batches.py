@@ -1,8 +1,8 @@
 """Training batches: samples with their prompts, low-resolution targets and teacher features.
 
 Augmentation keeps stored teacher features valid:
-- photometric changes (brightness, contrast) touch the student's input only, since the teacher
-  features stay those of the original image;
+- photometric changes (brightness, contrast) touch the student's input only: stored teacher
+  features are those of the original image, and online teachers are given the original image;
 - a horizontal flip mirrors the image, its masks and prompts inside the valid (unpadded)
   region, and the stored feature maps alike. SAM's encoders are not exactly flip-equivariant,
   so a flipped teacher map approximates the teacher's features of the flipped image; the flip
@@ -38,19 +38,29 @@ class TrainingSample:
     """A dataset sample plus what training needs.
 
     low_res_targets: `N x S/4 x S/4` float ground truth in the padded input frame;
-    teacher_features: `{teacher: {tap: tensor}}` from the feature file (empty when online).
+    teacher_features: `{teacher: {tap: tensor}}` from the feature file (empty when online);
+    teacher_image: `3 x S x S` input of online teachers when photometric changes made the
+    student's differ (None: the same as the student's).
     """
 
     sample: Sample
     low_res_targets: torch.Tensor
     teacher_features: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     flipped: bool = False
+    teacher_image: torch.Tensor | None = None
 
 
 @dataclass
 class TrainingBatch:
+    """Student inputs `B x 3 x S x S`, the samples, and online teachers' inputs when they
+    differ from the student's (photometric augmentation)."""
+
     images: torch.Tensor
     samples: list[TrainingSample]
+    teacher_images: torch.Tensor | None = None
+
+    def teacher_inputs(self) -> torch.Tensor:
+        return self.images if self.teacher_images is None else self.teacher_images
 
     def to(self, device: torch.device) -> TrainingBatch:
         non_blocking = device.type == "cuda"
@@ -60,10 +70,16 @@ class TrainingBatch:
                 teacher: {tap: t.to(device, non_blocking=non_blocking) for tap, t in taps.items()}
                 for teacher, taps in item.teacher_features.items()
             }
-        return TrainingBatch(self.images.to(device, non_blocking=non_blocking), self.samples)
+        teacher_images = self.teacher_images
+        if teacher_images is not None:
+            teacher_images = teacher_images.to(device, non_blocking=non_blocking)
+        images = self.images.to(device, non_blocking=non_blocking)
+        return TrainingBatch(images, self.samples, teacher_images)
 
     def pin_memory(self) -> TrainingBatch:
         self.images = self.images.pin_memory()
+        if self.teacher_images is not None:
+            self.teacher_images = self.teacher_images.pin_memory()
         return self
 
 
@@ -118,9 +134,11 @@ class DistillationDataset(Dataset[TrainingSample]):
             image_size = sample.image.shape[-1]
             features = flip_features(features, sample.input_size[1], image_size)
             sample = flip_sample(sample)
-        sample.image = photometric(sample.image, sample.input_size, self.augmentation, rng)
+        clean_image = sample.image
+        sample.image = photometric(clean_image, sample.input_size, self.augmentation, rng)
+        teacher_image = None if sample.image is clean_image else clean_image
         targets = low_res_targets(sample.masks, sample.input_size, sample.image.shape[-1])
-        return TrainingSample(sample, targets, features, flip)
+        return TrainingSample(sample, targets, features, flip, teacher_image)
 
 
 def photometric(
@@ -195,4 +213,13 @@ def _flip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def collate_training(items: list[TrainingSample]) -> TrainingBatch:
-    return TrainingBatch(torch.stack([item.sample.image for item in items]), items)
+    images = torch.stack([item.sample.image for item in items])
+    teacher_images = None
+    if any(item.teacher_image is not None for item in items):
+        teacher_images = torch.stack(
+            [
+                item.sample.image if item.teacher_image is None else item.teacher_image
+                for item in items
+            ]
+        )
+    return TrainingBatch(images, items, teacher_images)

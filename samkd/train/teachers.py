@@ -103,7 +103,7 @@ def teacher_encoder_features(teacher: Teacher, batch: TrainingBatch) -> TeacherF
             for tap in teacher.encoder_taps
         }
     with torch.inference_mode():
-        _, captured = encoder_forward(teacher.model, batch.images, teacher.encoder_taps)
+        _, captured = encoder_forward(teacher.model, batch.teacher_inputs(), teacher.encoder_taps)
     return {tap: _outside_inference(value) for tap, value in captured.items()}  # type: ignore[arg-type]
 
 
