@@ -16,8 +16,10 @@ from samkd.settings import Settings, SettingsError, load_settings
 
 TAP_HELP = (
     "Feature taps: encoder.embed (neck output, B x 256 x H/16 x W/16), encoder.block.<i> "
-    "(block or stage i), encoder.qk.<i> (attention block i), decoder.upscaled, "
-    "decoder.mask_logits, decoder.iou."
+    "(block or stage i), encoder.qk.<i> (attention block i, stored as a coarse attention map). "
+    "Decoder taps (decoder.upscaled, decoder.mask_logits, decoder.iou) depend on the prompts, "
+    "so extract refuses them: training computes the ones it needs from the stored "
+    "encoder.embed, with each teacher's prompt encoder and mask decoder stored in the file."
 )
 
 app = typer.Typer(
@@ -122,7 +124,8 @@ def extract(
     config: ConfigOption = None,
     assignments: SetOption = None,
     teacher: Annotated[
-        str | None, typer.Option(help="Teacher model type (vit_b, vit_l, vit_h, vit_t, vit_mini).")
+        str | None,
+        typer.Option(help="Teacher model type (vit_b, vit_l, vit_h, vit_t, vit_mini, vit_t_mini)."),
     ] = None,
     checkpoint: Annotated[
         Path | None, typer.Option(help="Teacher weights (with --teacher).", show_default=False)
@@ -237,8 +240,25 @@ def evaluate(
 @app.command()
 def inspect(
     path: Annotated[Path, typer.Argument(help="A feature file (.h5), run folder or checkpoint.")],
-    config: ConfigOption = None,
-    assignments: SetOption = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="YAML settings file; only its logging options (e.g. logging.level) apply.",
+            show_default=False,
+        ),
+    ] = None,
+    assignments: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-s",
+            help="Override one setting (repeatable); only logging options apply, "
+            "e.g. --set logging.level=DEBUG.",
+            show_default=False,
+        ),
+    ] = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print JSON instead of tables.")
     ] = False,

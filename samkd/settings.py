@@ -100,7 +100,7 @@ class DataSettings(StrictModel):
         "raise", description="a bad image or mask stops the run, or is skipped and counted"
     )
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes")
-    prompts: PromptSettings = PromptSettings()
+    prompts: PromptSettings = Field(PromptSettings(), description="how training prompts are drawn")
 
     @field_validator("image_size")
     @classmethod
@@ -174,11 +174,15 @@ class StudentSettings(StrictModel):
 class EncoderTermSettings(StrictModel):
     """Encoder matching: lambda_mse * MSE + lambda_kl * tau^2 * KL over matched taps."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="match student and teacher encoder features")
     weight: NonNegativeFloat = Field(1.0, description="lambda of the whole term")
-    mse_weight: NonNegativeFloat = 1.0
-    kl_weight: NonNegativeFloat = 0.0
-    temperature: PositiveFloat = 1.0
+    mse_weight: NonNegativeFloat = Field(
+        1.0, description="weight of the MSE between adapted student and teacher features"
+    )
+    kl_weight: NonNegativeFloat = Field(
+        0.0, description="weight of the tau^2-scaled softmax KL (0: the KL is not computed)"
+    )
+    temperature: PositiveFloat = Field(1.0, description="tau of the encoder KL's softmax")
     kl_axis: Literal["spatial", "channel"] = Field(
         "spatial", description="softmax over the positions of each channel, or over channels"
     )
@@ -188,50 +192,83 @@ class EncoderTermSettings(StrictModel):
 class DecoderTermSettings(StrictModel):
     """Decoder matching on the upscaled embedding and the mask logits."""
 
-    enabled: bool = False
-    weight: NonNegativeFloat = 1.0
-    mse_weight: NonNegativeFloat = 1.0
-    cosine_weight: NonNegativeFloat = 1.0
-    kl_weight: NonNegativeFloat = 1.0
-    temperature: PositiveFloat = 1.0
+    enabled: bool = Field(
+        False, description="match decoder outputs for the same prompts (teacher decoder runs)"
+    )
+    weight: NonNegativeFloat = Field(1.0, description="lambda of the whole term")
+    mse_weight: NonNegativeFloat = Field(1.0, description="weight of the MSE on decoder.upscaled")
+    cosine_weight: NonNegativeFloat = Field(
+        1.0, description="weight of mean(1 - cosine over channels) on decoder.upscaled"
+    )
+    kl_weight: NonNegativeFloat = Field(
+        1.0, description="weight of the tau^2-scaled per-pixel sigmoid KL on decoder.mask_logits"
+    )
+    temperature: PositiveFloat = Field(1.0, description="tau of the mask-logit KL")
 
 
 class AttentionTermSettings(StrictModel):
     """Attention matching: KL between coarse head-averaged attention maps."""
 
-    enabled: bool = False
-    weight: NonNegativeFloat = 1.0
-    grid_size: int = Field(16, ge=1, description="coarse map is grid_size^2 x grid_size^2")
-    query_chunk: int = Field(1024, ge=1, description="queries per chunk when coarsening")
+    enabled: bool = Field(False, description="match attention maps of the paired qk taps")
+    weight: NonNegativeFloat = Field(1.0, description="lambda of the attention KL term")
+    grid_size: int = Field(
+        16,
+        ge=1,
+        description="coarse map is grid_size^2 x grid_size^2; must equal extract.attention_grid "
+        "when features are precomputed",
+    )
+    query_chunk: int = Field(
+        1024, ge=1, description="queries per chunk when coarsening (bounds peak memory)"
+    )
     pairs: list[TapPair] | None = Field(None, description="matched qk taps (default per model)")
 
 
 class RKDTermSettings(StrictModel):
     """Relational KD (distance + angle) between patch embeddings."""
 
-    enabled: bool = False
-    weight: NonNegativeFloat = 1.0
-    distance_weight: NonNegativeFloat = 1.0
-    angle_weight: NonNegativeFloat = 2.0
+    enabled: bool = Field(False, description="match relations between patch embeddings")
+    weight: NonNegativeFloat = Field(1.0, description="lambda of the whole term")
+    distance_weight: NonNegativeFloat = Field(
+        1.0, description="weight of the smooth-L1 loss on mean-normalised pairwise distances"
+    )
+    angle_weight: NonNegativeFloat = Field(
+        2.0, description="weight of the smooth-L1 loss on angle cosines of patch triplets"
+    )
     tap: str = Field("encoder.embed", description="feature whose patches are related")
     patches: Literal["grid", "sample"] = Field("grid", description="pooled grid or sampled")
     grid_size: int = Field(8, ge=2, description="pooled grid side (patches = grid_size^2)")
     num_samples: int = Field(64, ge=3, description="sampled positions per image")
-    across_batch: bool = Field(False, description="relate images of a batch instead")
+    across_batch: bool = Field(
+        False, description="relate the batch's images (each its concatenated patches) instead"
+    )
     seed: int = Field(0, description="seed of the sampled positions (patches: sample)")
 
 
 class DynamicLambdaSettings(StrictModel):
     """lambda_kd drops by `factor` when the validation metric plateaus."""
 
-    enabled: bool = False
-    initial: NonNegativeFloat = 1.0
-    factor: float = Field(0.5, gt=0, le=1)
-    patience: int = Field(3, ge=0)
-    threshold: NonNegativeFloat = 1e-3
-    cooldown: int = Field(0, ge=0)
-    min_lambda: NonNegativeFloat = 0.0
-    mode: Literal["max", "min"] = "max"
+    enabled: bool = Field(
+        False, description="lower lambda_kd on plateaus (needs data.val); off: it stays initial"
+    )
+    initial: NonNegativeFloat = Field(
+        1.0, description="starting lambda_kd, the multiplier of the whole distillation loss"
+    )
+    factor: float = Field(
+        0.5, gt=0, le=1, description="lambda_kd is multiplied by this on a plateau"
+    )
+    patience: int = Field(
+        3, ge=0, description="evaluations without improvement tolerated; one more lowers lambda_kd"
+    )
+    threshold: NonNegativeFloat = Field(
+        1e-3, description="absolute margin over the best metric that counts as an improvement"
+    )
+    cooldown: int = Field(
+        0, ge=0, description="evaluations after a lowering during which plateaus are not counted"
+    )
+    min_lambda: NonNegativeFloat = Field(0.0, description="lambda_kd is never lowered below this")
+    mode: Literal["max", "min"] = Field(
+        "max", description="max: a higher metric is better; min: a lower one is"
+    )
     metric: Literal["val/miou", "val/kd_loss"] = Field(
         "val/miou",
         description="validation value watched: box mIoU (use mode max) or the distillation "
@@ -247,11 +284,21 @@ class DistillationSettings(StrictModel):
     val_features: Path | None = Field(
         None, description="feature file of the validation set, for val/kd_loss when precomputed"
     )
-    encoder: EncoderTermSettings = EncoderTermSettings()
-    decoder: DecoderTermSettings = DecoderTermSettings()
-    attention: AttentionTermSettings = AttentionTermSettings()
-    rkd: RKDTermSettings = RKDTermSettings()
-    dynamic_lambda: DynamicLambdaSettings = DynamicLambdaSettings()
+    encoder: EncoderTermSettings = Field(
+        EncoderTermSettings(), description="encoder feature matching"
+    )
+    decoder: DecoderTermSettings = Field(
+        DecoderTermSettings(), description="decoder output matching"
+    )
+    attention: AttentionTermSettings = Field(
+        AttentionTermSettings(), description="attention map matching"
+    )
+    rkd: RKDTermSettings = Field(
+        RKDTermSettings(), description="relational KD between patch embeddings"
+    )
+    dynamic_lambda: DynamicLambdaSettings = Field(
+        DynamicLambdaSettings(), description="schedule of lambda_kd"
+    )
 
 
 # --------------------------------------------------------------------------- jobs
@@ -274,19 +321,35 @@ class TrainSettings(StrictModel):
     output_dir: Path = Field(Path("runs/train"), description="run folder")
     steps: int = Field(1000, ge=1, description="optimizer steps")
     batch_size: int = Field(2, ge=1, description="global batch size")
-    grad_accumulation: int = Field(1, ge=1)
-    lr: PositiveFloat = 1e-4
-    weight_decay: NonNegativeFloat = 0.01
-    warmup_steps: int = Field(50, ge=0)
+    grad_accumulation: int = Field(
+        1, ge=1, description="micro-batches per step; the per-process batch must divide by it"
+    )
+    lr: PositiveFloat = Field(
+        1e-4, description="peak AdamW learning rate (after warmup, cosine decay to 0)"
+    )
+    weight_decay: NonNegativeFloat = Field(
+        0.01, description="AdamW weight decay of matrices and convolutions (not biases, norms)"
+    )
+    warmup_steps: int = Field(50, ge=0, description="steps of linear warmup from 0 to lr")
     grad_clip: NonNegativeFloat = Field(1.0, description="max gradient norm; 0 disables")
     precision: Precision = Field("auto", description="auto: bf16 on CUDA, fp32 on the CPU")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
-    compile: bool = False
-    channels_last: bool = False
-    seed: int = 0
-    val_every: int = Field(200, ge=1)
-    checkpoint_every: int = Field(500, ge=1)
-    early_stop_patience: int | None = Field(None, ge=1)
+    compile: bool = Field(False, description="wrap the training step in torch.compile")
+    channels_last: bool = Field(
+        False, description="put the student's image encoder in channels_last memory format"
+    )
+    seed: int = Field(0, description="seed of initialisation, batch order, prompts, augmentation")
+    val_every: int = Field(
+        200, ge=1, description="steps between validations (and at the end); needs data.val"
+    )
+    checkpoint_every: int = Field(
+        500, ge=1, description="steps between saves of checkpoints/last.pt (and at the end)"
+    )
+    early_stop_patience: int | None = Field(
+        None,
+        ge=1,
+        description="stop after this many validations without a better val/miou (null: never)",
+    )
     max_nonfinite_steps: int = Field(5, ge=1, description="consecutive skipped steps that abort")
     task_loss: bool = Field(
         True, description="add SAM's mask loss (focal, dice, IoU) when the data has masks"
@@ -295,16 +358,22 @@ class TrainSettings(StrictModel):
         default_factory=dict,
         description="part -> first step it trains (-1: frozen for the whole run)",
     )
-    augment: AugmentSettings = AugmentSettings()
+    augment: AugmentSettings = Field(AugmentSettings(), description="training-time augmentation")
 
 
 class ExtractSettings(StrictModel):
     """Writing teacher features to an HDF5 file."""
 
     output: Path = Field(Path("features.h5"), description="feature file to write")
-    taps: list[str] = Field(default_factory=lambda: ["encoder.embed"])
-    dtype: Literal["float16", "float32"] = "float16"
-    compression: Literal["none", "gzip", "lzf"] = "none"
+    taps: list[str] = Field(
+        default_factory=lambda: ["encoder.embed"],
+        description="encoder taps stored per teacher: encoder.embed, encoder.block.<i>, "
+        "encoder.qk.<i>",
+    )
+    dtype: Literal["float16", "float32"] = Field("float16", description="storage dtype of taps")
+    compression: Literal["none", "gzip", "lzf"] = Field(
+        "none", description="HDF5 compression filter of the tap datasets"
+    )
     allow_overflow: bool = Field(False, description="store values beyond float16 range anyway")
     allow_nonfinite: bool = Field(False, description="store NaN / Inf feature values anyway")
     shard_size: int = Field(
@@ -313,10 +382,12 @@ class ExtractSettings(StrictModel):
     join: Literal["copy", "virtual"] = Field(
         "copy", description="join shards by copying chunks, or as virtual datasets over them"
     )
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1, description="images per teacher forward pass")
     attention_grid: int = Field(16, ge=1, description="coarse attention grid side")
-    precision: Precision = "auto"
-    device: str = "auto"
+    precision: Precision = Field(
+        "auto", description="teacher autocast dtype; auto: bf16 on CUDA, fp32 on the CPU"
+    )
+    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:1, ...")
 
 
 class EvalSettings(StrictModel):
@@ -327,21 +398,31 @@ class EvalSettings(StrictModel):
         description="box: the mask's box; point: its centre point; points: k corrective clicks",
     )
     num_points: int = Field(3, ge=1, description="k for the points prompt")
-    multimask: bool = True
-    speed: bool = True
-    warmup: int = Field(2, ge=0)
-    repeats: int = Field(10, ge=1)
-    batch_size: int = Field(1, ge=1)
-    device: str = "auto"
-    seed: int = 0
+    multimask: bool = Field(
+        True, description="also report the best of the 3 multimask outputs (oracle mIoU)"
+    )
+    speed: bool = Field(
+        True, description="time the encoder (latency, throughput) and the decoder (latency per box)"
+    )
+    warmup: int = Field(2, ge=0, description="untimed calls before each timing")
+    repeats: int = Field(10, ge=1, description="timed calls per latency (median and p90)")
+    batch_size: int = Field(
+        1, ge=1, description="encoder batch of the throughput timing (latency uses batch 1)"
+    )
+    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    seed: int = Field(0, description="torch seed (e.g. random weights when no checkpoint is set)")
 
 
 class LoggingSettings(StrictModel):
     """What is written where."""
 
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="lowest level of log messages printed to stderr"
+    )
     log_every: int = Field(10, ge=1, description="steps between metric records")
-    tensorboard: bool = True
+    tensorboard: bool = Field(
+        True, description="also write TensorBoard events to <run>/tensorboard (if installed)"
+    )
 
 
 class Settings(BaseSettings):
@@ -349,14 +430,19 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="forbid", validate_assignment=True)
 
-    data: DataSettings = DataSettings()
-    teachers: list[TeacherSettings] = Field(default_factory=list)
-    student: StudentSettings = StudentSettings()
-    distillation: DistillationSettings = DistillationSettings()
-    train: TrainSettings = TrainSettings()
-    extract: ExtractSettings = ExtractSettings()
-    eval: EvalSettings = EvalSettings()
-    logging: LoggingSettings = LoggingSettings()
+    data: DataSettings = Field(DataSettings(), description="datasets and prompt sampling")
+    teachers: list[TeacherSettings] = Field(
+        default_factory=list,
+        description="SAM models the student learns from (extract stores their features)",
+    )
+    student: StudentSettings = Field(StudentSettings(), description="the model being trained")
+    distillation: DistillationSettings = Field(
+        DistillationSettings(), description="the distillation objective"
+    )
+    train: TrainSettings = Field(TrainSettings(), description="the training loop")
+    extract: ExtractSettings = Field(ExtractSettings(), description="teacher feature extraction")
+    eval: EvalSettings = Field(EvalSettings(), description="mask quality and speed measurement")
+    logging: LoggingSettings = Field(LoggingSettings(), description="log level and metric outputs")
 
     @classmethod
     def settings_customise_sources(

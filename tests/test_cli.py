@@ -63,9 +63,9 @@ def test_flags_beat_set_options() -> None:
 def test_extract_teacher_flags() -> None:
     result = runner.invoke(app, ["extract", "--print-config", "--teacher", "vit_h"])
     printed = yaml.safe_load(result.stdout)
-    assert printed["teachers"] == [
-        {"name": "vit_h", "model_type": "vit_h", "checkpoint": None, "weight": 1.0}
-    ]
+    (teacher,) = printed["teachers"]
+    assert teacher["name"] == teacher["model_type"] == "vit_h"
+    assert (teacher["checkpoint"], teacher["weight"]) == (None, 1.0)
 
 
 def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
