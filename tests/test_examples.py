@@ -9,6 +9,8 @@ import yaml
 from typer.testing import CliRunner
 
 from samkd.cli import app
+from samkd.distill import DistillationObjective
+from samkd.models import available_taps, build_sam
 from samkd.settings import Settings, load_settings
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -174,3 +176,34 @@ def test_cpu_demo_uses_the_small_presets(tmp_path: Path) -> None:
     assert enabled_terms(demo) == {"encoder", "decoder", "attention", "rkd"}
     raw = yaml.safe_load((EXAMPLES / "cpu_demo" / "settings.yaml").read_text())
     assert Path(raw["teachers"][0]["checkpoint"]) == teacher.train.output_dir / "student.pt"
+
+
+@pytest.mark.parametrize("path", SETTINGS_FILES, ids=example_id)
+def test_taps_and_pairs_exist_in_the_models(path: Path, tmp_path: Path) -> None:
+    """Every extracted tap and matched pair names a tap that the model really has."""
+    settings = load_example(path, tmp_path)
+    if not settings.teachers:
+        return
+    student_taps = set(available_taps(build_sam(settings.student.model_type, device="meta")))
+    student_taps.add("encoder.embed")
+    objective = DistillationObjective(
+        settings.distillation, settings.teachers, settings.student.model_type
+    )
+    for teacher in settings.teachers:
+        teacher_taps = set(available_taps(build_sam(teacher.model_type, device="meta")))
+        teacher_taps.add("encoder.embed")
+        stored = set(teacher.taps or settings.extract.taps)
+        assert stored <= teacher_taps, (teacher.name, stored - teacher_taps)
+        needed = set(objective.required_teacher_taps(teacher.name))
+        encoder_needed = {tap for tap in needed if tap.startswith("encoder.")}
+        assert encoder_needed <= teacher_taps, (teacher.name, encoder_needed - teacher_taps)
+        if settings.distillation.use_precomputed_features:
+            assert encoder_needed <= stored, (teacher.name, encoder_needed - stored)
+    assert set(objective.required_student_taps()) - {"decoder.upscaled", "decoder.mask_logits"} <= (
+        student_taps
+    )
+
+
+def test_mobilesam_recipe_trains_on_the_embedding_alone(tmp_path: Path) -> None:
+    settings = load_example(EXAMPLES / "mobilesam_recipe" / "settings.yaml", tmp_path)
+    assert settings.train.task_loss is False
