@@ -351,6 +351,7 @@ def _folder_bytes(folder: Path) -> int:
 
 def render_report(report: FeatureFileReport, console: Any = None) -> None:
     """Print the report as a rich table (to `console`, default a new rich Console)."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -362,30 +363,46 @@ def render_report(report: FeatureFileReport, console: Any = None) -> None:
         f"({format_bytes(report.bytes_per_image)} per image), dtype {report.dtype}, "
         f"compression {report.compression}" + (", all images checked" if report.checked else "")
     )
-    table = Table(show_lines=False)
-    for column in ("teacher", "tap", "shape", "dtype", "chunks", "done", "on disk", "per image"):
-        table.add_column(column)
+    tap_bytes = sum(tap.bytes_on_disk for teacher in report.teachers for tap in teacher.taps)
+    console.print(
+        f"teachers: {', '.join(t.name for t in report.teachers) or '-'}; feature data "
+        f"{format_bytes(tap_bytes)}, the rest is the teachers' stored decoders and the index"
+    )
+    storage = Table(
+        title="storage (one image per HDF5 chunk)", title_justify="left", box=box.SIMPLE_HEAD
+    )
+    for column in ("teacher", "tap", "shape", "done", "on disk", "per image"):
+        storage.add_column(column, no_wrap=True)
+    sampled = max((tap.images_sampled for t in report.teachers for tap in t.taps), default=0)
+    values = Table(
+        title=f"values (over {sampled} images)", title_justify="left", box=box.SIMPLE_HEAD
+    )
+    for column in ("teacher", "tap"):
+        values.add_column(column, no_wrap=True)
     for column in ("mean", "std", "min", "max", "NaN", "Inf"):
-        table.add_column(column, justify="right")
+        values.add_column(column, justify="right", no_wrap=True, min_width=3)
     for teacher in report.teachers:
         for tap in teacher.taps:
-            table.add_row(
+            storage.add_row(
                 teacher.name,
                 tap.name,
                 "x".join(map(str, tap.shape)),
-                tap.dtype,
-                "x".join(map(str, tap.chunks)) if tap.chunks else "-",
                 f"{teacher.images_done}/{teacher.images_total}",
                 format_bytes(tap.bytes_on_disk),
                 format_bytes(tap.bytes_per_image),
+            )
+            values.add_row(
+                teacher.name,
+                tap.name,
                 *(_number(value) for value in (tap.mean, tap.std, tap.min, tap.max)),
                 str(tap.nan_count),
                 str(tap.inf_count),
             )
-    console.print(table)
+    console.print(storage)
+    console.print(values)
     for problem in report.problems:
         console.print(f"[{colour}]- {problem}[/{colour}]")
 
 
 def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"
+    return "-" if value is None else f"{value:.3g}"
