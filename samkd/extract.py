@@ -34,6 +34,7 @@ from samkd.features import (
 from samkd.models import (
     AttentionCapture,
     available_taps,
+    build_prompt_decoder,
     build_sam,
     capture_taps,
     default_image_size,
@@ -103,6 +104,12 @@ def probe_tap_shapes(
     image = torch.zeros(1, 3, image_size, image_size, device=device)
     features = teacher_batch_features(model, image, taps, grid_size)
     return {tap: tuple(value.shape[1:]) for tap, value in features.items()}
+
+
+def decoder_bytes(image_size: int) -> int:
+    """Bytes of one teacher's prompt encoder and mask decoder as stored (float32)."""
+    parts = build_prompt_decoder(image_size)
+    return sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
 
 
 def build_teacher(entry: TeacherSettings, image_size: int, device: torch.device) -> Sam:
@@ -210,9 +217,11 @@ def _extract(settings: Settings, dist: Distributed, console: Console) -> Path | 
     dataset = load_extraction_dataset(settings, image_size)
     plan = make_plan(settings, dataset, image_size, device)
     output = settings.extract.output
+    decoders = len(settings.teachers) * decoder_bytes(image_size)
     console.print(
         f"extracting {len(settings.teachers)} teacher(s) x {plan.num_images} images at "
-        f"{image_size} px into {output} (planned {format_bytes(planned_bytes(plan))})"
+        f"{image_size} px into {output} (planned {format_bytes(planned_bytes(plan))} of "
+        f"features + {format_bytes(decoders)} of teacher decoders)"
     )
     writer = open_for_extraction(
         output, plan, rank=dist.rank, world_size=dist.world_size, layout=settings.extract.join
