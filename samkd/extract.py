@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from loguru import logger
 from rich.console import Console
 from segment_anything.modeling import Sam
 from torch.utils.data import DataLoader, Subset
@@ -113,6 +114,11 @@ def decoder_bytes(image_size: int) -> int:
 
 
 def build_teacher(entry: TeacherSettings, image_size: int, device: torch.device) -> Sam:
+    """The teacher with its weights; without a checkpoint, seeded random weights, so that every
+    rank and every rerun of a resumed extraction computes the same features."""
+    if entry.checkpoint is None:
+        logger.warning(f"teacher '{entry.name}' has no checkpoint: using seeded random weights")
+        torch.manual_seed(0)
     model = build_sam(entry.model_type, image_size=image_size, checkpoint=entry.checkpoint)
     return model.to(device).eval()
 

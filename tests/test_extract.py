@@ -1,0 +1,169 @@
+"""`samkd extract` end to end: taps, reruns, SIGKILL and resume, and torchrun shards."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from samkd.cli import app
+from samkd.demo.shapes import write_shapes_dataset
+from samkd.extract import run_extract
+from samkd.models import build_sam, save_state_dict
+from samkd.settings import load_settings
+
+TAPS = ["encoder.embed", "encoder.qk.3", "encoder.block.1"]
+# Bitwise comparisons between processes need one thread: a loaded machine must not change
+# how CPU kernels split their reductions.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", 12, (96, 128))
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(3)
+    path = tmp_path_factory.mktemp("weights") / "teacher.pt"
+    save_state_dict(build_sam("vit_mini"), path)
+    return path
+
+
+def write_config(path: Path, shapes: Path, teacher: Path, output: Path) -> Path:
+    settings = load_settings(
+        None,
+        [
+            f"data.train={shapes}",
+            "data.num_workers=0",
+            "student.model_type=vit_t_mini",
+            f"teachers=[{{name: t, model_type: vit_mini, checkpoint: {teacher}}}]",
+            f"extract.output={output}",
+            f"extract.taps={TAPS}",
+            "extract.shard_size=2",
+            "extract.batch_size=2",
+        ],
+        environ={},
+    )
+    path.write_text(settings.to_yaml())
+    return path
+
+
+def datasets(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as handle:
+        return {tap: handle[f"teachers/t/taps/{tap}"][()] for tap in TAPS}
+
+
+def assert_identical(left: Path, right: Path) -> None:
+    first, second = datasets(left), datasets(right)
+    for tap in TAPS:
+        assert np.array_equal(first[tap], second[tap]), tap
+
+
+def extract(config: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "samkd", "extract", "--config", str(config), *extra]
+    return subprocess.run(command, capture_output=True, text=True, env=ONE_THREAD)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, shapes: Path, teacher: Path) -> Path:
+    folder = tmp_path_factory.mktemp("reference")
+    config = write_config(folder / "c.yaml", shapes, teacher, folder / "features.h5")
+    completed = extract(config)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    return folder / "features.h5"
+
+
+def test_every_tap_is_stored_with_its_shape(reference: Path) -> None:
+    stored = datasets(reference)
+    assert stored["encoder.embed"].shape == (12, 256, 16, 16)
+    assert stored["encoder.qk.3"].shape == (12, 256, 256)
+    assert stored["encoder.block.1"].shape == (12, 192, 16, 16)
+    rows = stored["encoder.qk.3"].astype(np.float64).sum(axis=-1)
+    assert np.allclose(rows, 1.0, atol=2e-2)  # coarse attention rows stay distributions
+
+
+def test_rerun_does_nothing_and_says_so(
+    tmp_path: Path, shapes: Path, teacher: Path, reference: Path
+) -> None:
+    config = write_config(tmp_path / "c.yaml", shapes, teacher, reference)
+    before = reference.stat().st_mtime_ns
+    completed = extract(config)
+    assert completed.returncode == 0
+    assert "already complete, nothing to do" in completed.stderr + completed.stdout
+    assert reference.stat().st_mtime_ns == before
+
+
+def test_changed_settings_are_refused(
+    tmp_path: Path, shapes: Path, teacher: Path, reference: Path
+) -> None:
+    config = write_config(tmp_path / "c.yaml", shapes, teacher, reference)
+    completed = extract(config, "--set", "extract.dtype=float32")
+    assert completed.returncode == 1
+    assert "features.h5" in completed.stderr and "float" in completed.stderr
+
+
+def test_sigkill_then_rerun_gives_identical_file(
+    tmp_path: Path, shapes: Path, teacher: Path, reference: Path
+) -> None:
+    output = tmp_path / "features.h5"
+    config = write_config(tmp_path / "c.yaml", shapes, teacher, output)
+    command = [sys.executable, "-m", "samkd", "extract", "--config", str(config)]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ONE_THREAD
+    )
+    parts = tmp_path / "features.h5.parts" / "t"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if parts.is_dir() and len(list(parts.glob("part-*.h5"))) >= 2:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "extraction finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not output.exists()
+    completed = extract(config)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "resuming" in completed.stderr + completed.stdout
+    assert_identical(output, reference)
+
+
+def test_torchrun_two_processes_match_one(
+    tmp_path: Path, shapes: Path, teacher: Path, reference: Path
+) -> None:
+    output = tmp_path / "features.h5"
+    config = write_config(tmp_path / "c.yaml", shapes, teacher, output)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        "--master_port=29541", "-m", "samkd", "extract", "--config", str(config),
+    ]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, env=ONE_THREAD)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert_identical(output, reference)
+
+
+def test_tap_errors_are_one_line(shapes: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    common = ["extract", "--teacher", "vit_mini", "--data", str(shapes)]
+    common += ["--output", str(tmp_path / "x.h5"), "--set", "student.model_type=vit_t_mini"]
+    result = runner.invoke(app, [*common, "--tap", "encoder.qk.99"])
+    assert result.exit_code == 1
+    assert "unknown tap 'encoder.qk.99'; valid taps: encoder.block.0" in result.stderr
+    result = runner.invoke(app, [*common, "--tap", "decoder.upscaled"])
+    assert result.exit_code == 1
+    assert "depends on prompts" in result.stderr
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_run_extract_without_teachers_is_an_error(shapes: Path) -> None:
+    settings = load_settings(None, [f"data.train={shapes}"], environ={})
+    with pytest.raises(ValueError, match="no teacher to extract"):
+        run_extract(settings)
