@@ -5,7 +5,8 @@ and random-access read throughput (images/s) through a DataLoader with 0 and 2 w
 (page cache dropped with posix_fadvise) and warm. Target: <= 0.5x the bytes at >= 1.0x the
 throughput of `.npy`.
 
-    python benchmarks/feature_store.py --images 96
+    python -m benchmarks.feature_store --images 96
+    python -m benchmarks --only feature_store
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from benchmarks.common import NOISE_NOTE, ResultTable, Section
 from samkd.features import (
     ExtractionPlan,
     FeatureStore,
@@ -31,6 +34,10 @@ from samkd.features import (
     TeacherSpec,
     open_for_extraction,
 )
+
+NAME = "feature_store"
+FULL_IMAGES = 96
+QUICK_IMAGES = 8
 
 TAPS = (
     TapSpec("encoder.embed", (256, 64, 64)),
@@ -173,7 +180,7 @@ def markdown_section(
         "`.npy`: one float32 file per image per tap. Random order, DataLoader batch_size=None.",
         "`hdf5` returns float32 tensors; `hdf5 (fp16 out)` returns the stored float16 tensors",
         "(`FeatureStore(dtype=torch.float16)`), to be widened on the GPU.",
-        f"Measured by `python benchmarks/feature_store.py --images {num_images}` "
+        f"Measured by `python -m benchmarks.feature_store --images {num_images}` "
         f"({seconds:.0f} s).",
         "",
         "| | HDF5 | .npy | ratio |",
@@ -195,28 +202,100 @@ def markdown_section(
     return "\n".join(lines) + "\n"
 
 
+def measure(num_images: int, workdir: Path) -> tuple[dict[str, int], list[ReadResult]]:
+    """Bytes on disk of both layouts and their read throughput."""
+    h5_path, npy_root = workdir / "features.h5", workdir / "npy"
+    build_hdf5(h5_path, num_images)
+    build_npy(npy_root, num_images)
+    sizes = {"hdf5": bytes_on_disk(h5_path), "npy": bytes_on_disk(npy_root)}
+    datasets = {
+        "hdf5": (StoreFeatures(h5_path), h5_path),
+        "npy": (NpyFeatures(npy_root, num_images), npy_root),
+        "hdf5 (fp16 out)": (StoreFeatures(h5_path, torch.float16), h5_path),
+    }
+    return sizes, measure_reads(datasets, num_images)
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """DataLoader workers run torch single-threaded; the main process does the same, so the
+    0-worker numbers do not measure thread contention on small conversions."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def section(num_images: int, sizes: dict[str, int], reads: Sequence[ReadResult]) -> Section:
+    """The same results as `markdown_section`, as a `benchmarks` section."""
+    shapes = ", ".join(f"`{tap.name}` {'x'.join(map(str, tap.shape))}" for tap in TAPS)
+    size_table = ResultTable(["bytes on disk", "HDF5", ".npy", "HDF5 / .npy"])
+    size_table.add(
+        "MiB",
+        f"{sizes['hdf5'] / 2**20:.1f}",
+        f"{sizes['npy'] / 2**20:.1f}",
+        f"{sizes['hdf5'] / sizes['npy']:.3f}x",
+    )
+    read_table = ResultTable(["read (images/s)", "HDF5", ".npy", "HDF5 / .npy"])
+    for workers in (0, 2):
+        for cache in ("cold", "warm", "unknown"):
+            found = {r.layout: r for r in reads if r.workers == workers and r.cache == cache}
+            if "hdf5" not in found or "npy" not in found:
+                continue
+            npy = found["npy"].images_per_s
+            for layout in ("hdf5", "hdf5 (fp16 out)"):
+                rate = found[layout].images_per_s
+                read_table.add(
+                    f"{workers} workers, {cache}, {layout}",
+                    f"{rate:.0f}",
+                    f"{npy:.0f}",
+                    f"{rate / npy:.2f}x",
+                )
+    return Section(
+        name=NAME,
+        title="Feature store: HDF5 vs .npy",
+        description=(
+            f"{num_images} images of ViT-H-like features, taps {shapes}; HDF5 float16, no "
+            "compression, one image per chunk; `.npy`: one float32 file per image per tap "
+            "(the MobileSAM fine-tuning layout). Random order, DataLoader batch_size=None, "
+            "torch single-threaded. `hdf5` returns float32 tensors; `hdf5 (fp16 out)` the "
+            "stored float16 (`FeatureStore(dtype=torch.float16)`), to be widened on the GPU. "
+            "Cold: page cache dropped with posix_fadvise first. "
+            "Target: <= 0.5x the bytes at >= 1.0x the throughput of `.npy`."
+        ),
+        tables=[size_table, read_table],
+        notes=[
+            "With 2 workers on 2 shared cores, worker start-up and passing each 4 MiB float32 "
+            "embedding between processes weigh most; float16 output halves that transfer.",
+            NOISE_NOTE,
+        ],
+    )
+
+
+def run(quick: bool = False) -> Section:
+    num_images = QUICK_IMAGES if quick else FULL_IMAGES
+    workdir = Path(tempfile.mkdtemp(prefix="samkd-bench-store-"))
+    try:
+        with single_thread():
+            sizes, reads = measure(num_images, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return section(num_images, sizes, reads)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--images", type=int, default=FULL_IMAGES)
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
     args = parser.parse_args()
-    # DataLoader workers run torch single-threaded; do the same in the main process so the
-    # 0-worker numbers do not measure thread contention on small conversions.
-    torch.set_num_threads(1)
     began = time.perf_counter()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="samkd-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        h5_path, npy_root = workdir / "features.h5", workdir / "npy"
-        build_hdf5(h5_path, args.images)
-        build_npy(npy_root, args.images)
-        sizes = {"hdf5": bytes_on_disk(h5_path), "npy": bytes_on_disk(npy_root)}
-        datasets = {
-            "hdf5": (StoreFeatures(h5_path), h5_path),
-            "npy": (NpyFeatures(npy_root, args.images), npy_root),
-            "hdf5 (fp16 out)": (StoreFeatures(h5_path, torch.float16), h5_path),
-        }
-        reads = measure_reads(datasets, args.images)
+        with single_thread():
+            sizes, reads = measure(args.images, workdir)
         print(markdown_section(args.images, sizes, reads, time.perf_counter() - began))
     finally:
         if args.workdir is None:

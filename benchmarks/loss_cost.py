@@ -10,9 +10,10 @@ Peak memory is the process's peak resident set size after the run minus its resi
 just before it, both read from the kernel: an upper bound on the extra memory the term needed,
 which sees every allocation torch makes on the CPU.
 
-    python benchmarks/loss_cost.py                     # table on stdout
-    python benchmarks/loss_cost.py --markdown out.md   # also write a markdown section
-    python benchmarks/loss_cost.py --case rkd_grid     # one term, as JSON
+    python -m benchmarks.loss_cost                     # table on stdout
+    python -m benchmarks.loss_cost --markdown out.md   # also write a markdown section
+    python -m benchmarks.loss_cost --case rkd_grid     # one term, as JSON
+    python -m benchmarks --only loss_cost              # as a BENCHMARKS.md section
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
+from benchmarks.common import NOISE_NOTE, ResultTable, Section
 from samkd.distill.attention import attention_kl, coarse_attention_map, coarse_attention_support
 from samkd.distill.decoder import cosine_distance, mask_logit_kl
 from samkd.distill.encoder import encoder_kl, feature_mse
@@ -40,7 +42,12 @@ from samkd.distill.rkd import (
 )
 from samkd.models.attention_capture import AttentionCapture
 
+NAME = "loss_cost"
 MIB = 1 << 20
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BASELINE = "encoder_mse"
+# Cheap terms for `--quick`: the baseline and one decoder term.
+QUICK_CASES = ("encoder_mse", "decoder_kl")
 
 
 def pair(*shape: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,8 +189,11 @@ def run_case(name: str, repeats: int) -> dict[str, float]:
 
 
 def measure_in_subprocess(name: str, repeats: int) -> dict[str, float]:
-    command = [sys.executable, __file__, "--case", name, "--repeats", str(repeats)]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    command = [sys.executable, "-m", "benchmarks.loss_cost", "--case", name]
+    command += ["--repeats", str(repeats)]
+    output = subprocess.run(
+        command, check=True, capture_output=True, text=True, cwd=REPO_ROOT
+    ).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
@@ -205,6 +215,51 @@ def markdown(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def measure_cases(names: Sequence[str], repeats: int) -> dict[str, dict[str, float]]:
+    results = {}
+    for name in names:
+        # The ViT-H attention coarsening alone takes seconds; one timed run is enough.
+        case_repeats = min(1, repeats) if name == "attention_teacher" else repeats
+        results[name] = measure_in_subprocess(name, case_repeats)
+    return results
+
+
+def section(results: dict[str, dict[str, float]], repeats: int) -> Section:
+    baseline = results[BASELINE]["seconds"]
+    timing = (
+        f"fastest of {repeats} timed runs after a warm-up (one for `attention_teacher`)"
+        if repeats
+        else "a single run, warm-up included"
+    )
+    table = ResultTable(["term", "what", "time (ms)", f"time / {BASELINE}", "peak extra (MiB)"])
+    for name, result in results.items():
+        table.add(
+            name,
+            CASES[name][0],
+            f"{result['seconds'] * 1e3:.1f}",
+            f"{result['seconds'] / baseline:.1f}x",
+            f"{result['peak_mib']:.0f}",
+        )
+    return Section(
+        name=NAME,
+        title="Distillation loss cost",
+        description=(
+            "Each distillation term alone at real MobileSAM / ViT-H sizes, batch 1 at 1024 px, "
+            f"in its own subprocess: {timing}. Peak = the "
+            "process's peak resident set minus its resident set before the term (an upper "
+            f"bound on the extra memory). Ratios are to `{BASELINE}`, the plainest term, "
+            "measured in the same run."
+        ),
+        tables=[table],
+        notes=[NOISE_NOTE],
+    )
+
+
+def run(quick: bool = False) -> Section:
+    names, repeats = (QUICK_CASES, 0) if quick else (tuple(CASES), 3)
+    return section(measure_cases(names, repeats), repeats)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=sorted(CASES), help="run one term and print JSON")
@@ -216,8 +271,7 @@ def main() -> None:
         return
     results = {}
     for name in CASES:
-        repeats = min(1, args.repeats) if name == "attention_teacher" else args.repeats
-        results[name] = measure_in_subprocess(name, repeats)
+        results.update(measure_cases([name], args.repeats))
         seconds, peak = results[name]["seconds"], results[name]["peak_mib"]
         print(f"{name:<18} {seconds * 1e3:10.1f} ms {peak:8.0f} MiB", flush=True)
     table = markdown(results)
