@@ -15,7 +15,14 @@ from pathlib import Path
 
 from rich.console import Console
 
-from benchmarks import extraction, feature_store, loss_cost, preset_speed, train_step
+from benchmarks import (
+    extraction,
+    feature_store,
+    loss_cost,
+    preset_speed,
+    teacher_fast_path,
+    train_step,
+)
 from benchmarks.common import Section, section_markdown, this_machine
 
 BENCHMARKS: dict[str, Callable[[bool], Section]] = {
@@ -24,6 +31,7 @@ BENCHMARKS: dict[str, Callable[[bool], Section]] = {
     extraction.NAME: extraction.run,
     train_step.NAME: train_step.run,
     preset_speed.NAME: preset_speed.run,
+    teacher_fast_path.NAME: teacher_fast_path.run,
 }
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 SECTION_PATTERN = re.compile(r"<!-- benchmark:(\S+) -->\n(.*?)<!-- /benchmark:\1 -->", re.S)

@@ -2,10 +2,12 @@
 
 At 1024 px with random weights (`vit_h` teacher, `vit_t` student), in one process:
 
-1. teacher image encoder images/s, float32 vs bf16 autocast (samkd has no optimised fast path
-   yet, so these two are all there is to compare);
-2. `run_extract` end to end into HDF5 (bf16, DataLoader workers), images/s and its ratio to
-   the bare bf16 encoder of step 1 at the same batch size;
+1. teacher image encoder images/s: the reference in float32 and under bf16 autocast vs the
+   fast path (`samkd.models.fast_attention`: SDPA with the relative position bias as mask) in
+   float32, bf16, and bf16 with torch.compile, each with the max abs difference of its
+   embeddings to the float32 reference;
+2. `run_extract` end to end into HDF5 (bf16 fast path, DataLoader workers), images/s and its
+   ratio to the bare bf16 fast-path encoder of step 1 at the same batch size;
 3. training step images/s of the student: plain fine-tuning, distillation from the features
    of step 2, and distillation from the online teacher, as ratios to plain;
 4. peak GPU memory of each (`torch.cuda.max_memory_allocated`).
@@ -39,7 +41,7 @@ from benchmarks.extraction import timed_extraction_loop
 from benchmarks.train_step import train_step_seconds
 from samkd.demo.shapes import write_shapes_dataset
 from samkd.extract import run_extract
-from samkd.models import build_sam
+from samkd.models import build_sam, optimize_teacher
 from samkd.settings import load_settings
 
 GIB = 1 << 30
@@ -60,6 +62,7 @@ class Config:
     train_batch: int
     train_steps: int
     warmup_steps: int  # dropped from the training timing
+    compile: bool  # also time the teacher fast path under torch.compile
 
 
 GPU = Config(
@@ -76,6 +79,7 @@ GPU = Config(
     train_batch=8,
     train_steps=20,
     warmup_steps=5,
+    compile=True,
 )
 DRY_RUN = Config(
     device="cpu",
@@ -91,6 +95,7 @@ DRY_RUN = Config(
     train_batch=1,
     train_steps=1,
     warmup_steps=0,
+    compile=False,
 )
 
 
@@ -118,29 +123,70 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+# (name, bf16 autocast, fast path, torch.compile); the fast path is samkd.models.fast_attention.
+ENCODER_VARIANTS = (
+    ("fp32", False, False, False),
+    ("bf16", True, False, False),
+    ("fast_fp32", False, True, False),
+    ("fast", True, True, False),
+    ("fast_compile", True, True, True),
+)
+ENCODER_LABELS = {
+    "fp32": "fp32 reference",
+    "bf16": "bf16 reference",
+    "fast_fp32": "fast path fp32 (SDPA)",
+    "fast": "fast path (bf16 + SDPA)",
+    "fast_compile": "fast path + compile",
+}
+
+
 def encoder_throughput(config: Config, device: torch.device) -> dict[str, Any]:
-    """Teacher image encoder images/s and peak memory, float32 and bf16 autocast."""
+    """Teacher image encoder images/s, peak memory and max abs difference of the embeddings
+    to the float32 reference, for each of `ENCODER_VARIANTS`."""
     model = build_sam(config.teacher, image_size=config.image_size).to(device).eval()
+    with torch.no_grad():  # random weights, but non-zero relative positions
+        for name, parameter in model.image_encoder.named_parameters():
+            if "rel_pos" in name:
+                parameter.normal_(0.0, 0.1)
     size = config.image_size
     batch = torch.randn(config.encoder_batch, 3, size, size, device=device)
     results: dict[str, Any] = {}
-    for name, bf16 in (("fp32", False), ("bf16", True)):
+    reference: torch.Tensor | None = None
+    for name, bf16, fast, compiled in ENCODER_VARIANTS:
+        if compiled and not config.compile:
+            continue
         reset_peak(device)
-        with torch.inference_mode(), autocast(device, bf16):
-            model.image_encoder(batch)
-            synchronize(device)
-            began = time.perf_counter()
-            for _ in range(config.encoder_batches):
-                model.image_encoder(batch)
-            synchronize(device)
-            seconds = time.perf_counter() - began
+        handle = optimize_teacher(model, compile=compiled) if fast else None
+        try:
+            with torch.inference_mode(), autocast(device, bf16):
+                began = time.perf_counter()
+                output = model.image_encoder(batch).float()
+                synchronize(device)
+                first_call_s = time.perf_counter() - began
+                began = time.perf_counter()
+                for _ in range(config.encoder_batches):
+                    model.image_encoder(batch)
+                synchronize(device)
+                seconds = time.perf_counter() - began
+        finally:
+            if handle is not None:
+                handle.remove()
+        if reference is None:
+            reference = output
         images = config.encoder_batch * config.encoder_batches
         results[name] = {
             "name": name,
             "images_per_s": images / seconds,
             "peak_gib": peak_gib(device),
+            "first_call_s": first_call_s,
+            "max_abs_diff": (output - reference).abs().max().item(),
+            "reference_max_abs": reference.abs().max().item(),
         }
-    results["bf16_over_fp32"] = results["bf16"]["images_per_s"] / results["fp32"]["images_per_s"]
+    fp32 = results["fp32"]["images_per_s"]
+    for name in results.copy():
+        if name != "fp32":
+            results[f"{name}_over_fp32"] = results[name]["images_per_s"] / fp32
+    results["fast_over_bf16"] = results["fast"]["images_per_s"] / results["bf16"]["images_per_s"]
     del model
     return results
 
@@ -262,8 +308,12 @@ def markdown(results: dict[str, Any]) -> str:
         f"Machine: {results['device']}, torch {results['torch']}, CUDA {results['cuda']}, "
         f"{results['date']}",
         "",
-        "Random weights. Teacher: image encoder alone, float32 vs bf16 autocast (no optimised "
-        "fast path exists yet). Extraction: `run_extract` end to end into HDF5 (bf16 on CUDA, "
+        "Random weights (relative positions non-zero). Teacher: image encoder alone, the "
+        "reference in float32 and under bf16 autocast vs the fast path "
+        "(`samkd.models.fast_attention`: SDPA with the relative position bias as mask; in "
+        "float32, under bf16 autocast, and with torch.compile), with the max abs difference of "
+        "the embeddings to the float32 reference. Extraction: `run_extract` end to end into "
+        "HDF5 (bf16 fast path on CUDA, "
         f"{config['workers']} DataLoader workers) vs the bare encoder at the same batch size "
         "and precision; *loop only* leaves out the fixed setup (plan, shape probe on the CPU, "
         "model builds, shard join). Training: median step after warm-up, task loss plus the "
@@ -274,12 +324,24 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     encoder = results.get("teacher_encoder")
     if encoder:
-        for name in ("fp32", "bf16"):
-            rate = encoder[name]["images_per_s"]
+        for name, label in ENCODER_LABELS.items():
+            if name not in encoder:
+                continue
+            value = encoder[name]
+            rate = value["images_per_s"]
             relative = rate / encoder["fp32"]["images_per_s"]
+            difference = ""
+            if name != "fp32":
+                difference = (
+                    f", max abs diff {value['max_abs_diff']:.1e} "
+                    f"(of {value['reference_max_abs']:.1f})"
+                )
+            first = ""
+            if name == "fast_compile":
+                first = f", first call {value['first_call_s']:.0f} s"
             lines.append(
-                f"| teacher encoder {name}, batch {config['encoder_batch']} | {rate:.2f} | "
-                f"{relative:.2f}x fp32 | {gib(encoder[name]['peak_gib'])} |"
+                f"| teacher encoder {label}, batch {config['encoder_batch']}{difference}{first} | "
+                f"{rate:.2f} | {relative:.2f}x fp32 | {gib(value['peak_gib'])} |"
             )
     extraction = results.get("extraction")
     if extraction:
@@ -347,7 +409,8 @@ def run_check(config: Config, output: Path, command: str) -> dict[str, Any]:
     with temporary_folder() as workdir:
         data = make_dataset(config, workdir)
         features = workdir / "features.h5"
-        bare = results["teacher_encoder"]["bf16" if device.type == "cuda" else "fp32"]
+        # Extraction runs the fast path on CUDA (extract.fast_teacher=auto), fp32 on the CPU.
+        bare = results["teacher_encoder"]["fast" if device.type == "cuda" else "fp32"]
         save("extraction", extraction_throughput(config, device, data, features, bare))
         save("train", training_throughput(config, device, data, features, workdir))
     return results

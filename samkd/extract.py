@@ -40,6 +40,7 @@ from samkd.models import (
     capture_taps,
     default_image_size,
 )
+from samkd.models.fast_attention import fast_teacher_enabled, optimize_teacher
 from samkd.runtime import progress_bar, resolve_device
 from samkd.settings import Settings, TeacherSettings
 from samkd.train.distributed import Distributed, barrier, device_for, init_distributed, shutdown
@@ -113,14 +114,25 @@ def decoder_bytes(image_size: int) -> int:
     return sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
 
 
-def build_teacher(entry: TeacherSettings, image_size: int, device: torch.device) -> Sam:
+def build_teacher(
+    entry: TeacherSettings,
+    image_size: int,
+    device: torch.device,
+    *,
+    fast: bool = False,
+    compile: bool = False,
+) -> Sam:
     """The teacher with its weights; without a checkpoint, seeded random weights, so that every
-    rank and every rerun of a resumed extraction computes the same features."""
+    rank and every rerun of a resumed extraction computes the same features. `fast`: on the
+    fast path (`samkd.models.fast_attention`), `compile` also compiling it."""
     if entry.checkpoint is None:
         logger.warning(f"teacher '{entry.name}' has no checkpoint: using seeded random weights")
         torch.manual_seed(0)
     model = build_sam(entry.model_type, image_size=image_size, checkpoint=entry.checkpoint)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if fast:
+        optimize_teacher(model, compile=compile)
+    return model
 
 
 def load_extraction_dataset(settings: Settings, image_size: int) -> SegmentationDataset:
@@ -184,7 +196,8 @@ def extract_teacher(
     todo = writer.todo(entry.name)
     if not todo:
         return
-    model = build_teacher(entry, image_size, device)
+    fast = fast_teacher_enabled(settings.extract.fast_teacher, device)
+    model = build_teacher(entry, image_size, device, fast=fast, compile=settings.extract.compile)
     writer.write_decoder_state(entry.name, model.state_dict())
     loader = DataLoader(
         Subset(dataset, todo),

@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     FilePath,
@@ -44,6 +45,16 @@ ENV_NESTED_DELIMITER = "__"
 ModelType = Literal["vit_b", "vit_l", "vit_h", "vit_t", "vit_mini", "vit_t_mini"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 EvalPromptKind = Literal["box", "point", "points"]
+
+
+def _on_off(value: Any) -> Any:
+    """YAML reads a bare on / off (as in `--set extract.fast_teacher=on`) as a boolean."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
+FastTeacher = Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 
@@ -299,6 +310,11 @@ class DistillationSettings(StrictModel):
     dynamic_lambda: DynamicLambdaSettings = Field(
         DynamicLambdaSettings(), description="schedule of lambda_kd"
     )
+    fast_teachers: FastTeacher = Field(
+        "auto",
+        description="online teachers: fused SDPA attention with the relative position bias as "
+        "mask (samkd.models.fast_attention); auto: on when train.device is CUDA, off on the CPU",
+    )
 
 
 # --------------------------------------------------------------------------- jobs
@@ -388,6 +404,14 @@ class ExtractSettings(StrictModel):
         "auto", description="teacher autocast dtype; auto: bf16 on CUDA, fp32 on the CPU"
     )
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    fast_teacher: FastTeacher = Field(
+        "auto",
+        description="fused SDPA attention with the relative position bias as mask "
+        "(samkd.models.fast_attention); auto: on for CUDA, off on the CPU",
+    )
+    compile: bool = Field(
+        False, description="with the fast teacher, torch.compile its attention and MLPs"
+    )
 
 
 class EvalSettings(StrictModel):

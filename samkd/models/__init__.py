@@ -7,6 +7,13 @@ from samkd.models.checkpoint import (
     load_weights,
     save_state_dict,
 )
+from samkd.models.fast_attention import (
+    FastAttentionHandle,
+    enable_fast_attention,
+    fast_attention,
+    fast_teacher_enabled,
+    optimize_teacher,
+)
 from samkd.models.image_encoder import CheckpointedImageEncoderViT
 from samkd.models.registry import (
     MODEL_TYPES,
@@ -30,6 +37,7 @@ __all__ = [
     "AttentionCapture",
     "CheckpointError",
     "CheckpointedImageEncoderViT",
+    "FastAttentionHandle",
     "ModelType",
     "TapError",
     "Taps",
@@ -41,8 +49,12 @@ __all__ = [
     "check_image_size",
     "default_image_size",
     "describe_model_types",
+    "enable_fast_attention",
+    "fast_attention",
+    "fast_teacher_enabled",
     "load_state_dict_file",
     "load_weights",
     "model_type_info",
+    "optimize_teacher",
     "save_state_dict",
 ]

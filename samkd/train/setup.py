@@ -233,7 +233,13 @@ def build_teachers(
                 entry, settings.distillation.features, image_size_of(settings), encoder_taps, device
             )
         else:
-            teacher = load_online_teacher(entry, image_size_of(settings), encoder_taps, device)
+            teacher = load_online_teacher(
+                entry,
+                image_size_of(settings),
+                encoder_taps,
+                device,
+                fast=settings.distillation.fast_teachers,
+            )
         teachers.append(teacher)
     return teachers
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from samkd.features import read_decoder_state_dict
 from samkd.models import AttentionCapture, build_prompt_decoder, build_sam
+from samkd.models.fast_attention import FastTeacherMode, fast_teacher_enabled, optimize_teacher
 from samkd.settings import TeacherSettings
 from samkd.train.batches import TrainingBatch
 from samkd.train.forward import (
@@ -76,10 +77,20 @@ def load_precomputed_teacher(
 
 
 def load_online_teacher(
-    settings: TeacherSettings, image_size: int, taps: Sequence[str], device: torch.device
+    settings: TeacherSettings,
+    image_size: int,
+    taps: Sequence[str],
+    device: torch.device,
+    *,
+    fast: FastTeacherMode = "auto",
+    compile: bool = False,
 ) -> Teacher:
+    """The whole frozen teacher; `fast` (`distillation.fast_teachers`) puts its image encoder
+    on the fast path (`samkd.models.fast_attention`; auto: on when `device` is CUDA)."""
     model = build_sam(settings.model_type, image_size=image_size, checkpoint=settings.checkpoint)
     frozen(model.to(device))
+    if fast_teacher_enabled(fast, device):
+        optimize_teacher(model, compile=compile)
     return Teacher(settings.name, model.prompt_encoder, model.mask_decoder, model, list(taps))
 
 

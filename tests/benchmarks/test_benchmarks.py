@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = ("feature_store", "loss_cost", "extraction", "train_step", "preset_speed")
+SECTIONS = (
+    "feature_store",
+    "loss_cost",
+    "extraction",
+    "train_step",
+    "preset_speed",
+    "teacher_fast_path",
+)
 
 
 @pytest.mark.slow
