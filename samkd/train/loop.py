@@ -176,6 +176,7 @@ def _train(settings: Settings, resuming: bool, dist: Distributed, console: Conso
     accumulation = settings.train.grad_accumulation
     stopped_early = False
     last_log_time = time.perf_counter()
+    last_record: dict[str, Any] = {}
     images_since_log = 0
     with progress_bar(unit="step", console=console) as bar:
         task = bar.add_task("training", total=total_steps, completed=progress.step)
@@ -208,6 +209,7 @@ def _train(settings: Settings, resuming: bool, dist: Distributed, console: Conso
                     record = train_record(
                         progress, epoch, scheduler, objective, images_since_log / elapsed
                     )
+                    last_record = record
                     if log is not None:
                         log.write(record)
                     loss_text = f"{record['loss/total']:.4f}" if "loss/total" in record else "-"
@@ -217,6 +219,8 @@ def _train(settings: Settings, resuming: bool, dist: Distributed, console: Conso
                     stopped_early = validate_and_adapt(
                         step_module, validation, progress, settings, dist, log, console, checkpoint
                     )
+                    if log is not None and validation is not None and last_record:
+                        console.print(terms_table(last_record))
                     setup.set_train_mode(student, frozen_bn)
                 if (
                     progress.step % settings.train.checkpoint_every == 0
@@ -427,6 +431,17 @@ def validate_and_adapt(
         console.print(validation_table(record, progress))
     patience = settings.train.early_stop_patience
     return patience is not None and progress.evals_without_improvement >= patience
+
+
+def terms_table(record: dict[str, Any]) -> Table:
+    """Every loss term of the latest training record, as logged."""
+    table = Table(title=f"loss terms at step {record['step']}", title_justify="left")
+    table.add_column("term")
+    table.add_column("value", justify="right")
+    for name, value in record.items():
+        if "/" in name and isinstance(value, float):
+            table.add_row(name, f"{value:.5g}")
+    return table
 
 
 def validation_table(record: dict[str, Any], progress: Progress) -> Table:

@@ -19,6 +19,8 @@ from samkd.extract import run_extract
 from samkd.models import build_sam, save_state_dict
 from samkd.settings import load_settings
 
+from ..data.conftest import make_coco_dataset, make_folder_dataset, make_sa1b_dataset
+
 MODEL = "vit_t_mini"
 
 
@@ -168,3 +170,16 @@ def test_missing_dataset_is_one_line_error(checkpoint: Path) -> None:
     assert (
         result.stderr.strip() == "error: no dataset to evaluate: pass --data FOLDER or set data.val"
     )
+
+
+@pytest.mark.parametrize(
+    ("layout", "make"),
+    [("folder", make_folder_dataset), ("coco", make_coco_dataset), ("sa1b", make_sa1b_dataset)],
+)
+def test_every_dataset_layout(layout: str, make, tmp_path: Path, checkpoint: Path) -> None:
+    masks = make(tmp_path / layout)
+    settings = settings_for(tmp_path / layout, checkpoint, f"data.layout={layout}")
+    report = run_eval(settings)
+    expected = sum(len(object_masks) for object_masks in masks.values())
+    assert report["dataset"]["objects"] == expected
+    assert report["quality"]["box"]["single"]["count"] == expected
