@@ -190,6 +190,14 @@ def run_eval(
     if features is not None:
         teacher_model, feature_store, name, model_type = stored_teacher(features, teacher, device)
         store = (feature_store, name)
+        stored_ids = set(feature_store.image_ids)
+        missing = [r.image_id for r in dataset.records if r.image_id not in stored_ids]
+        if missing:
+            raise UsageError(
+                f"{features}: no features for image '{missing[0]}' ({len(missing)} of "
+                f"{len(dataset)} evaluation images); extract them with samkd extract --data "
+                f"{settings.data.val or settings.data.train}"
+            )
         stored_size = teacher_model.image_encoder.img_size
         teacher_model_spec = ModelSpec(
             f"teacher {name} (stored)", model_type, features, stored_size
