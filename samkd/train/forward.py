@@ -37,14 +37,24 @@ class PromptGroup:
     point_coords: torch.Tensor | None = None
     point_labels: torch.Tensor | None = None
 
+    def ambiguous(self) -> torch.Tensor:
+        """`n` bool: objects prompted by one point alone, for which SAM uses its multimask
+        outputs (one point may mean a part, an object or a group)."""
+        if self.point_labels is None or self.boxes is not None:
+            return torch.zeros(len(self.objects), dtype=torch.bool)
+        return (self.point_labels >= 0).sum(dim=1).cpu() == 1
+
 
 @dataclass(frozen=True)
 class DecoderOutputs:
-    """For every prompted object of a batch, in group order: `mask_logits` N x 3 x 4h x 4w,
-    `iou` N x 3, `upscaled` N x 32 x 4h x 4w (when recorded)."""
+    """For every prompted object of a batch, in group order: all four of SAM's outputs,
+    `mask_logits` N x 4 x 4h x 4w and `iou` N x 4 (output 0 is the single-mask output,
+    1-3 the multimask ones), `ambiguous` N bool (a single point: the multimask outputs are
+    the ones to use), `upscaled` N x 32 x 4h x 4w (when recorded)."""
 
     mask_logits: torch.Tensor
     iou: torch.Tensor
+    ambiguous: torch.Tensor
     upscaled: torch.Tensor | None
 
 
@@ -103,7 +113,8 @@ def run_decoder(
     groups: Sequence[PromptGroup],
     record_upscaled: bool,
 ) -> DecoderOutputs:
-    """Decode every group against its image's embedding (`B x 256 x h x w`), multimask."""
+    """Decode every group against its image's embedding (`B x 256 x h x w`), keeping all four
+    mask outputs so that training can use the single-mask or the multimask ones per object."""
     dense_pe = prompt_encoder.get_dense_pe()
     logits, scores = [], []
     with recorded_upscaling(mask_decoder, record_upscaled) as upscaled:
@@ -112,17 +123,19 @@ def run_decoder(
             if group.point_coords is not None and group.point_labels is not None:
                 points = (group.point_coords, group.point_labels)
             sparse, dense = prompt_encoder(points=points, boxes=group.boxes, masks=None)
-            group_logits, group_scores = mask_decoder(
+            group_logits, group_scores = mask_decoder.predict_masks(
                 image_embeddings=embeddings[group.sample : group.sample + 1],
                 image_pe=dense_pe,
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
-                multimask_output=True,
             )
             logits.append(group_logits)
             scores.append(group_scores)
     return DecoderOutputs(
-        torch.cat(logits), torch.cat(scores), torch.cat(upscaled) if record_upscaled else None
+        torch.cat(logits),
+        torch.cat(scores),
+        torch.cat([group.ambiguous() for group in groups]).to(embeddings.device),
+        torch.cat(upscaled) if record_upscaled else None,
     )
 
 

@@ -62,7 +62,7 @@ class DistillationStep(nn.Module):
             )
             student_features.update(decoder_features(decoded, self.decoder_taps))
             if targets is not None and self.task_loss:
-                task = sam_task_loss(decoded.mask_logits, decoded.iou, targets)
+                task = sam_task_loss(decoded.mask_logits, decoded.iou, targets, decoded.ambiguous)
                 task_total = combine_task_losses(task)
                 terms.update({f"task/{name}": value.detach() for name, value in task.items()})
                 terms["task/total"] = task_total.detach()

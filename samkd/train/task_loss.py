@@ -1,7 +1,8 @@
 """SAM's supervised loss: 20 * focal + 1 * dice on the masks, plus MSE on the predicted IoU.
 
-With multimask output, each object's loss is that of its lowest-loss mask (SAM's recipe for
-ambiguous prompts); the IoU head is trained on every mask.
+As in SAM's training, an ambiguous prompt (a single point) is scored by the lowest-loss of
+the three multimask outputs, and any other prompt (a box, several points) by the single-mask
+output; the IoU head is trained on the outputs that are scored.
 """
 
 from __future__ import annotations
@@ -48,20 +49,33 @@ def binary_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def sam_task_loss(
-    mask_logits: torch.Tensor, iou_predictions: torch.Tensor, targets: torch.Tensor
+    mask_logits: torch.Tensor,
+    iou_predictions: torch.Tensor,
+    targets: torch.Tensor,
+    ambiguous: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Focal, dice and IoU losses of N objects, each averaged over the objects.
 
     mask_logits: `N x M x h x w`; iou_predictions: `N x M`; targets: `N x h x w` in {0, 1}
-    (ground truth at the logits' resolution). Returns `{"focal", "dice", "iou_mse"}`.
+    (ground truth at the logits' resolution). With SAM's four outputs (`M = 4`) and
+    `ambiguous` (`N` bool), ambiguous objects use the best of outputs 1-3 and the others
+    output 0; otherwise every object uses the best of its M outputs.
+    Returns `{"focal", "dice", "iou_mse"}`.
     """
     logits = mask_logits.float()
     expanded = targets[:, None].expand_as(logits).float()
     focal = sigmoid_focal_loss(logits, expanded)
     dice = dice_loss(logits, expanded)
-    best = (FOCAL_WEIGHT * focal + DICE_WEIGHT * dice).argmin(dim=1, keepdim=True)
+    scored = torch.ones_like(focal, dtype=torch.bool)
+    if ambiguous is not None:
+        single = torch.zeros_like(scored)
+        single[:, 0] = True
+        scored = torch.where(ambiguous[:, None], ~single, single)
+    combined = (FOCAL_WEIGHT * focal + DICE_WEIGHT * dice).masked_fill(~scored, float("inf"))
+    best = combined.argmin(dim=1, keepdim=True)
     true_iou = binary_iou(logits.detach(), expanded)
-    iou_mse = F.mse_loss(iou_predictions.float(), true_iou, reduction="none").mean(dim=1)
+    squared = (iou_predictions.float() - true_iou) ** 2
+    iou_mse = (squared * scored).sum(dim=1) / scored.sum(dim=1)
     return {
         "focal": focal.gather(1, best).mean(),
         "dice": dice.gather(1, best).mean(),

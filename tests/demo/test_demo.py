@@ -64,7 +64,7 @@ def test_eval_reports(demo: tuple[Path, dict]) -> None:
     for run in RUNS:
         report = json.loads((workdir / "eval" / f"{run}.json").read_text())
         assert report["dataset"]["images"] == FAST.test_images
-        assert 0 <= report["quality"]["box"]["best"]["miou"] <= 1
+        assert 0 <= report["quality"]["box"]["single"]["miou"] <= 1
 
 
 def test_summary(demo: tuple[Path, dict]) -> None:

@@ -44,3 +44,22 @@ def test_multimask_picks_lowest_loss_mask() -> None:
     assert terms["iou_mse"].item() == pytest.approx(0.0, abs=1e-6)
     single = sam_task_loss(bad[None], torch.tensor([[0.0]]), target)
     assert combine_task_losses(single) > combine_task_losses(terms)
+
+
+def test_single_output_for_boxes_and_multimask_for_single_points() -> None:
+    target = torch.zeros(2, 4, 4)
+    target[:, :2] = 1
+    good = (target[0] * 2 - 1) * 20
+    bad = -good
+    # output 0 is bad and output 2 good, for both objects
+    logits = torch.stack([torch.stack([bad, bad, good, bad])] * 2)
+    ious = torch.zeros(2, 4)
+    ambiguous = torch.tensor([True, False])
+    terms = sam_task_loss(logits, ious, target, ambiguous)
+    only_ambiguous = sam_task_loss(logits[:1], ious[:1], target[:1], ambiguous[:1])
+    only_box = sam_task_loss(logits[1:], ious[1:], target[1:], ambiguous[1:])
+    assert only_ambiguous["dice"].item() == pytest.approx(0.0, abs=1e-4)  # picked output 2
+    assert only_box["dice"].item() > 0.9  # held to output 0
+    assert terms["dice"].item() == pytest.approx(
+        (only_ambiguous["dice"].item() + only_box["dice"].item()) / 2
+    )
