@@ -1,6 +1,6 @@
 """Bounded memory of the chunked terms at real sizes.
 
-Each case runs in a fresh interpreter (`benchmarks/loss_cost.py --case`), which reports its peak
+Each case runs in a fresh interpreter (`python -m benchmarks.loss_cost --case`), which reports its peak
 resident set size minus its resident set size before the term: an upper bound on the extra
 memory, that sees every CPU allocation torch makes (tracemalloc does not).
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "loss_cost.py"
+REPO = Path(__file__).resolve().parents[2]
 LIMIT_MIB = 512
 
 
@@ -29,7 +29,9 @@ LIMIT_MIB = 512
     "case", ["attention_teacher", "attention_student", "rkd_grid", "rkd_sample"]
 )
 def test_peak_memory_stays_bounded(case):
-    command = [sys.executable, str(BENCHMARK), "--case", case, "--repeats", "0"]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    command = [sys.executable, "-m", "benchmarks.loss_cost", "--case", case, "--repeats", "0"]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    output = completed.stdout
     peak_mib = json.loads(output.strip().splitlines()[-1])["peak_mib"]
     assert peak_mib < LIMIT_MIB, f"{case}: {peak_mib:.0f} MiB"
