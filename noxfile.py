@@ -26,8 +26,10 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """Check style and formatting with ruff."""
     session.install("ruff")
-    session.run("ruff", "check", "samkd", "tests", "benchmarks", "noxfile.py")
-    session.run("ruff", "format", "--check", "samkd", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "check", "samkd", "tests", "benchmarks", "scripts", "noxfile.py")
+    session.run(
+        "ruff", "format", "--check", "samkd", "tests", "benchmarks", "scripts", "noxfile.py"
+    )
 
 
 @nox.session

@@ -1,7 +1,7 @@
 """Bounded memory of the chunked terms at real sizes.
 
-Each case runs in a fresh interpreter (`python -m benchmarks.loss_cost --case`), which reports its peak
-resident set size minus its resident set size before the term: an upper bound on the extra
+Each case runs in a fresh interpreter (`python -m benchmarks.loss_cost --case`), which reports
+its peak resident set size minus its resident set size before the term: an upper bound on the extra
 memory, that sees every CPU allocation torch makes (tracemalloc does not).
 
 Measured on a 2-core CPU (torch 2.14): ViT-H global block coarse map (16 heads x 4096 tokens,
