@@ -38,19 +38,13 @@ from samkd.models import (
     build_prompt_decoder,
     build_sam,
     capture_taps,
-    default_image_size,
 )
 from samkd.models.fast_attention import fast_teacher_enabled, optimize_teacher
-from samkd.runtime import progress_bar, resolve_device
+from samkd.runtime import input_image_size, progress_bar, resolve_device
 from samkd.settings import Settings, TeacherSettings
 from samkd.train.distributed import Distributed, barrier, device_for, init_distributed, shutdown
 
 EMBED_TAP = "encoder.embed"
-
-
-def extraction_image_size(settings: Settings) -> int:
-    """The input size shared by teachers and student: data.image_size, else the student's."""
-    return settings.data.image_size or default_image_size(settings.student.model_type)
 
 
 def preprocessing_of(image_size: int) -> dict[str, Any]:
@@ -232,7 +226,7 @@ def _extract(settings: Settings, dist: Distributed, console: Console) -> Path | 
     if not settings.teachers:
         raise UsageError("no teacher to extract: pass --teacher MODEL_TYPE or set teachers")
     device = device_for(dist, resolve_device(settings.extract.device))
-    image_size = extraction_image_size(settings)
+    image_size = input_image_size(settings)
     dataset = load_extraction_dataset(settings, image_size)
     plan = make_plan(settings, dataset, image_size, device)
     output = settings.extract.output

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from rich.table import Table
 
 from samkd.errors import UsageError
 from samkd.features import inspect_feature_file, render_report
+from samkd.files import atomic_path
 from samkd.models import load_state_dict_file
 from samkd.train.metrics_log import read_metrics
 
@@ -119,10 +119,9 @@ def plot_run(records: list[dict[str, Any]], path: Path) -> Path:
     for axis in list(axes.flat)[len(panels) :]:
         axis.axis("off")
     figure.tight_layout()
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    figure.savefig(temporary, dpi=90)
+    with atomic_path(path, suffix=".png") as temporary:
+        figure.savefig(temporary, dpi=90)
     plt.close(figure)
-    os.replace(temporary, path)
     return path
 
 

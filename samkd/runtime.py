@@ -20,6 +20,14 @@ from rich.progress import (
 from rich.text import Text
 
 from samkd.errors import UsageError
+from samkd.models import default_image_size
+from samkd.settings import Settings
+
+
+def input_image_size(settings: Settings) -> int:
+    """The side of every model input: `data.image_size`, else the student's own size, so that
+    teachers, stored features and the student agree."""
+    return settings.data.image_size or default_image_size(settings.student.model_type)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from samkd.files import atomic_path
 
 GROUND_TRUTH_COLOUR = np.array([0, 200, 0], dtype=np.float32)
 PREDICTION_COLOUR = np.array([230, 30, 30], dtype=np.float32)
@@ -35,7 +36,5 @@ def draw_overlay(
 
 def save_png(picture: Image.Image, path: Path) -> None:
     """Write a PNG under a temporary name, then rename, so no half-written file remains."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    picture.save(temporary, format="PNG")
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        picture.save(temporary, format="PNG")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,9 @@ from samkd.evaluate.prompts import box_prompts
 from samkd.evaluate.quality import QualityOptions, QualityTables, evaluate_image
 from samkd.evaluate.speed import measure_speed
 from samkd.features import FeatureStore, read_decoder_state_dict
-from samkd.models import build_sam, default_image_size
-from samkd.runtime import progress_bar, resolve_device
+from samkd.files import atomic_path
+from samkd.models import build_sam
+from samkd.runtime import input_image_size, progress_bar, resolve_device
 from samkd.settings import Settings, TeacherSettings
 from samkd.train.teachers import PromptDecoder
 
@@ -56,7 +56,7 @@ class ModelSpec:
 
 
 def student_spec(settings: Settings) -> ModelSpec:
-    image_size = settings.data.image_size or default_image_size(settings.student.model_type)
+    image_size = input_image_size(settings)
     checkpoint = settings.student.checkpoint
     return ModelSpec("student", settings.student.model_type, checkpoint, image_size)
 
@@ -254,10 +254,8 @@ def _speed(model: Sam, settings: Settings) -> dict[str, object]:
 
 def write_json(report: dict[str, Any], path: Path) -> None:
     """Write `report` as JSON under a temporary name, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _quality_table(title: str, table: IoUTable) -> Table:

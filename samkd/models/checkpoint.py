@@ -8,9 +8,7 @@ are unwrapped.
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
@@ -19,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from samkd.files import atomic_path
 
 WRAPPER_KEYS = ("model", "state_dict")
 DATA_PARALLEL_PREFIX = "module."
@@ -114,17 +114,9 @@ def save_state_dict(
     model: nn.Module | Mapping[str, torch.Tensor], path: str | PathLike[str]
 ) -> None:
     """Writes `model`'s state dict to `path` atomically: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_path(Path(path)) as temporary:
         torch.save(state, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _resize_positions(state: StateDict, expected: Mapping[str, torch.Tensor]) -> StateDict:

@@ -19,7 +19,7 @@ from samkd.data import SegmentationDataset
 from samkd.errors import UsageError
 from samkd.evaluate.quality import QualityOptions, QualityTables, evaluate_image
 from samkd.models import save_state_dict
-from samkd.runtime import progress_bar, resolve_device
+from samkd.runtime import input_image_size, progress_bar, resolve_device
 from samkd.settings import Settings
 from samkd.train import setup
 from samkd.train.batches import DistillationDataset, TrainingBatch, collate_training
@@ -108,7 +108,7 @@ def _train(settings: Settings, resuming: bool, dist: Distributed, console: Conso
             settings, train_data, {name: setup.stored_taps(taps) for name, taps in required.items()}
         )
     teachers = setup.build_teachers(settings, required, device) if provisional else []
-    image_size = setup.image_size_of(settings)
+    image_size = input_image_size(settings)
     objective = None
     if provisional is not None:
         student_shapes = setup.probe_student_shapes(

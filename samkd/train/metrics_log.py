@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
+
+from samkd.files import atomic_path
 
 
 class MetricsLog:
@@ -37,9 +38,8 @@ class MetricsLog:
             for line in self.path.read_text().splitlines()
             if line.strip() and json.loads(line)["step"] <= step
         ]
-        temporary = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        temporary.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(temporary, self.path)
+        with atomic_path(self.path) as temporary:
+            temporary.write_text("".join(f"{line}\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as handle:

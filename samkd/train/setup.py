@@ -20,7 +20,8 @@ from samkd.distill import DistillationObjective
 from samkd.distill.adapters import feature_shapes
 from samkd.errors import UsageError
 from samkd.features import FeatureStore, read_decoder_state_dict
-from samkd.models import build_sam, default_image_size, load_state_dict_file
+from samkd.models import build_sam, load_state_dict_file
+from samkd.runtime import input_image_size
 from samkd.settings import Settings, load_settings
 from samkd.train.batches import Augmentation, DistillationDataset, collate_training
 from samkd.train.distributed import Distributed
@@ -65,15 +66,11 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
     return Precision(torch.float16, True)
 
 
-def image_size_of(settings: Settings) -> int:
-    return settings.data.image_size or default_image_size(settings.student.model_type)
-
-
 def build_student(settings: Settings, device: torch.device) -> Sam:
     """The student, trainable, with unused and always-frozen parts excluded from training."""
     student = build_sam(
         settings.student.model_type,
-        image_size=image_size_of(settings),
+        image_size=input_image_size(settings),
         checkpoint=settings.student.checkpoint,
         gradient_checkpointing=settings.student.gradient_checkpointing,
     ).to(device)
@@ -137,7 +134,7 @@ def build_train_dataset(settings: Settings) -> SegmentationDataset:
         settings.data.train,
         layout=settings.data.layout,
         annotation_file=settings.data.annotation_file,
-        image_size=image_size_of(settings),
+        image_size=input_image_size(settings),
         on_error=settings.data.on_error,
         prompts=sampler,
         max_objects=prompts.max_objects,
@@ -170,7 +167,7 @@ def build_validation(
         settings.data.val,
         layout=settings.data.layout,
         annotation_file=settings.data.annotation_file,
-        image_size=image_size_of(settings),
+        image_size=input_image_size(settings),
         on_error=settings.data.on_error,
         prompts=PromptSampler(mode="box", box_jitter=0.0),
         seed=settings.train.seed,
@@ -184,7 +181,7 @@ def build_validation(
         store = FeatureStore(distillation.val_features, teachers=list(required), taps=required)
         store.check_matches(
             image_ids=[record.image_id for record in images.records],
-            image_size=image_size_of(settings),
+            image_size=input_image_size(settings),
         )
         with_teachers = DistillationDataset(images, store, Augmentation(), settings.train.seed)
     uses_kd_loss = distillation.dynamic_lambda.enabled and (
@@ -214,7 +211,7 @@ def open_feature_store(
     store = FeatureStore(path, teachers=names, taps=taps)
     store.check_matches(
         image_ids=[record.image_id for record in dataset.records],
-        image_size=image_size_of(settings),
+        image_size=input_image_size(settings),
         teachers=names,
     )
     return store
@@ -230,12 +227,16 @@ def build_teachers(
         if settings.distillation.use_precomputed_features:
             assert settings.distillation.features is not None
             teacher = load_precomputed_teacher(
-                entry, settings.distillation.features, image_size_of(settings), encoder_taps, device
+                entry,
+                settings.distillation.features,
+                input_image_size(settings),
+                encoder_taps,
+                device,
             )
         else:
             teacher = load_online_teacher(
                 entry,
-                image_size_of(settings),
+                input_image_size(settings),
                 encoder_taps,
                 device,
                 fast=settings.distillation.fast_teachers,
