@@ -77,15 +77,15 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 @contextmanager
 def one_line_errors() -> Iterator[None]:
-    """Report samkd's own errors (all ValueError subclasses) as one line and a non-zero exit."""
+    """Report the errors samkd raises on purpose (its own exception classes, and missing
+    files) as one line and a non-zero exit; anything else is a bug and keeps its traceback."""
     try:
         yield
     except SettingsError as error:
         raise _fail(str(error)) from None
-    except (ValueError, FileNotFoundError, KeyError) as error:
-        if type(error).__module__.split(".")[0] != "samkd" and not isinstance(
-            error, FileNotFoundError
-        ):
+    except Exception as error:
+        own = type(error).__module__.split(".")[0] == "samkd"
+        if not own and not isinstance(error, FileNotFoundError):
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         raise _fail(str(message).splitlines()[0], code=1) from None
