@@ -15,6 +15,7 @@ from samkd.errors import UsageError
 from samkd.features import inspect_feature_file, render_report
 from samkd.files import atomic_path
 from samkd.models import load_state_dict_file
+from samkd.models.checkpoint import read_torch_file
 from samkd.train.metrics_log import read_metrics
 
 PLOT_NAME = "loss_curves.png"
@@ -158,7 +159,7 @@ def render_run(summary: dict[str, Any], console: Console) -> None:
 
 def summarize_checkpoint(path: Path) -> dict[str, Any]:
     """Model type guess, parameter counts per part, what else the file holds, its settings."""
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    raw = read_torch_file(path)
     training = isinstance(raw, dict) and "model" in raw and "optimizer" in raw
     weights = raw["model"] if training else load_state_dict_file(path)
     student = {

@@ -692,4 +692,6 @@ def format_validation_error(
     message = first["msg"].removeprefix("Value error, ")
     shown = first.get("input")
     value = "" if isinstance(shown, dict | list) or shown is None else f" (got {shown!r})"
+    if "got " in message:
+        value = ""
     return f"{origin}: {dotted}: {message}{value}{suffix}"

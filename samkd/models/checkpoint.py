@@ -35,16 +35,20 @@ class CheckpointError(ValueError):
 
 def load_state_dict_file(path: str | PathLike[str]) -> StateDict:
     """Reads a state dict onto the CPU, unwrapping training checkpoints."""
+    return unwrap_state_dict(read_torch_file(path), source=str(path))
+
+
+def read_torch_file(path: str | PathLike[str]) -> Any:
+    """`torch.load(path, weights_only=True)` onto the CPU, with one-line errors."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
         raise CheckpointError(
             f"checkpoint {path} is not a readable PyTorch weights file: {_load_failure(error)}"
         ) from error
-    return unwrap_state_dict(loaded, source=str(path))
 
 
 def unwrap_state_dict(loaded: Any, source: str = "state dict") -> StateDict:

@@ -11,6 +11,7 @@ import torch
 
 from samkd.errors import UsageError
 from samkd.files import atomic_path
+from samkd.models.checkpoint import read_torch_file
 
 
 def rng_state() -> dict[str, Any]:
@@ -59,5 +60,5 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(f"{path}: no training checkpoint to resume from")
-    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    state: dict[str, Any] = read_torch_file(path)
     return state
