@@ -33,6 +33,7 @@ from samkd.features import (
     teacher_taps,
 )
 from samkd.models import (
+    ENCODER_EMBED,
     AttentionCapture,
     available_taps,
     build_prompt_decoder,
@@ -44,7 +45,7 @@ from samkd.runtime import input_image_size, progress_bar, resolve_device
 from samkd.settings import Settings, TeacherSettings
 from samkd.train.distributed import Distributed, barrier, device_for, init_distributed, shutdown
 
-EMBED_TAP = "encoder.embed"
+EMBED_TAP = ENCODER_EMBED
 
 
 def preprocessing_of(image_size: int) -> dict[str, Any]:

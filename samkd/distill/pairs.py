@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from samkd.models.taps import ENCODER_EMBED
 from samkd.settings import ModelType, TapPair
 
-EMBEDDING_TAP = "encoder.embed"
+EMBEDDING_TAP = ENCODER_EMBED
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from samkd.evaluate.quality import QualityOptions, QualityTables, evaluate_image
 from samkd.evaluate.speed import measure_speed
 from samkd.features import FeatureStore, read_decoder_state_dict
 from samkd.files import atomic_path
-from samkd.models import build_sam
+from samkd.models import ENCODER_EMBED, build_sam
 from samkd.runtime import input_image_size, progress_bar, resolve_device
 from samkd.settings import Settings, TeacherSettings
 from samkd.train.teachers import PromptDecoder
@@ -89,7 +89,7 @@ def stored_teacher(
 ) -> tuple[Sam, FeatureStore, str, str]:
     """A teacher made of its stored decoder, the store that holds its embeddings, and the
     teacher's name and model type."""
-    store = FeatureStore(features, taps=["encoder.embed"])
+    store = FeatureStore(features, taps=[ENCODER_EMBED])
     names = [spec.name for spec in store.teachers]
     name = teacher or names[0]
     if name not in names:
@@ -141,7 +141,7 @@ def evaluate_quality(
                 stored = None
                 if store is not None:
                     features, name = store
-                    embedding = features.read(sample.image_id)[name]["encoder.embed"]
+                    embedding = features.read(sample.image_id)[name][ENCODER_EMBED]
                     stored = embedding[None].to(model.device)
                 shown = evaluate_image(
                     tables,

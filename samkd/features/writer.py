@@ -56,10 +56,10 @@ from samkd.features.schema import (
     shard_path,
     temporary_path,
 )
+from samkd.models.registry import DECODER_PREFIXES
 
 ArrayLike = np.ndarray | torch.Tensor
 ProgressCallback = Callable[[str, int], None]
-DECODER_PREFIXES = ("prompt_encoder.", "mask_decoder.")
 
 
 @dataclass(frozen=True)

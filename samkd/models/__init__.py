@@ -16,6 +16,7 @@ from samkd.models.fast_attention import (
 )
 from samkd.models.image_encoder import CheckpointedImageEncoderViT
 from samkd.models.registry import (
+    DECODER_PREFIXES,
     MODEL_TYPES,
     STUDENT_TYPES,
     TEACHER_TYPES,
@@ -27,10 +28,12 @@ from samkd.models.registry import (
     describe_model_types,
     model_type_info,
 )
-from samkd.models.taps import TapError, Taps, available_taps, capture_taps
+from samkd.models.taps import ENCODER_EMBED, TapError, Taps, available_taps, capture_taps
 from samkd.models.tiny_vit import TinyViT
 
 __all__ = [
+    "DECODER_PREFIXES",
+    "ENCODER_EMBED",
     "MODEL_TYPES",
     "STUDENT_TYPES",
     "TEACHER_TYPES",

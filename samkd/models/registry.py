@@ -32,6 +32,8 @@ from samkd.models.tiny_vit import TinyViT
 
 PATCH_SIZE = 16
 PROMPT_EMBED_DIM = 256
+# State-dict prefixes of the prompt encoder and mask decoder (the same on every model type).
+DECODER_PREFIXES = ("prompt_encoder.", "mask_decoder.")
 # Image sizes must be multiples of this so every model's token grids are whole.
 IMAGE_SIZE_MULTIPLE = 64
 PIXEL_MEAN = (123.675, 116.28, 103.53)

@@ -15,12 +15,12 @@ import torch
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam
 from torch import nn
 
-from samkd.models import capture_taps
+from samkd.models import ENCODER_EMBED, capture_taps
 from samkd.train.batches import TrainingBatch
 
 UPSCALED_TAP = "decoder.upscaled"
 MASK_LOGITS_TAP = "decoder.mask_logits"
-EMBED_TAP = "encoder.embed"
+EMBED_TAP = ENCODER_EMBED
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from samkd.distill import DistillationObjective
 from samkd.distill.adapters import feature_shapes
 from samkd.errors import UsageError
 from samkd.features import FeatureStore, read_decoder_state_dict
-from samkd.models import build_sam, load_state_dict_file
+from samkd.models import DECODER_PREFIXES, build_sam, load_state_dict_file
 from samkd.runtime import input_image_size
 from samkd.settings import Settings, load_settings
 from samkd.train.batches import Augmentation, DistillationDataset, collate_training
@@ -84,9 +84,6 @@ def build_student(settings: Settings, device: torch.device) -> Sam:
         if first_step == -1:
             getattr(student, part).requires_grad_(False)
     return student
-
-
-DECODER_PREFIXES = ("prompt_encoder.", "mask_decoder.")
 
 
 def teacher_decoder_state(settings: Settings, name: str) -> dict[str, torch.Tensor]:
