@@ -6,8 +6,9 @@ SAM's attention computes, per window (or over the whole grid in its global block
 
 with `rel_h = q @ R_h[qh - kh]^T` and `rel_w = q @ R_w[qw - kw]^T` (unscaled queries, the tables
 from segment-anything's `get_rel_pos`). The reference module materialises the full attention
-matrix and adds the decomposed terms to it; the fast path builds `B` once as an additive mask
-`windows x heads x N x N` in the compute dtype and hands it to
+matrix and adds the decomposed terms to it; the fast path builds `B` as an additive mask
+`windows x heads x N x N` in the compute dtype (a chunk of windows at a time, at most
+`MASK_BUDGET_BYTES` of mask) and hands it to
 `torch.nn.functional.scaled_dot_product_attention`, which picks a fused kernel where one
 exists (memory-efficient attention on CUDA; the flash or math kernel on the CPU).
 
@@ -50,6 +51,8 @@ _UNSET = object()
 
 # Largest absolute difference of float32 encoder outputs, fast path vs reference.
 FLOAT32_TOLERANCE = 1e-4
+# Most bytes of relative-position mask alive at once (see `sdpa_attention`).
+MASK_BUDGET_BYTES = 1 << 30
 
 AttentionCore = Callable[
     [torch.Tensor, int, float, torch.Tensor | None, torch.Tensor | None], torch.Tensor
@@ -93,16 +96,31 @@ def sdpa_attention(
     scale: float,
     rel_pos_h: torch.Tensor | None,
     rel_pos_w: torch.Tensor | None,
+    mask_budget_bytes: int = MASK_BUDGET_BYTES,
 ) -> torch.Tensor:
     """Attention of SAM's `Attention` from its `qkv` output (windows x h x w x 3C), before
-    the output projection: windows x h x w x C."""
+    the output projection: windows x h x w x C.
+
+    The relative-position mask is built for at most `mask_budget_bytes` at a time, a chunk of
+    windows after another: a global block of ViT-H at 1024 px needs 512 MiB of bf16 mask per
+    image, which a large extraction batch would otherwise hold all at once.
+    """
     windows, rows, cols, _ = qkv.shape
     per_head = qkv.reshape(windows, rows * cols, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
     query, key, value = per_head.unbind(0)
-    mask = None
-    if rel_pos_h is not None and rel_pos_w is not None:
-        mask = decomposed_rel_pos_bias(query, rel_pos_h, rel_pos_w, (rows, cols))
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+    if rel_pos_h is None or rel_pos_w is None:
+        out = F.scaled_dot_product_attention(query, key, value, scale=scale)
+        return out.transpose(1, 2).reshape(windows, rows, cols, -1)
+    tokens = rows * cols
+    mask_bytes = num_heads * tokens * tokens * query.element_size()
+    step = max(1, mask_budget_bytes // mask_bytes)
+    out = torch.empty_like(query)
+    for start in range(0, windows, step):
+        chunk = slice(start, start + step)
+        mask = decomposed_rel_pos_bias(query[chunk], rel_pos_h, rel_pos_w, (rows, cols))
+        out[chunk] = F.scaled_dot_product_attention(
+            query[chunk], key[chunk], value[chunk], attn_mask=mask, scale=scale
+        )
     return out.transpose(1, 2).reshape(windows, rows, cols, -1)
 
 

@@ -30,7 +30,7 @@ from samkd.models import (
     optimize_teacher,
     save_state_dict,
 )
-from samkd.models.fast_attention import FLOAT32_TOLERANCE
+from samkd.models.fast_attention import FLOAT32_TOLERANCE, sdpa_attention
 from samkd.models.registry import PIXEL_MEAN, PIXEL_STD
 from samkd.settings import TeacherSettings, load_settings
 from samkd.train.teachers import load_online_teacher
@@ -83,6 +83,22 @@ def test_outputs_match_the_reference(name: str) -> None:
     assert fast.shape == reference.shape
     assert max_diff(fast, reference) < FLOAT32_TOLERANCE
     assert reference.abs().max() > 0.1  # a real comparison, not of zeros
+
+
+@torch.inference_mode()
+def test_mask_chunks_give_the_unchunked_attention() -> None:
+    """A budget of one window's mask makes every window its own chunk."""
+    generator = torch.Generator().manual_seed(5)
+    windows, rows, cols, heads, head_dim = 5, 4, 3, 2, 8
+    qkv = torch.randn(windows, rows, cols, 3 * heads * head_dim, generator=generator)
+    rel_pos_h = torch.randn(2 * rows - 1, head_dim, generator=generator)
+    rel_pos_w = torch.randn(2 * cols - 1, head_dim, generator=generator)
+    whole = sdpa_attention(qkv, heads, 0.3, rel_pos_h, rel_pos_w)
+    one_mask = heads * (rows * cols) ** 2 * qkv.element_size()
+    for budget in (one_mask, 2 * one_mask + 1):
+        chunked = sdpa_attention(qkv, heads, 0.3, rel_pos_h, rel_pos_w, mask_budget_bytes=budget)
+        assert torch.allclose(chunked, whole, atol=1e-6)
+    assert whole.shape == (windows, rows, cols, heads * head_dim)
 
 
 @pytest.mark.parametrize("name", ["vit_mini_256", "windowed_320"])
