@@ -77,30 +77,42 @@ def check_taps(model: Sam, taps: list[str]) -> None:
 
 
 @torch.inference_mode()
-def teacher_batch_features(
+def teacher_tap_outputs(
     model: Sam, images: torch.Tensor, taps: list[str], grid_size: int
 ) -> dict[str, torch.Tensor]:
-    """`{tap: B x ...}` float32 on the CPU; attention taps as coarse `B x G² x G²` maps."""
+    """`{tap: B x ...}` on the model's device; attention taps as coarse `B x G² x G²` maps."""
     other_taps = [tap for tap in taps if tap != EMBED_TAP]
     with capture_taps(model, other_taps) as captured:
         embedding = model.image_encoder(images)
         values: dict[str, Any] = dict(captured)
     values[EMBED_TAP] = embedding
-    features = {}
+    outputs = {}
     for tap in taps:
         value = values[tap]
         if isinstance(value, AttentionCapture):
             value = coarse_attention_map(value, grid_size=grid_size)
-        features[tap] = value.float().cpu()
-    return features
+        outputs[tap] = value
+    return outputs
+
+
+def teacher_batch_features(
+    model: Sam, images: torch.Tensor, taps: list[str], grid_size: int
+) -> dict[str, torch.Tensor]:
+    """`{tap: B x ...}` float32 on the CPU, ready for the writer."""
+    outputs = teacher_tap_outputs(model, images, taps, grid_size)
+    return {tap: value.float().cpu() for tap, value in outputs.items()}
 
 
 def probe_tap_shapes(
-    model: Sam, taps: list[str], image_size: int, grid_size: int, device: torch.device
+    model_type: str, taps: list[str], image_size: int, grid_size: int
 ) -> dict[str, tuple[int, ...]]:
-    image = torch.zeros(1, 3, image_size, image_size, device=device)
-    features = teacher_batch_features(model, image, taps, grid_size)
-    return {tap: tuple(value.shape[1:]) for tap, value in features.items()}
+    """Per-image shape of each tap, from a forward on the meta device: no weights are
+    initialised and nothing is computed, so planning a ViT-H costs milliseconds."""
+    model = build_sam(model_type, image_size=image_size, device="meta")
+    check_taps(model, taps)
+    image = torch.zeros(1, 3, image_size, image_size, device="meta")
+    outputs = teacher_tap_outputs(model, image, taps, grid_size)
+    return {tap: tuple(value.shape[1:]) for tap, value in outputs.items()}
 
 
 def decoder_bytes(image_size: int) -> int:
@@ -147,31 +159,48 @@ def make_plan(
     settings: Settings, dataset: SegmentationDataset, image_size: int, device: torch.device
 ) -> ExtractionPlan:
     images = [describe_image_file(record.image_path, record.image_id) for record in dataset.records]
-    tap_shapes = {}
-    for entry in settings.teachers:
-        model = build_sam(entry.model_type, image_size=image_size, device="cpu")
-        taps = teacher_taps(settings, entry)
-        check_taps(model, taps)
-        tap_shapes[entry.name] = probe_tap_shapes(
-            model,
-            taps,
+    tap_shapes = {
+        entry.name: probe_tap_shapes(
+            entry.model_type,
+            teacher_taps(settings, entry),
             image_size,
             settings.extract.attention_grid,
-            torch.device("cpu"),
         )
-        del model
+        for entry in settings.teachers
+    }
     return plan_from_settings(
-        settings, images, tap_shapes, preprocessing_of(image_size), image_size=image_size
+        settings,
+        images,
+        tap_shapes,
+        preprocessing_of(image_size),
+        image_size=image_size,
+        compute=compute_of(settings, device),
     )
+
+
+def compute_of(settings: Settings, device: torch.device) -> dict[str, str]:
+    """How the teachers run on `device`, recorded in the file: a resumed extraction must not
+    mix, say, bf16 fast-path features with float32 reference ones."""
+    fast = fast_teacher_enabled(settings.extract.fast_teacher, device)
+    return {
+        "precision": resolved_precision(settings, device),
+        "attention": "fused" if fast else "reference",
+    }
+
+
+def resolved_precision(settings: Settings, device: torch.device) -> str:
+    """`extract.precision` with `auto` made concrete: bf16 on CUDA, fp32 elsewhere."""
+    precision = settings.extract.precision
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
 
 
 def autocast_for(
     settings: Settings, device: torch.device
 ) -> contextlib.AbstractContextManager[Any]:
     """bf16 autocast on CUDA (unless fp32 is asked for), plain float32 on the CPU."""
-    precision = settings.extract.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+    precision = resolved_precision(settings, device)
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16

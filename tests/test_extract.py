@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from samkd.cli import app
 from samkd.demo.shapes import write_shapes_dataset
-from samkd.extract import run_extract
+from samkd.extract import probe_tap_shapes, run_extract, teacher_batch_features
 from samkd.models import build_sam, save_state_dict
 from samkd.settings import load_settings
 
@@ -91,6 +91,20 @@ def test_every_tap_is_stored_with_its_shape(reference: Path) -> None:
     assert np.allclose(rows, 1.0, atol=2e-2)  # coarse attention rows stay distributions
 
 
+@pytest.mark.parametrize(
+    ("model_type", "taps"),
+    [
+        ("vit_mini", ["encoder.embed", "encoder.qk.1", "encoder.block.0"]),
+        ("vit_t_mini", ["encoder.embed", "encoder.qk.0", "encoder.block.2"]),
+    ],
+)
+def test_meta_probe_gives_the_shapes_a_real_forward_gives(model_type: str, taps: list[str]) -> None:
+    planned = probe_tap_shapes(model_type, taps, image_size=128, grid_size=8)
+    model = build_sam(model_type, image_size=128)
+    computed = teacher_batch_features(model, torch.randn(2, 3, 128, 128), taps, grid_size=8)
+    assert planned == {tap: tuple(value.shape[1:]) for tap, value in computed.items()}
+
+
 def test_rerun_does_nothing_and_says_so(
     tmp_path: Path, shapes: Path, teacher: Path, reference: Path
 ) -> None:
@@ -112,6 +126,26 @@ def test_changed_settings_are_refused(
     assert completed.stderr.strip().splitlines()[-1] == (
         "error: features.h5: was extracted with dtype float16, now float32 (use another output, "
         "or delete it to start over)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        ("extract.fast_teacher=on", "was extracted with attention reference, now fused"),
+        ("extract.precision=bf16", "was extracted with precision fp32, now bf16"),
+    ],
+)
+def test_a_changed_way_of_computing_is_refused(
+    tmp_path: Path, shapes: Path, teacher: Path, reference: Path, option: str, expected: str
+) -> None:
+    config = write_config(tmp_path / "c.yaml", shapes, teacher, reference)
+    completed = extract(config, "--set", option)
+    assert completed.returncode == 1
+    setting = option.split("=")[0]
+    assert completed.stderr.strip().splitlines()[-1] == (
+        f"error: features.h5: {expected}; set {setting} to match (use another output, or "
+        "delete it to start over)"
     )
 
 

@@ -86,6 +86,7 @@ class FeatureFileReport:
     layout: str | None = None
     dtype: str | None = None
     compression: str | None = None
+    compute: dict[str, str] = field(default_factory=dict)
     num_images: int = 0
     bytes_on_disk: int = 0
     bytes_per_image: float = 0.0
@@ -253,6 +254,7 @@ def _report_header(
         created=plan.get("created"),
         dtype=plan.get("dtype"),
         compression=plan.get("compression"),
+        compute=dict(plan.get("compute") or {}),
         num_images=int(plan["num_images"]),
     )
 
@@ -367,6 +369,7 @@ def render_report(report: FeatureFileReport, console: Any = None) -> None:
     console.print(
         f"teachers: {', '.join(t.name for t in report.teachers) or '-'}; feature data "
         f"{format_bytes(tap_bytes)}, the rest is the teachers' stored decoders and the index"
+        + "".join(f"; {key} {value}" for key, value in report.compute.items())
     )
     storage = Table(
         title="storage (one image per HDF5 chunk)", title_justify="left", box=box.SIMPLE_HEAD

@@ -52,6 +52,8 @@ from typing import Any, Literal
 import numpy as np
 
 SCHEMA_VERSION = 1
+# The extract setting behind each entry of a plan's `compute` record.
+COMPUTE_SETTINGS = {"precision": "precision", "attention": "fast_teacher"}
 FILE_FORMAT = "samkd-features"
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 GZIP_LEVEL = 4
@@ -140,8 +142,10 @@ class ExtractionPlan:
     """Everything that decides the bytes of a feature file, plus how the work is split.
 
     Images are split into shards of `shard_size` consecutive images; shard `s` holds images
-    `[s * shard_size, (s + 1) * shard_size)`. `allow_overflow` / `allow_nonfinite` and
-    `settings_yaml` are recorded but do not make two plans differ.
+    `[s * shard_size, (s + 1) * shard_size)`. `compute` says how the teachers ran (e.g.
+    `{"precision": "bf16", "attention": "fused"}`), so that a resumed run does not mix
+    features computed two ways. `allow_overflow` / `allow_nonfinite` and `settings_yaml` are
+    recorded but do not make two plans differ.
     """
 
     images: tuple[ImageRecord, ...]
@@ -153,6 +157,7 @@ class ExtractionPlan:
     allow_overflow: bool = False
     allow_nonfinite: bool = False
     settings_yaml: str = ""
+    compute: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "images", tuple(self.images))
@@ -214,6 +219,7 @@ class ExtractionPlan:
             "compression": self.compression,
             "shard_size": self.shard_size,
             "teachers": [_teacher_to_json(teacher) for teacher in self.teachers],
+            "compute": dict(sorted(self.compute.items())),
         }
 
     def to_json(self, created: str) -> str:
@@ -296,6 +302,19 @@ def describe_difference(stored: Mapping[str, Any], planned: Mapping[str, Any]) -
         if old_pre.get(key) != new_pre.get(key):
             was, now = old_pre.get(key), new_pre.get(key)
             return f"was extracted with preprocessing {key}={was}, now {now}"
+    return _compute_difference(stored.get("compute"), planned.get("compute", {}))
+
+
+def _compute_difference(stored: Mapping[str, str] | None, planned: Mapping[str, str]) -> str | None:
+    """Files written before `compute` was recorded resume under any compute."""
+    if stored is None:
+        return None
+    for key in sorted(set(stored) | set(planned)):
+        if stored.get(key) != planned.get(key):
+            return (
+                f"was extracted with {key} {stored.get(key)}, now {planned.get(key)}; "
+                f"set extract.{COMPUTE_SETTINGS.get(key, key)} to match"
+            )
     return None
 
 
@@ -426,6 +445,7 @@ def plan_from_settings(
     tap_shapes: Mapping[str, Mapping[str, Sequence[int]]],
     preprocessing: Mapping[str, Any],
     image_size: int | None = None,
+    compute: Mapping[str, str] | None = None,
 ) -> ExtractionPlan:
     """The plan of `samkd extract`: teachers, taps and storage options from `samkd.settings`.
 
@@ -433,7 +453,7 @@ def plan_from_settings(
     `tap_shapes[teacher][tap]` is the per-image shape each teacher produces for each of its
     taps (`teacher_taps`) (attention taps: the coarse G^2 x G^2 map); `preprocessing` is
     whatever decides the teacher's input pixels (resize, pad, normalisation); `image_size`
-    defaults to `settings.data.image_size`.
+    defaults to `settings.data.image_size`; `compute` is how the teachers run.
     """
     extract = settings.extract
     teachers = []
@@ -462,4 +482,5 @@ def plan_from_settings(
         allow_overflow=extract.allow_overflow,
         allow_nonfinite=extract.allow_nonfinite,
         settings_yaml=settings.to_yaml(),
+        compute=dict(compute or {}),
     )
