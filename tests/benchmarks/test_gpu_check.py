@@ -22,7 +22,8 @@ def test_dry_run_writes_every_result(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     assert results["dry_run"] is True
     assert set(results["teacher_encoder"]) >= {"fp32", "bf16", "bf16_over_fp32"}
-    assert results["extraction"]["images"] == 2
+    assert results["extraction"]["images"] == 4
+    assert results["extraction"]["steady_images_per_s"] > 0
     assert set(results["train"]) >= {"plain", "precomputed", "online", "precomputed_over_plain"}
     for mode in ("plain", "precomputed", "online"):
         assert results["train"][mode]["images_per_s"] > 0
