@@ -25,17 +25,20 @@ from samkd.models.attention_capture import AttentionCapture
 
 
 def window_token_positions(capture: AttentionCapture) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grid row and column of every token of every window, each `nW x T` (long).
+    """Grid row and column of every token of every window, each `nW x T` (long), on the
+    capture's device (computed there: a host-to-device copy in every step would wait for the
+    device).
 
     Padded tokens get rows `>= H` or columns `>= W`.
     """
+    device = capture.query.device
     rows, cols = capture.window_shape
-    local = torch.arange(rows * cols)
+    local = torch.arange(rows * cols, device=device)
     local_row, local_col = local // cols, local % cols
     if capture.window == 0:
         return local_row[None], local_col[None]
     windows_per_row = capture.padded_grid[1] // capture.window
-    window = torch.arange(capture.num_windows)
+    window = torch.arange(capture.num_windows, device=device)
     window_row, window_col = window // windows_per_row, window % windows_per_row
     token_row = window_row[:, None] * capture.window + local_row[None, :]
     token_col = window_col[:, None] * capture.window + local_col[None, :]
@@ -53,7 +56,7 @@ def cell_assignment(capture: AttentionCapture, grid_size: int) -> torch.Tensor:
     cell = (token_row * grid_size // height) * grid_size + token_col * grid_size // width
     cell = torch.where(real, cell, 0)
     one_hot = torch.nn.functional.one_hot(cell, grid_size * grid_size).float()
-    return (one_hot * real[..., None]).to(capture.query.device)
+    return one_hot * real[..., None]
 
 
 def axis_assignment(capture: AttentionCapture, grid_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,8 +75,7 @@ def axis_assignment(capture: AttentionCapture, grid_size: int) -> tuple[torch.Te
     def one_hot(position: torch.Tensor, size: int) -> torch.Tensor:
         real = position < size
         cell = torch.where(real, position * grid_size // size, 0)
-        encoded = torch.nn.functional.one_hot(cell, grid_size).float() * real[..., None]
-        return encoded.to(capture.query.device)
+        return torch.nn.functional.one_hot(cell, grid_size).float() * real[..., None]
 
     return one_hot(row_of_window, height), one_hot(col_of_window, width)
 

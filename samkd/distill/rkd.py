@@ -50,7 +50,8 @@ def sample_positions(
 def sampled_patches(features: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Embeddings at flat positions: `B x C x H x W`, `B x M -> B x M x C`."""
     flat = features.float().flatten(2)  # B x C x HW
-    index = positions.to(flat.device)[:, None, :].expand(-1, flat.shape[1], -1)
+    # Drawn on the host: a blocking copy would wait for the device.
+    index = positions.to(flat.device, non_blocking=True)[:, None, :].expand(-1, flat.shape[1], -1)
     return flat.gather(2, index).transpose(1, 2)
 
 

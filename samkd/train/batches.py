@@ -63,17 +63,18 @@ class TrainingBatch:
         return self.images if self.teacher_images is None else self.teacher_images
 
     def to(self, device: torch.device) -> TrainingBatch:
-        non_blocking = device.type == "cuda"
+        """The batch's tensors on `device`. The copies do not block: a blocking host-to-device
+        copy waits for all the work already queued on the device."""
         for item in self.samples:
-            item.low_res_targets = item.low_res_targets.to(device, non_blocking=non_blocking)
+            item.low_res_targets = item.low_res_targets.to(device, non_blocking=True)
             item.teacher_features = {
-                teacher: {tap: t.to(device, non_blocking=non_blocking) for tap, t in taps.items()}
+                teacher: {tap: t.to(device, non_blocking=True) for tap, t in taps.items()}
                 for teacher, taps in item.teacher_features.items()
             }
         teacher_images = self.teacher_images
         if teacher_images is not None:
-            teacher_images = teacher_images.to(device, non_blocking=non_blocking)
-        images = self.images.to(device, non_blocking=non_blocking)
+            teacher_images = teacher_images.to(device, non_blocking=True)
+        images = self.images.to(device, non_blocking=True)
         return TrainingBatch(images, self.samples, teacher_images)
 
     def pin_memory(self) -> TrainingBatch:

@@ -28,7 +28,8 @@ class PromptGroup:
     """Prompts of some objects of one image, all of one kind, in the input frame.
 
     boxes: `n x 4`, or point_coords `n x K x 2` with point_labels `n x K`;
-    objects: `n` indices into the image's objects.
+    objects: `n` indices into the image's objects (on the training device, so that indexing
+    device tensors with them needs no host-to-device copy).
     """
 
     sample: int
@@ -38,11 +39,11 @@ class PromptGroup:
     point_labels: torch.Tensor | None = None
 
     def ambiguous(self) -> torch.Tensor:
-        """`n` bool: objects prompted by one point alone, for which SAM uses its multimask
-        outputs (one point may mean a part, an object or a group)."""
+        """`n` bool, on the prompts' device: objects prompted by one point alone, for which SAM
+        uses its multimask outputs (one point may mean a part, an object or a group)."""
         if self.point_labels is None or self.boxes is not None:
-            return torch.zeros(len(self.objects), dtype=torch.bool)
-        return (self.point_labels >= 0).sum(dim=1).cpu() == 1
+            return torch.zeros(len(self.objects), dtype=torch.bool, device=self.objects.device)
+        return (self.point_labels >= 0).sum(dim=1) == 1
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,15 @@ class DecoderOutputs:
 
 
 def prompt_groups(batch: TrainingBatch, device: torch.device) -> list[PromptGroup]:
-    """Box objects and point objects of each image, as separate groups."""
+    """Box objects and point objects of each image, as separate groups.
+
+    The prompts are small host tensors; they are copied with `non_blocking=True`, as a
+    blocking host-to-device copy waits for all the work queued on the device.
+    """
+
+    def to_device(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device, non_blocking=True)
+
     groups = []
     for position, item in enumerate(batch.samples):
         sample = item.sample
@@ -67,15 +76,16 @@ def prompt_groups(batch: TrainingBatch, device: torch.device) -> list[PromptGrou
         pointed = [i for i, kind in enumerate(sample.prompt_kinds) if kind == "points"]
         if boxed and sample.prompt_boxes is not None:
             index = torch.tensor(boxed)
-            groups.append(PromptGroup(position, index, boxes=sample.prompt_boxes[index].to(device)))
+            boxes = to_device(sample.prompt_boxes[index])
+            groups.append(PromptGroup(position, to_device(index), boxes=boxes))
         if pointed and sample.point_coords is not None and sample.point_labels is not None:
             index = torch.tensor(pointed)
             groups.append(
                 PromptGroup(
                     position,
-                    index,
-                    point_coords=sample.point_coords[index].to(device),
-                    point_labels=sample.point_labels[index].to(device),
+                    to_device(index),
+                    point_coords=to_device(sample.point_coords[index]),
+                    point_labels=to_device(sample.point_labels[index]),
                 )
             )
     return groups
@@ -86,6 +96,45 @@ def group_targets(batch: TrainingBatch, groups: Sequence[PromptGroup]) -> torch.
     return torch.cat(
         [batch.samples[group.sample].low_res_targets[group.objects] for group in groups]
     )
+
+
+def embed_points(
+    prompt_encoder: PromptEncoder, coords: torch.Tensor, labels: torch.Tensor, pad: bool
+) -> torch.Tensor:
+    """SAM's point embeddings, `n x K x C` (`K + 1` points with `pad`), equal to
+    `PromptEncoder._embed_points`, which selects the points of each label by boolean-mask
+    indexing: that counts the mask on the host, a host-device sync for every label. Here
+    `torch.where` selects them on the device.
+
+    coords: `n x K x 2` in the input frame; labels: `n x K` (1 foreground, 0 background,
+    -1 padding).
+    """
+    coords = coords + 0.5  # the centre of the pixel
+    if pad:
+        coords = torch.cat([coords, coords.new_zeros(coords.shape[0], 1, 2)], dim=1)
+        labels = torch.cat([labels, -labels.new_ones(labels.shape[0], 1)], dim=1)
+    embedding = prompt_encoder.pe_layer.forward_with_coords(coords, prompt_encoder.input_image_size)
+    label = labels[..., None]
+    weights = prompt_encoder.point_embeddings
+    embedding = embedding + torch.where(label == 0, weights[0].weight, 0.0)
+    embedding = embedding + torch.where(label == 1, weights[1].weight, 0.0)
+    return torch.where(label == -1, prompt_encoder.not_a_point_embed.weight, embedding)
+
+
+def encode_prompts(
+    prompt_encoder: PromptEncoder, group: PromptGroup
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`PromptEncoder.forward` without mask prompts, free of host-device syncs: sparse
+    embeddings `n x T x C` (points, then box corners) and dense ones `n x C x h x w`."""
+    sparse = []
+    if group.point_coords is not None and group.point_labels is not None:
+        pad = group.boxes is None
+        sparse.append(embed_points(prompt_encoder, group.point_coords, group.point_labels, pad))
+    if group.boxes is not None:
+        sparse.append(prompt_encoder._embed_boxes(group.boxes))
+    dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+    height, width = prompt_encoder.image_embedding_size
+    return torch.cat(sparse, dim=1), dense.expand(len(group.objects), -1, height, width)
 
 
 @contextmanager
@@ -119,10 +168,7 @@ def run_decoder(
     logits, scores = [], []
     with recorded_upscaling(mask_decoder, record_upscaled) as upscaled:
         for group in groups:
-            points = None
-            if group.point_coords is not None and group.point_labels is not None:
-                points = (group.point_coords, group.point_labels)
-            sparse, dense = prompt_encoder(points=points, boxes=group.boxes, masks=None)
+            sparse, dense = encode_prompts(prompt_encoder, group)
             group_logits, group_scores = mask_decoder.predict_masks(
                 image_embeddings=embeddings[group.sample : group.sample + 1],
                 image_pe=dense_pe,
@@ -134,7 +180,7 @@ def run_decoder(
     return DecoderOutputs(
         torch.cat(logits),
         torch.cat(scores),
-        torch.cat([group.ambiguous() for group in groups]).to(embeddings.device),
+        torch.cat([group.ambiguous() for group in groups]),
         torch.cat(upscaled) if record_upscaled else None,
     )
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from loguru import logger
@@ -27,35 +29,13 @@ from samkd.train.distributed import Distributed, barrier, device_for, init_distr
 from samkd.train.forward import group_targets, prompt_groups
 from samkd.train.metrics_log import MetricsLog
 from samkd.train.optim import build_optimizer, build_scheduler
+from samkd.train.progress import Progress, StepTerms, Tallies
 from samkd.train.state import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from samkd.train.step import DistillationStep
 from samkd.train.teachers import Teacher, teacher_features
 
 EXPORT_NAME = "student.pt"
-
-
-class NonFiniteLossError(UsageError):
-    """Too many consecutive steps had a non-finite loss."""
-
-
-@dataclass
-class Progress:
-    """What a checkpoint must carry besides the weights, so a resumed run continues exactly."""
-
-    step: int = 0
-    best_metric: float | None = None
-    best_step: int | None = None
-    evals_without_improvement: int = 0
-    consecutive_skipped: int = 0
-    skipped_total: int = 0
-    log_sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    log_count: int = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -131,12 +111,10 @@ def _train(settings: Settings, resuming: bool, dist: Distributed, console: Conso
     validation = setup.build_validation(settings, teachers, device, precision)
 
     # ---- optimizer, schedule, resume
-    optimizer = build_optimizer(
-        [step_module], settings.train.lr, settings.train.weight_decay, device
-    )
+    optimizer = build_optimizer([step_module], settings.train.lr, settings.train.weight_decay)
     scheduler = build_scheduler(optimizer, settings.train.warmup_steps, settings.train.steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
-    progress = Progress()
+    progress = Progress(device)
     log = MetricsLog(run_dir, settings.logging.tensorboard) if dist.is_main else None
     if resuming:
         state = load_checkpoint(checkpoint_path)
@@ -170,10 +148,17 @@ def _train(settings: Settings, resuming: bool, dist: Distributed, console: Conso
             }
             save_checkpoint(state, path)
 
-    # ---- the loop
+    def check_skipped(tallies: Tallies | None = None) -> None:
+        """Read the skip tallies back (a sync: only where the loop waits anyway) and abort
+        after too many skipped steps in a row."""
+        tallies = progress.read() if tallies is None else tallies
+        progress.check_skipped(tallies, settings.train.max_nonfinite_steps, checkpoint_path)
+
+    # ---- the loop: the steps themselves never wait for the device; logging, validation and
+    # ---- checkpoints do
     setup.set_train_mode(student, frozen_bn)
+    parts = StepParts(forward, teachers, optimizer, scaler, settings, precision, device, dist)
     total_steps = settings.train.steps
-    accumulation = settings.train.grad_accumulation
     stopped_early = False
     last_log_time = time.perf_counter()
     last_record: dict[str, Any] = {}
@@ -183,39 +168,21 @@ def _train(settings: Settings, resuming: bool, dist: Distributed, console: Conso
         while progress.step < total_steps and not stopped_early:
             epoch, step_in_epoch = divmod(progress.step, steps_per_epoch)
             loader = setup.make_loader(dataset, settings, epoch, step_in_epoch, dist, device)
-            for micro, batch in enumerate(loader):
-                loss, terms = micro_step(
-                    forward, batch.to(device), teachers, device, precision, accumulation
-                )
-                images_since_log += batch.images.shape[0] * dist.world_size
-                if not all_finite(loss, dist):
-                    handle_nonfinite(terms, progress, settings, checkpoint, checkpoint_path)
-                    optimizer.zero_grad(set_to_none=True)
-                    if (micro + 1) % accumulation:
-                        continue
-                else:
-                    scaler.scale(loss).backward()
-                    accumulate(progress, terms)
-                    if (micro + 1) % accumulation:
-                        continue
-                    optimizer_step(step_module, optimizer, scaler, settings, progress.step)
-                    progress.consecutive_skipped = 0
+            for micro_batches in grouped(loader, settings.train.grad_accumulation):
+                train_step(parts, micro_batches, progress)
                 scheduler.step()
-                progress.step += 1
+                images_since_log += sum(b.images.shape[0] for b in micro_batches) * dist.world_size
                 bar.update(task, completed=progress.step)
                 if progress.step % settings.logging.log_every == 0:
-                    average_over_ranks(progress, dist)
-                    elapsed = time.perf_counter() - last_log_time
-                    record = train_record(
-                        progress, epoch, scheduler, objective, images_since_log / elapsed
-                    )
-                    last_record = record
-                    if log is not None:
-                        log.write(record)
-                    loss_text = f"{record['loss/total']:.4f}" if "loss/total" in record else "-"
-                    bar.update(task, description=f"training loss {loss_text}")
+                    last_record, tallies = log_training(
+                        progress, dist, epoch, scheduler, objective, log,
+                        images_since_log, last_log_time,
+                    )  # fmt: skip
+                    bar.update(task, description=f"training loss {loss_text(last_record)}")
                     last_log_time, images_since_log = time.perf_counter(), 0
+                    check_skipped(tallies)
                 if progress.step % settings.train.val_every == 0 or progress.step == total_steps:
+                    check_skipped()
                     stopped_early = validate_and_adapt(
                         step_module, validation, progress, settings, dist, log, console, checkpoint
                     )
@@ -226,6 +193,7 @@ def _train(settings: Settings, resuming: bool, dist: Distributed, console: Conso
                     progress.step % settings.train.checkpoint_every == 0
                     or progress.step == total_steps
                 ):
+                    check_skipped()  # before saving: never write a run that should abort
                     checkpoint(checkpoint_path)
                 if progress.step >= total_steps or stopped_early:
                     break
@@ -240,6 +208,67 @@ def _train(settings: Settings, resuming: bool, dist: Distributed, console: Conso
         log.close()
     barrier(dist)
     return TrainResult(run_dir, progress.step, progress.best_metric, exported, stopped_early)
+
+
+@dataclass(frozen=True)
+class StepParts:
+    """What every training step uses. `forward` is the `DistillationStep`, maybe wrapped in
+    DistributedDataParallel and torch.compile."""
+
+    forward: Any
+    teachers: list[Teacher]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    settings: Settings
+    precision: setup.Precision
+    device: torch.device
+    dist: Distributed
+
+
+def grouped(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of `size` items (the last may be shorter): the micro-batches of
+    each step."""
+    iterator = iter(items)
+    while group := list(itertools.islice(iterator, size)):
+        yield group
+
+
+def train_step(
+    parts: StepParts, micro_batches: Sequence[TrainingBatch], progress: Progress
+) -> None:
+    """One optimizer step over `micro_batches` (gradients accumulate over them), with no
+    host-device sync.
+
+    Backward always runs. When a term of some micro-step is not finite (on any rank), or the
+    gradient norm is not, the whole step is skipped on the device (see `optimizer_step`); it
+    still counts as a step (the schedule moves on) and `progress` tallies it, for the loop to
+    read back at its next logging step, validation or checkpoint.
+    """
+    terms = StepTerms()
+    for batch in micro_batches:
+        loss, batch_terms = micro_step(
+            parts.forward,
+            batch.to(parts.device),
+            parts.teachers,
+            parts.device,
+            parts.precision,
+            len(micro_batches),
+        )
+        parts.scaler.scale(loss).backward()
+        terms.add(batch_terms, parts.device)
+    skip = terms.nonfinite()
+    if parts.dist.enabled:  # ranks must skip a step together; MAX keeps the flag on the device
+        torch.distributed.all_reduce(skip, op=torch.distributed.ReduceOp.MAX)
+    skip = optimizer_step(
+        step_module_of(parts.forward),
+        parts.optimizer,
+        parts.scaler,
+        parts.settings,
+        progress.step,
+        skip,
+    )
+    progress.record_step(terms, skip)
+    progress.step += 1
 
 
 def micro_step(
@@ -275,84 +304,89 @@ def optimizer_step(
     scaler: torch.amp.GradScaler,
     settings: Settings,
     step: int,
-) -> None:
-    """Drop the gradients of parts still frozen at `step`, clip, and update."""
+    skip: torch.Tensor,
+) -> torch.Tensor:
+    """Drop the gradients of parts still frozen at `step`, clip, and update, all on the device.
+
+    The update leaves parameters and optimizer state as they are when `skip` (float32 0/1
+    scalar) is 1 or, without the fp16 scaler, when the gradient norm is not finite: the fused
+    AdamW kernel reads the flag from `optimizer.found_inf`. The fp16 scaler sets that attribute
+    itself from its own check of the gradients; gradient overflows are its to handle (it lowers
+    its scale, routinely so early in a run), so only `skip` is folded into its check, and a
+    skipped step lowers the scale too. Returns the flag the update used.
+    """
     for part, first_step in settings.train.frozen_until.items():
         if first_step == -1 or step < first_step:
             for parameter in getattr(step_module.student, part).parameters():
                 parameter.grad = None
     scaler.unscale_(optimizer)
+    norm = None
     if settings.train.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(step_module.parameters(), settings.train.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(step_module.parameters(), settings.train.grad_clip)
+    if scaler.is_enabled():
+        # The scaler's (private) per-device flags are what both its step and update read.
+        for found_inf in scaler._found_inf_per_device(optimizer).values():
+            torch.maximum(found_inf, skip.to(found_inf.device, non_blocking=True), out=found_inf)
+    else:
+        if norm is None:  # without clipping, the norm only tells whether gradients are finite
+            gradients = [p.grad for p in step_module.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(gradients)
+        skip = torch.maximum(skip, (~torch.isfinite(norm)).float())
+        optimizer.found_inf = skip  # type: ignore[attr-defined]
     scaler.step(optimizer)
     scaler.update()
+    if hasattr(optimizer, "found_inf"):  # ours; the scaler removes its own
+        del optimizer.found_inf
     optimizer.zero_grad(set_to_none=True)
+    return skip
 
 
-def all_finite(loss: torch.Tensor, dist: Distributed) -> bool:
-    """Whether every rank's loss is finite (ranks must agree to skip a step together)."""
-    finite = torch.isfinite(loss.detach()).float()
-    if dist.enabled:
-        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-    return bool(finite)
-
-
-def average_over_ranks(progress: Progress, dist: Distributed) -> None:
-    """Logged terms are means over the whole global batch, not rank 0's share."""
-    if not dist.enabled:
-        return
-    for name in sorted(progress.log_sums):
-        torch.distributed.all_reduce(progress.log_sums[name])
-        progress.log_sums[name] /= dist.world_size
-
-
-def accumulate(progress: Progress, terms: dict[str, torch.Tensor]) -> None:
-    """Sum terms on the device; they are read back (one sync) only at logging steps."""
-    for name, value in terms.items():
-        value = value.detach().float()
-        progress.log_sums[name] = (
-            progress.log_sums[name] + value if name in progress.log_sums else value
-        )
-    progress.log_count += 1
-
-
-def handle_nonfinite(
-    terms: dict[str, torch.Tensor],
+def log_training(
     progress: Progress,
-    settings: Settings,
-    checkpoint: Any,
-    checkpoint_path: Path,
-) -> None:
-    """Skip the step, name the offending terms, and abort after too many in a row."""
-    bad = sorted(name for name, value in terms.items() if not torch.isfinite(value).all())
-    progress.consecutive_skipped += 1
-    progress.skipped_total += 1
-    logger.warning(
-        f"step {progress.step}: non-finite loss in {', '.join(bad) or 'the total'}; skipped"
-    )
-    if progress.consecutive_skipped >= settings.train.max_nonfinite_steps:
-        raise NonFiniteLossError(
-            f"{progress.consecutive_skipped} consecutive steps had a non-finite loss "
-            f"({', '.join(bad) or 'total'}); stopped at step {progress.step}, the last good "
-            f"checkpoint is {checkpoint_path}"
-        )
+    dist: Distributed,
+    epoch: int,
+    scheduler: Any,
+    objective: Any,
+    log: MetricsLog | None,
+    images: int,
+    since: float,
+) -> tuple[dict[str, Any], Tallies]:
+    """Read the tallies back (the sync of a logging step), write the training record, and
+    start the next record's tallies. `images` were trained on since `since` (a
+    `time.perf_counter()` value)."""
+    progress.reduce_over_ranks(dist)
+    tallies = progress.read()
+    # Timed after the read: the device has finished the steps only then.
+    images_per_s = images / (time.perf_counter() - since)
+    progress.reset_terms()
+    record = train_record(progress.step, epoch, scheduler, objective, tallies, images_per_s)
+    if log is not None:
+        log.write(record)
+    return record, tallies
+
+
+def loss_text(record: dict[str, Any]) -> str:
+    return f"{record['loss/total']:.4f}" if "loss/total" in record else "-"
 
 
 def train_record(
-    progress: Progress, epoch: int, scheduler: Any, objective: Any, images_per_s: float
+    step: int, epoch: int, scheduler: Any, objective: Any, tallies: Tallies, images_per_s: float
 ) -> dict[str, Any]:
+    """The training record of a logging step: the means of the terms over the steps kept
+    since the last record, and the skipped steps (in all, and the terms that were non-finite
+    in those since the last record)."""
     record: dict[str, Any] = {
         "kind": "train",
-        "step": progress.step,
+        "step": step,
         "epoch": epoch,
         "lr": scheduler.get_last_lr()[0],
         "lambda_kd": None if objective is None else objective.kd_weight.value,
         "images_per_s": images_per_s,
-        "skipped_steps": progress.skipped_total,
+        "skipped_steps": tallies.skipped_total,
     }
-    count = max(1, progress.log_count)
-    record.update({name: float(total) / count for name, total in progress.log_sums.items()})
-    progress.log_sums, progress.log_count = {}, 0
+    if tallies.nonfinite_terms:
+        record["nonfinite_terms"] = tallies.nonfinite_terms
+    record.update(tallies.means)
     return record
 
 

@@ -26,12 +26,17 @@ def parameter_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[
 
 
 def build_optimizer(
-    modules: Iterable[nn.Module], lr: float, weight_decay: float, device: torch.device
+    modules: Iterable[nn.Module], lr: float, weight_decay: float
 ) -> torch.optim.AdamW:
-    """AdamW over every trainable parameter; the fused kernel on CUDA."""
+    """AdamW over every trainable parameter, with the fused kernel (CUDA and CPU alike).
+
+    The fused kernel is what lets a step be skipped without a host-device sync: it reads the
+    optimizer's `found_inf` attribute (a float scalar on the parameters' device, set by
+    `GradScaler` or by the training loop) and, when it is nonzero, leaves the parameters and
+    moments as they are and takes back its increment of the step count.
+    """
     groups = parameter_groups(modules, weight_decay)
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=True)
 
 
 def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int, floor: float = 0.0) -> float:

@@ -19,8 +19,8 @@ from samkd.extract import run_extract
 from samkd.models import build_sam, load_state_dict_file
 from samkd.train import run_train, setup
 from samkd.train.distributed import Distributed
-from samkd.train.loop import NonFiniteLossError
 from samkd.train.metrics_log import read_metrics
+from samkd.train.progress import NonFiniteLossError
 from samkd.train.state import load_checkpoint
 
 from .conftest import ALL_TERMS, STUDENT, base_assignments, make_settings
@@ -213,9 +213,15 @@ def test_nonfinite_steps_are_skipped_then_abort(
     with pytest.raises(NonFiniteLossError, match=r"2 consecutive steps.*kd/t/encoder_mse"):
         run_train(settings)
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
-    # Step 2 was skipped (no update) and checkpointed; step 3 aborted the run before saving.
+    # Step 2 was skipped on the device (no update) and checkpointed after it; the second
+    # skipped step in a row (3) is noticed at the logging step after it, which aborts the run
+    # before it saves.
     assert state["progress"]["step"] == 3
     assert state["progress"]["skipped_total"] == 1
+    assert state["progress"]["longest_skipped_run"] == 1
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 2]
+    assert "kd/t/encoder_mse" in records[-1]["nonfinite_terms"]
     weights = [v for v in state["model"].values() if torch.is_tensor(v) and v.is_floating_point()]
     assert all(torch.isfinite(weight).all() for weight in weights)
 
