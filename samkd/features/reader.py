@@ -88,7 +88,8 @@ class FeatureStore:
 
     `taps` selects the taps read: one list for every teacher, or a list per teacher name.
     `store[i]` is `{teacher: {tap: tensor}}` with each tensor shaped like the tap
-    (e.g. 256 x 64 x 64), `dtype` float32 by default. The HDF5 handle is opened lazily in
+    (e.g. 256 x 64 x 64), `dtype` float32 by default, or as stored with `dtype=None` (to
+    move half the bytes and widen on the GPU). The HDF5 handle is opened lazily in
     each process (never shared across fork) and dropped when pickled, so the store can be
     (part of) a Dataset read by DataLoader workers.
     """
@@ -98,7 +99,7 @@ class FeatureStore:
         path: Path,
         teachers: Sequence[str] | None = None,
         taps: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = torch.float32,
     ):
         self.path = Path(path)
         self.dtype = dtype
@@ -232,11 +233,11 @@ class FeatureStore:
         return dataset[row]
 
 
-def _as_dtype(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """The stored row as a tensor of `dtype`; torch widens float16 several times faster than
-    numpy does."""
+def _as_dtype(array: np.ndarray, dtype: torch.dtype | None) -> torch.Tensor:
+    """The stored row as a tensor of `dtype` (None: as stored); torch widens float16 several
+    times faster than numpy does."""
     stored = torch.from_numpy(array)
-    if stored.dtype == dtype:
+    if dtype is None or stored.dtype == dtype:
         return stored
     return torch.empty(stored.shape, dtype=dtype).copy_(stored)
 

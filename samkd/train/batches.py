@@ -78,9 +78,16 @@ class TrainingBatch:
         return TrainingBatch(images, self.samples, teacher_images)
 
     def pin_memory(self) -> TrainingBatch:
+        """Page-locked copies of what `to` moves, so that those copies are asynchronous."""
         self.images = self.images.pin_memory()
         if self.teacher_images is not None:
             self.teacher_images = self.teacher_images.pin_memory()
+        for item in self.samples:
+            item.low_res_targets = item.low_res_targets.pin_memory()
+            item.teacher_features = {
+                teacher: {tap: tensor.pin_memory() for tap, tensor in taps.items()}
+                for teacher, taps in item.teacher_features.items()
+            }
         return self
 
 

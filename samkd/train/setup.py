@@ -175,7 +175,9 @@ def build_validation(
         with_teachers = DistillationDataset(images, None, Augmentation(), settings.train.seed)
     elif teachers and distillation.val_features is not None:
         required = {teacher.name: teacher.encoder_taps for teacher in teachers}
-        store = FeatureStore(distillation.val_features, teachers=list(required), taps=required)
+        store = FeatureStore(
+            distillation.val_features, teachers=list(required), taps=required, dtype=None
+        )
         store.check_matches(
             image_ids=[record.image_id for record in images.records],
             image_size=input_image_size(settings),
@@ -205,7 +207,9 @@ def open_feature_store(
     if not path.is_file():
         raise UsageError(f"{path}: feature file does not exist")
     names = [teacher.name for teacher in settings.teachers]
-    store = FeatureStore(path, teachers=names, taps=taps)
+    # As stored (float16 by default): half the bytes through the workers and to the device,
+    # widened there (`teacher_encoder_features`).
+    store = FeatureStore(path, teachers=names, taps=taps, dtype=None)
     store.check_matches(
         image_ids=[record.image_id for record in dataset.records],
         image_size=input_image_size(settings),

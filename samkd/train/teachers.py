@@ -110,7 +110,9 @@ def teacher_encoder_features(teacher: Teacher, batch: TrainingBatch) -> TeacherF
     """Encoder taps `B x ...` (plus the embedding) of one teacher for the batch."""
     if teacher.model is None:
         return {
-            tap: torch.stack([item.teacher_features[teacher.name][tap] for item in batch.samples])
+            tap: torch.stack(
+                [item.teacher_features[teacher.name][tap] for item in batch.samples]
+            ).float()
             for tap in teacher.encoder_taps
         }
     with torch.inference_mode():

@@ -34,6 +34,13 @@ def test_dataloader_with_two_workers(feature_file: Path) -> None:
         assert torch.equal(embeds[index], store[index]["vit_h"]["encoder.embed"])
 
 
+def test_dtype_none_reads_as_stored_and_widens_exactly(feature_file: Path) -> None:
+    stored = FeatureStore(feature_file, dtype=None)[1]["vit_h"]["encoder.embed"]
+    widened = FeatureStore(feature_file)[1]["vit_h"]["encoder.embed"]
+    assert stored.dtype == torch.float16 and widened.dtype == torch.float32
+    assert torch.equal(stored.float(), widened)
+
+
 def test_pickles_without_a_handle_and_reads_by_id(feature_file: Path) -> None:
     store = FeatureStore(feature_file, dtype=torch.float16)
     first = store[2]
