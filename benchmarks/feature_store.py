@@ -261,7 +261,8 @@ def section(num_images: int, sizes: dict[str, int], reads: Sequence[ReadResult])
             "compression, one image per chunk; `.npy`: one float32 file per image per tap "
             "(the MobileSAM fine-tuning layout). Random order, DataLoader batch_size=None, "
             "torch single-threaded. `hdf5` returns float32 tensors; `hdf5 (fp16 out)` the "
-            "stored float16 (`FeatureStore(dtype=torch.float16)`), to be widened on the GPU. "
+            "stored float16 (`FeatureStore(dtype=torch.float16)`), to be widened on the GPU: "
+            "the way `samkd train` reads (`dtype=None`, as stored). "
             "Cold: page cache dropped with posix_fadvise first. "
             "Target: <= 0.5x the bytes at >= 1.0x the throughput of `.npy`."
         ),
