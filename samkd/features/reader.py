@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import mmap
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -113,6 +115,7 @@ class FeatureStore:
         self._positions: dict[str, int] | None = None
         self._handle: h5py.File | None = None
         self._datasets: dict[tuple[str, str], h5py.Dataset] = {}
+        self._mapping: mmap.mmap | None = None
         self._pid: int | None = None
 
     def __len__(self) -> int:
@@ -140,8 +143,9 @@ class FeatureStore:
             features[teacher.name] = {}
             for tap in teacher.taps:
                 key = teacher.name, tap.name
-                array = self._read_row(datasets[key], tap, row, self._fast[key])
-                tensor = _as_dtype(array, self.dtype)
+                stored = self._read_row(datasets[key], tap, row, key)
+                tensor = torch.empty(stored.shape, dtype=self.dtype or stored.dtype)
+                tensor.copy_(stored)  # torch widens float16 several times faster than numpy
                 features[teacher.name][tap.name] = flip_tap(tensor, tap.kind) if flip else tensor
         return features
 
@@ -201,16 +205,24 @@ class FeatureStore:
     def close(self) -> None:
         if self._handle is not None and self._pid == os.getpid():
             self._handle.close()
-        self._handle, self._datasets, self._pid = None, {}, None
+            if self._mapping is not None:
+                with contextlib.suppress(BufferError):  # a caller still holds a view
+                    self._mapping.close()
+        self._handle, self._datasets, self._mapping, self._pid = None, {}, None, None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_handle"], state["_datasets"], state["_pid"] = None, {}, None
+        state["_handle"], state["_datasets"], state["_mapping"], state["_pid"] = (
+            None,
+            {},
+            None,
+            None,
+        )
         return state
 
     def _open_datasets(self) -> dict[tuple[str, str], h5py.Dataset]:
-        """This process's dataset handles, looked up once: a path lookup in h5py costs about
-        as much as reading a small tap."""
+        """This process's dataset handles, looked up once (a path lookup in h5py costs about
+        as much as reading a small tap), and its memory map of the file."""
         if self._handle is None or self._pid != os.getpid():
             self._handle = open_feature_file(self.path)
             self._pid = os.getpid()
@@ -220,26 +232,34 @@ class FeatureStore:
                 for teacher in self.teachers
                 for tap in teacher.taps
             }
+            self._mapping = map_file(self.path) if any(self._fast.values()) else None
         return self._datasets
 
-    @staticmethod
-    def _read_row(dataset: h5py.Dataset, tap: TapSpec, row: int, fast: bool) -> np.ndarray:
-        if fast:  # one uncompressed chunk per image: its bytes are the sample
-            sample = np.empty(tap.shape, dtype=dataset.dtype)
-            dataset.id.read_direct_chunk(
-                (row, *(0,) * len(tap.shape)), out=sample.reshape(-1).view(np.uint8)
-            )
-            return sample
-        return dataset[row]
+    def _read_row(
+        self, dataset: h5py.Dataset, tap: TapSpec, row: int, key: tuple[str, str]
+    ) -> torch.Tensor:
+        """One image's tap in the stored dtype; a view of the file's memory map when the
+        image is one uncompressed chunk (its bytes are the sample), to be copied at once."""
+        if self._fast[key] and self._mapping is not None:
+            chunk = dataset.id.get_chunk_info_by_coord((row, *(0,) * len(tap.shape)))
+            if chunk.byte_offset is not None and chunk.size == tap.numel * dataset.dtype.itemsize:
+                values = np.frombuffer(
+                    self._mapping, dtype=dataset.dtype, count=tap.numel, offset=chunk.byte_offset
+                )
+                return torch.from_numpy(values.reshape(tap.shape))
+        return torch.from_numpy(dataset[row])
 
 
-def _as_dtype(array: np.ndarray, dtype: torch.dtype | None) -> torch.Tensor:
-    """The stored row as a tensor of `dtype` (None: as stored); torch widens float16 several
-    times faster than numpy does."""
-    stored = torch.from_numpy(array)
-    if dtype is None or stored.dtype == dtype:
-        return stored
-    return torch.empty(stored.shape, dtype=dtype).copy_(stored)
+def map_file(path: Path) -> mmap.mmap | None:
+    """A private (copy-on-write, so that numpy and torch see writable memory; nothing is ever
+    written) read mapping of the whole file, or None where the platform cannot map it.
+    Reading a chunk through it skips HDF5's read path and a copy: about 2.5x the images/s of
+    `read_direct_chunk` once the page cache holds the file."""
+    try:
+        with open(path, "rb") as handle:
+            return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError):
+        return None
 
 
 def _select_teachers(

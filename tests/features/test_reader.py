@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+import samkd.features.reader
 from samkd.features import FeatureStore, FeatureStoreError, flip_tap
 
 from .feature_helpers import PREPROCESSING, extract, make_plan
@@ -39,6 +40,21 @@ def test_dtype_none_reads_as_stored_and_widens_exactly(feature_file: Path) -> No
     widened = FeatureStore(feature_file)[1]["vit_h"]["encoder.embed"]
     assert stored.dtype == torch.float16 and widened.dtype == torch.float32
     assert torch.equal(stored.float(), widened)
+
+
+def test_reads_without_a_memory_map_are_the_same(
+    feature_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mapped = FeatureStore(feature_file)
+    assert mapped[0] and mapped._mapping is not None
+    monkeypatch.setattr(samkd.features.reader, "map_file", lambda path: None)
+    unmapped = FeatureStore(feature_file)
+    for index in range(len(mapped)):
+        by_map, by_hdf5 = mapped[index], unmapped[index]
+        for teacher, taps in by_map.items():
+            for tap, tensor in taps.items():
+                assert torch.equal(tensor, by_hdf5[teacher][tap]), (index, teacher, tap)
+    assert unmapped._mapping is None
 
 
 def test_pickles_without_a_handle_and_reads_by_id(feature_file: Path) -> None:
