@@ -3,6 +3,7 @@
 from samkd.models.attention_capture import AttentionCapture
 from samkd.models.checkpoint import (
     CheckpointError,
+    SkippedInit,
     load_state_dict_file,
     load_weights,
     save_state_dict,
@@ -39,6 +40,7 @@ __all__ = [
     "TEACHER_TYPES",
     "AttentionCapture",
     "CheckpointError",
+    "SkippedInit",
     "CheckpointedImageEncoderViT",
     "FastAttentionHandle",
     "ModelType",

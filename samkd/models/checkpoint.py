@@ -9,7 +9,7 @@ are unwrapped.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from samkd.files import atomic_path
 
@@ -31,6 +32,30 @@ StateDict = dict[str, torch.Tensor]
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or that does not fit the model; one-line message."""
+
+
+class SkippedInit(TorchFunctionMode):
+    """Inside: the `torch.nn.init` functions that dispatch to torch-function modes
+    (`uniform_`, `normal_`, `constant_`, `kaiming_uniform_`: the default initialisation of
+    `nn.Linear` and `nn.Conv2d`) leave their tensor as allocated.
+
+    For a model whose every parameter and persistent buffer a strict `load_state_dict`
+    overwrites next: random initialisation of ViT-H takes about 2 s on a CPU, 0.03 s
+    without. Buffers that are not in a state dict (pixel statistics, TinyViT's bias indices)
+    are computed by ordinary tensor code, which runs as usual.
+    """
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
 
 
 def load_state_dict_file(path: str | PathLike[str]) -> StateDict:

@@ -18,6 +18,7 @@ Most of the mini models' parameters are the full-size mask decoder (4.1M).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from os import PathLike
@@ -26,7 +27,7 @@ import torch
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 
-from samkd.models.checkpoint import load_weights
+from samkd.models.checkpoint import SkippedInit, load_weights
 from samkd.models.image_encoder import CheckpointedImageEncoderViT
 from samkd.models.tiny_vit import TinyViT
 
@@ -197,7 +198,8 @@ def build_sam(
     if checkpoint is not None and target.type == "meta":
         raise ValueError("cannot load a checkpoint into a model on the meta device")
 
-    with target:
+    # With a checkpoint, random initialisation would be overwritten by the strict load.
+    with target, SkippedInit() if checkpoint is not None else contextlib.nullcontext():
         sam = _assemble(info.build_encoder(size, gradient_checkpointing), size)
     # Sam creates its pixel statistics on the CPU whatever the default device.
     sam.to(target)

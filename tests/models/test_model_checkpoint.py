@@ -8,6 +8,7 @@ import torch
 from samkd.models import (
     MODEL_TYPES,
     CheckpointError,
+    SkippedInit,
     build_sam,
     load_state_dict_file,
     load_weights,
@@ -31,7 +32,24 @@ def test_round_trip_through_file(model_type: str, tmp_path: Path, randomize) -> 
     path = tmp_path / "weights" / f"{model_type}.pt"
     save_state_dict(model, path)
     assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
-    assert_same_weights(build_sam(model_type, checkpoint=path), model)
+    loaded = build_sam(model_type, checkpoint=path)
+    assert_same_weights(loaded, model)
+    # Built without random initialisation: the buffers outside the state dict must still be
+    # computed (pixel statistics, TinyViT's attention bias indices), and the outputs equal.
+    buffers = dict(loaded.named_buffers())
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffers[name], buffer), name
+
+
+def test_skipped_init_leaves_tensors_as_they_are() -> None:
+    weight, bias = torch.zeros(4, 3), torch.zeros(4)
+    with SkippedInit():
+        torch.nn.init.kaiming_uniform_(weight, a=1.0)  # what nn.Linear and nn.Conv2d use
+        torch.nn.init.uniform_(bias, -1.0, 1.0)
+        torch.nn.init.normal_(bias)
+        shifted = bias + 2  # other functions run as usual
+    assert not weight.any() and not bias.any()
+    assert torch.equal(shifted, torch.full((4,), 2.0))
 
 
 @pytest.mark.parametrize("model_type", FULL_TEACHERS)
