@@ -49,7 +49,7 @@ class Config:
         return f"{self.model_type} @ {self.image_size} px"
 
 
-FULL = (Config("vit_mini", 256, 64, 4, 2), Config("vit_b", 256, 16, 4, 2))
+FULL = (Config("vit_mini", 256, 64, 4, 2), Config("vit_b", 256, 32, 4, 2))
 QUICK = (Config("vit_mini", 128, 4, 2, 1),)
 
 
