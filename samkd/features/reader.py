@@ -144,7 +144,7 @@ class FeatureStore:
             for tap in teacher.taps:
                 key = teacher.name, tap.name
                 stored = self._read_row(datasets[key], tap, row, key)
-                tensor = torch.empty(stored.shape, dtype=self.dtype or stored.dtype)
+                tensor = output_tensor(stored.shape, self.dtype or stored.dtype)
                 tensor.copy_(stored)  # torch widens float16 several times faster than numpy
                 features[teacher.name][tap.name] = flip_tap(tensor, tap.kind) if flip else tensor
         return features
@@ -248,6 +248,16 @@ class FeatureStore:
                 )
                 return torch.from_numpy(values.reshape(tap.shape))
         return torch.from_numpy(dataset[row])
+
+
+def output_tensor(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor for one tap; in a DataLoader worker, in shared memory, which a worker
+    would otherwise copy it to in order to pass it on (as torch's own `default_collate`
+    allocates its batches there): one copy of every tap fewer per image."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(tuple(shape), dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage).view(tuple(shape))
 
 
 def map_file(path: Path) -> mmap.mmap | None:

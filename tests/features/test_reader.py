@@ -57,6 +57,15 @@ def test_reads_without_a_memory_map_are_the_same(
     assert unmapped._mapping is None
 
 
+def test_worker_outputs_are_in_shared_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not samkd.features.reader.output_tensor((2, 3), torch.float16).is_shared()
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
+    shared = samkd.features.reader.output_tensor((2, 3), torch.float16)
+    assert shared.is_shared() and shared.shape == (2, 3) and shared.dtype == torch.float16
+    shared.copy_(torch.arange(6.0).view(2, 3))
+    assert torch.equal(shared.float(), torch.arange(6.0).view(2, 3))
+
+
 def test_pickles_without_a_handle_and_reads_by_id(feature_file: Path) -> None:
     store = FeatureStore(feature_file, dtype=torch.float16)
     first = store[2]
