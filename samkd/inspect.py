@@ -74,6 +74,7 @@ def summarize_run(run_dir: Path, plot: bool = True) -> dict[str, Any]:
         "last_val_miou": val[-1]["val/miou"] if val else None,
         "lambda_kd_changes": changes,
         "skipped_steps": train[-1].get("skipped_steps", 0) if train else 0,
+        "nonfinite_terms": sorted({t for r in train for t in r.get("nonfinite_terms", [])}),
         "last_terms": {k: v for k, v in (train[-1] if train else {}).items() if "/" in k},
         "exported": str(run_dir / "student.pt") if (run_dir / "student.pt").exists() else None,
     }
@@ -136,7 +137,10 @@ def render_run(summary: dict[str, Any], console: Console) -> None:
     if best is not None:
         table.add_row("best val mIoU", f"{best:.4f} at step {summary['best_step']}")
         table.add_row("last val mIoU", f"{summary['last_val_miou']:.4f}")
-    table.add_row("skipped steps (non-finite loss)", str(summary["skipped_steps"]))
+    skipped = str(summary["skipped_steps"])
+    if summary["nonfinite_terms"]:
+        skipped += f" ({', '.join(summary['nonfinite_terms'])})"
+    table.add_row("skipped steps (non-finite loss or gradients)", skipped)
     changes = summary["lambda_kd_changes"]
     table.add_row(
         "lambda_kd changes",

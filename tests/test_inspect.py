@@ -21,6 +21,7 @@ def write_run(run_dir: Path) -> None:
                         "kd/lambda": 1.0, **{term: 1.0 / step for term in TERMS}})  # fmt: skip
         records.append({"kind": "val", "step": step, "val/miou": [0.5, 0.7, 0.6][step // 10 - 1]})
     records[-1]["lambda_kd_change"] = [1.0, 0.5]
+    records[0]["nonfinite_terms"] = ["kd/t/encoder_mse", "loss/total"]
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
@@ -32,6 +33,7 @@ def test_run_summary_and_one_panel_per_term(tmp_path: Path) -> None:
     assert (summary["best_val_miou"], summary["best_step"]) == (0.7, 20)
     assert summary["lambda_kd_changes"] == [{"step": 30, "from": 1.0, "to": 0.5}]
     assert summary["skipped_steps"] == 1
+    assert summary["nonfinite_terms"] == ["kd/t/encoder_mse", "loss/total"]
     assert loss_terms(json_lines(tmp_path / "run" / "metrics.jsonl")) == TERMS
     with Image.open(summary["plot"]) as plot:
         assert plot.size[0] > 400 and plot.size[1] > 200
