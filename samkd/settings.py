@@ -366,7 +366,12 @@ class TrainSettings(StrictModel):
         ge=1,
         description="stop after this many validations without a better val/miou (null: never)",
     )
-    max_nonfinite_steps: int = Field(5, ge=1, description="consecutive skipped steps that abort")
+    max_nonfinite_steps: int = Field(
+        5,
+        ge=1,
+        description="consecutive steps skipped for a non-finite loss or gradients that abort "
+        "the run (checked at the next logging, validation or checkpoint step)",
+    )
     task_loss: bool = Field(
         True, description="add SAM's mask loss (focal, dice, IoU) when the data has masks"
     )
