@@ -113,6 +113,7 @@ class FeatureStore:
             self.preprocessing = json.loads(handle["images"].attrs["preprocessing"])
             self._fast = _check_datasets(self.path, handle, self.teachers)
         self._positions: dict[str, int] | None = None
+        # Per process (see `_open_datasets`): never shared across fork, dropped when pickled.
         self._handle: h5py.File | None = None
         self._datasets: dict[tuple[str, str], h5py.Dataset] = {}
         self._mapping: mmap.mmap | None = None
@@ -208,17 +209,10 @@ class FeatureStore:
             if self._mapping is not None:
                 with contextlib.suppress(BufferError):  # a caller still holds a view
                     self._mapping.close()
-        self._handle, self._datasets, self._mapping, self._pid = None, {}, None, None
+        self.__dict__.update(_unopened())
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_handle"], state["_datasets"], state["_mapping"], state["_pid"] = (
-            None,
-            {},
-            None,
-            None,
-        )
-        return state
+        return {**self.__dict__, **_unopened()}
 
     def _open_datasets(self) -> dict[tuple[str, str], h5py.Dataset]:
         """This process's dataset handles, looked up once (a path lookup in h5py costs about
@@ -248,6 +242,11 @@ class FeatureStore:
                 )
                 return torch.from_numpy(values.reshape(tap.shape))
         return torch.from_numpy(dataset[row])
+
+
+def _unopened() -> dict[str, Any]:
+    """A FeatureStore's per-process state before it opens its file in a process."""
+    return {"_handle": None, "_datasets": {}, "_mapping": None, "_pid": None}
 
 
 def output_tensor(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
