@@ -85,8 +85,9 @@ def timed_extraction_loop(seconds: list[float], batch_ends: list[float]) -> Iter
     def timed_loop(*args: Any, **kwargs: Any) -> None:
         began = time.perf_counter()
         original_loop(*args, **kwargs)
-        seconds.append(time.perf_counter() - began)
-        batch_ends.append(seconds[-1] + began)
+        ended = time.perf_counter()
+        seconds.append(ended - began)
+        batch_ends.append(ended)
 
     def timed_batch(*args: Any, **kwargs: Any) -> Any:
         features = original_batch(*args, **kwargs)
