@@ -70,6 +70,25 @@ def fast_teacher_enabled(mode: FastTeacherMode, device: torch.device | str) -> b
     return mode == "on"
 
 
+def decomposed_rel_pos_terms(
+    query: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, grid: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's decomposed relative position terms (segment-anything's `add_decomposed_rel_pos`,
+    which uses the unscaled queries).
+
+    `query`: windows x heads x (rows * cols) x head_dim. Returns `rel_h`
+    windows x heads x T x rows and `rel_w` windows x heads x T x cols (T = rows * cols):
+    `q . R_h[qh, kh]` and `q . R_w[qw, kw]`, in the query's dtype.
+    """
+    rows, cols = grid
+    table_h = get_rel_pos(rows, rows, rel_pos_h).to(query.dtype)  # rows x rows x head_dim
+    table_w = get_rel_pos(cols, cols, rel_pos_w).to(query.dtype)  # cols x cols x head_dim
+    spatial = query.unflatten(2, (rows, cols))
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", spatial, table_h).flatten(2, 3)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", spatial, table_w).flatten(2, 3)
+    return rel_h, rel_w
+
+
 def decomposed_rel_pos_bias(
     query: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, grid: tuple[int, int]
 ) -> torch.Tensor:
@@ -79,15 +98,9 @@ def decomposed_rel_pos_bias(
     windows x heads x N x N (N = rows * cols) in the query's dtype, whose entry for query
     (qh, qw) and key (kh, kw) is `q . R_h[qh, kh] + q . R_w[qw, kw]`.
     """
-    rows, cols = grid
-    table_h = get_rel_pos(rows, rows, rel_pos_h).to(query.dtype)  # rows x rows x head_dim
-    table_w = get_rel_pos(cols, cols, rel_pos_w).to(query.dtype)  # cols x cols x head_dim
-    spatial = query.unflatten(2, (rows, cols))
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", spatial, table_h)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", spatial, table_w)
-    bias = rel_h[..., :, None] + rel_w[..., None, :]  # b x n x rows x cols x rows x cols
-    tokens = rows * cols
-    return bias.reshape(query.shape[0], query.shape[1], tokens, tokens).to(query.dtype)
+    rel_h, rel_w = decomposed_rel_pos_terms(query, rel_pos_h, rel_pos_w, grid)
+    bias = rel_h[..., :, None] + rel_w[..., None, :]  # b x n x T x rows x cols
+    return bias.flatten(3).to(query.dtype)
 
 
 def sdpa_attention(

@@ -25,11 +25,11 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, Sam
 from segment_anything.modeling.image_encoder import Attention as SamAttention
 from segment_anything.modeling.image_encoder import Block as SamBlock
-from segment_anything.modeling.image_encoder import get_rel_pos
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from samkd.models.attention_capture import AttentionCapture
+from samkd.models.fast_attention import decomposed_rel_pos_terms
 from samkd.models.tiny_vit import Attention as TinyViTAttention
 from samkd.models.tiny_vit import TinyViT, TinyViTBlock
 
@@ -205,7 +205,9 @@ def _sam_attention_tap(name: str, block: SamBlock) -> Attach:
         query, key = per_head.permute(2, 0, 3, 1, 4).unbind(0)[:2]
         rel_pos_h = rel_pos_w = None
         if attention.use_rel_pos:
-            rel_pos_h, rel_pos_w = _decomposed_rel_pos(attention, query, rows, cols)
+            rel_pos_h, rel_pos_w = decomposed_rel_pos_terms(
+                query, attention.rel_pos_h, attention.rel_pos_w, (rows, cols)
+            )
         return AttentionCapture(
             query=query,
             key=key,
@@ -218,20 +220,6 @@ def _sam_attention_tap(name: str, block: SamBlock) -> Attach:
         )
 
     return _grid_and_qkv_tap(name, block, attention.qkv, capture)
-
-
-def _decomposed_rel_pos(
-    attention: SamAttention, query: torch.Tensor, rows: int, cols: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAM's relative position terms for queries N x heads x (rows * cols) x head_dim:
-    N x heads x T x rows and N x heads x T x cols (see segment-anything's
-    `add_decomposed_rel_pos`, which uses the unscaled queries)."""
-    table_h = get_rel_pos(rows, rows, attention.rel_pos_h)
-    table_w = get_rel_pos(cols, cols, attention.rel_pos_w)
-    spatial = query.unflatten(2, (rows, cols))
-    rel_h = torch.einsum("nahwc,hkc->nahwk", spatial, table_h).flatten(2, 3)
-    rel_w = torch.einsum("nahwc,wkc->nahwk", spatial, table_w).flatten(2, 3)
-    return rel_h, rel_w
 
 
 def _tiny_vit_attention_tap(name: str, block: TinyViTBlock) -> Attach:
