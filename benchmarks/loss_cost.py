@@ -173,6 +173,16 @@ def resident_bytes() -> int:
     return pages * resource.getpagesize()
 
 
+def peak_resident_bytes() -> int:
+    """This process's peak resident set (VmHWM). Not `ru_maxrss`: Linux carries that over
+    from the parent across fork and exec, so a case started by a large process (a test
+    session) would report the parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def run_case(name: str, repeats: int) -> dict[str, float]:
     """Time and peak extra memory of one case, in this process."""
     torch.manual_seed(0)
@@ -183,7 +193,7 @@ def run_case(name: str, repeats: int) -> dict[str, float]:
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_resident_bytes()
     seconds = min(times[1:]) if repeats else times[0]
     return {"seconds": seconds, "peak_mib": max(peak - before, 0) / MIB}
 
