@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
 import torch
-from loguru import logger
 from rich.console import Console
 from segment_anything.modeling import Sam
 from torch.utils.data import DataLoader, Subset
@@ -38,12 +36,22 @@ from samkd.models import (
     available_taps,
     build_prompt_decoder,
     build_sam,
+    build_teacher,
     capture_taps,
 )
-from samkd.models.fast_attention import fast_teacher_enabled, optimize_teacher
-from samkd.runtime import input_image_size, progress_bar, resolve_device
+from samkd.models.fast_attention import fast_teacher_enabled
+from samkd.runtime import (
+    Distributed,
+    barrier,
+    device_for,
+    init_distributed,
+    input_image_size,
+    progress_bar,
+    resolve_device,
+    resolve_precision,
+    shutdown,
+)
 from samkd.settings import Settings, TeacherSettings
-from samkd.train.distributed import Distributed, barrier, device_for, init_distributed, shutdown
 
 EMBED_TAP = ENCODER_EMBED
 
@@ -121,27 +129,6 @@ def decoder_bytes(image_size: int) -> int:
     return sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
 
 
-def build_teacher(
-    entry: TeacherSettings,
-    image_size: int,
-    device: torch.device,
-    *,
-    fast: bool = False,
-    compile: bool = False,
-) -> Sam:
-    """The teacher with its weights; without a checkpoint, seeded random weights, so that every
-    rank and every rerun of a resumed extraction computes the same features. `fast`: on the
-    fast path (`samkd.models.fast_attention`), `compile` also compiling it."""
-    if entry.checkpoint is None:
-        logger.warning(f"teacher '{entry.name}' has no checkpoint: using seeded random weights")
-        torch.manual_seed(0)
-    model = build_sam(entry.model_type, image_size=image_size, checkpoint=entry.checkpoint)
-    model = model.to(device).eval()
-    if fast:
-        optimize_teacher(model, compile=compile)
-    return model
-
-
 def load_extraction_dataset(settings: Settings, image_size: int) -> SegmentationDataset:
     if settings.data.train is None:
         raise UsageError("no dataset to extract: pass --data FOLDER or set data.train")
@@ -183,28 +170,9 @@ def compute_of(settings: Settings, device: torch.device) -> dict[str, str]:
     mix, say, bf16 fast-path features with float32 reference ones."""
     fast = fast_teacher_enabled(settings.extract.fast_teacher, device)
     return {
-        "precision": resolved_precision(settings, device),
+        "precision": resolve_precision(settings.extract.precision, device).name,
         "attention": "fused" if fast else "reference",
     }
-
-
-def resolved_precision(settings: Settings, device: torch.device) -> str:
-    """`extract.precision` with `auto` made concrete: bf16 on CUDA, fp32 elsewhere."""
-    precision = settings.extract.precision
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
-
-
-def autocast_for(
-    settings: Settings, device: torch.device
-) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA (unless fp32 is asked for), plain float32 on the CPU."""
-    precision = resolved_precision(settings, device)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def extract_teacher(
@@ -221,7 +189,15 @@ def extract_teacher(
     if not todo:
         return
     fast = fast_teacher_enabled(settings.extract.fast_teacher, device)
-    model = build_teacher(entry, image_size, device, fast=fast, compile=settings.extract.compile)
+    precision = resolve_precision(settings.extract.precision, device)
+    model = build_teacher(
+        entry.model_type,
+        image_size,
+        entry.checkpoint,
+        device,
+        fast=fast,
+        compile=settings.extract.compile,
+    )
     writer.write_decoder_state(entry.name, model.state_dict())
     loader = DataLoader(
         Subset(dataset, todo),
@@ -234,7 +210,7 @@ def extract_teacher(
         task = bar.add_task(f"teacher {entry.name}", total=len(todo))
         for batch in loader:
             images = batch.images.to(device, non_blocking=True)
-            with autocast_for(settings, device):
+            with precision.autocast(device):
                 features = teacher_batch_features(
                     model, images, teacher_taps(settings, entry), settings.extract.attention_grid
                 )

@@ -1,11 +1,16 @@
-"""Run-time helpers shared by the jobs: device choice and progress bars."""
+"""What every job (extract, train, eval) shares at run time: the device, the precision, the
+process group under torchrun, and progress bars."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as torch_dist
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -38,6 +43,86 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device '{name}' was asked for, but CUDA is not available here")
     return device
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a job computes: `name` (fp32, bf16 or fp16), the autocast dtype (None: float32)
+    and whether training needs a GradScaler."""
+
+    name: str
+    dtype: torch.dtype | None
+    use_scaler: bool
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager[object]:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.dtype)
+
+
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    """auto: bf16 on CUDA, float32 elsewhere; fp16 (CUDA only) adds a GradScaler."""
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "fp32"
+    if name == "fp32":
+        return Precision(name, None, False)
+    if name == "bf16":
+        return Precision(name, torch.bfloat16, False)
+    if device.type != "cuda":
+        raise UsageError(f"precision fp16 needs a CUDA device, got '{device}'; use fp32 or bf16")
+    return Precision(name, torch.float16, True)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in the job (`world_size` 1 without torchrun)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> Distributed:
+    """Join the process group that torchrun describes in the environment, if any.
+
+    NCCL on CUDA, gloo on the CPU; each rank uses the GPU of its local rank.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed()
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Distributed(rank, local_rank, world_size)
+
+
+def device_for(dist: Distributed, device: torch.device) -> torch.device:
+    """Under torchrun each rank drives its own GPU."""
+    if dist.enabled and device.type == "cuda":
+        return torch.device("cuda", dist.local_rank)
+    return device
+
+
+def barrier(dist: Distributed) -> None:
+    if dist.enabled:
+        torch_dist.barrier()
+
+
+def shutdown(dist: Distributed) -> None:
+    if dist.enabled and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 class RateColumn(ProgressColumn):

@@ -25,10 +25,9 @@ from samkd.evaluate.quality import QualityOptions, QualityTables, evaluate_image
 from samkd.evaluate.speed import measure_speed
 from samkd.features import FeatureStore, read_decoder_state_dict
 from samkd.files import atomic_path
-from samkd.models import ENCODER_EMBED, build_sam
+from samkd.models import ENCODER_EMBED, PromptDecoder, build_sam, build_teacher
 from samkd.runtime import input_image_size, progress_bar, resolve_device
 from samkd.settings import Settings, TeacherSettings
-from samkd.train.teachers import PromptDecoder
 
 OVERLAY_IMAGES = 4
 
@@ -209,7 +208,8 @@ def run_eval(
             )
     elif teacher is not None:
         teacher_model_spec = teacher_spec(settings, teacher, student.image_size)
-        teacher_model = teacher_model_spec.build(device)
+        spec = teacher_model_spec
+        teacher_model = build_teacher(spec.model_type, spec.image_size, spec.checkpoint, device)
     options = QualityOptions(
         tuple(settings.eval.prompts), settings.eval.num_points, settings.eval.multimask
     )

@@ -30,6 +30,7 @@ from samkd.models.registry import (
     model_type_info,
 )
 from samkd.models.taps import ENCODER_EMBED, TapError, Taps, available_taps, capture_taps
+from samkd.models.teacher import PromptDecoder, build_teacher, frozen
 from samkd.models.tiny_vit import TinyViT
 
 __all__ = [
@@ -44,12 +45,14 @@ __all__ = [
     "CheckpointedImageEncoderViT",
     "FastAttentionHandle",
     "ModelType",
+    "PromptDecoder",
     "TapError",
     "Taps",
     "TinyViT",
     "available_taps",
     "build_prompt_decoder",
     "build_sam",
+    "build_teacher",
     "capture_taps",
     "check_image_size",
     "default_image_size",
@@ -57,6 +60,7 @@ __all__ = [
     "enable_fast_attention",
     "fast_attention",
     "fast_teacher_enabled",
+    "frozen",
     "load_state_dict_file",
     "load_weights",
     "model_type_info",

@@ -21,11 +21,21 @@ from samkd.data import SegmentationDataset
 from samkd.errors import UsageError
 from samkd.evaluate.quality import QualityOptions, QualityTables, evaluate_image
 from samkd.models import save_state_dict
-from samkd.runtime import input_image_size, progress_bar, resolve_device
+from samkd.runtime import (
+    Distributed,
+    Precision,
+    barrier,
+    device_for,
+    init_distributed,
+    input_image_size,
+    progress_bar,
+    resolve_device,
+    resolve_precision,
+    shutdown,
+)
 from samkd.settings import Settings
 from samkd.train import setup
 from samkd.train.batches import DistillationDataset, TrainingBatch, collate_training
-from samkd.train.distributed import Distributed, barrier, device_for, init_distributed, shutdown
 from samkd.train.forward import group_targets, prompt_groups
 from samkd.train.metrics_log import MetricsLog
 from samkd.train.optim import build_optimizer, build_scheduler
@@ -64,7 +74,7 @@ def run_train(
 def _train(settings: Settings, resuming: bool, dist: Distributed, console: Console) -> TrainResult:
     # ---- devices, precision, seeds
     device = device_for(dist, resolve_device(settings.train.device))
-    precision = setup.resolve_precision(settings.train.precision, device)
+    precision = resolve_precision(settings.train.precision, device)
     torch.manual_seed(settings.train.seed)
     run_dir = settings.train.output_dir
     checkpoint_path = run_dir / "checkpoints" / "last.pt"
@@ -220,7 +230,7 @@ class StepParts:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     settings: Settings
-    precision: setup.Precision
+    precision: Precision
     device: torch.device
     dist: Distributed
 
@@ -276,7 +286,7 @@ def micro_step(
     batch: TrainingBatch,
     teachers: list[Teacher],
     device: torch.device,
-    precision: setup.Precision,
+    precision: Precision,
     accumulation: int,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss (already divided by the accumulation steps) and terms of one micro-batch."""

@@ -19,7 +19,7 @@ import torch
 from loguru import logger
 
 from samkd.errors import UsageError
-from samkd.train.distributed import Distributed
+from samkd.runtime import Distributed
 
 Names = tuple[str, ...]
 

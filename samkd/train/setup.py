@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from collections.abc import Iterator
@@ -21,10 +20,9 @@ from samkd.distill.adapters import feature_shapes
 from samkd.errors import UsageError
 from samkd.features import FeatureStore, read_decoder_state_dict
 from samkd.models import DECODER_PREFIXES, build_sam, load_state_dict_file
-from samkd.runtime import input_image_size
+from samkd.runtime import Distributed, Precision, input_image_size
 from samkd.settings import Settings, load_settings
 from samkd.train.batches import Augmentation, DistillationDataset, collate_training
-from samkd.train.distributed import Distributed
 from samkd.train.forward import EMBED_TAP, encoder_forward
 from samkd.train.teachers import (
     Teacher,
@@ -38,32 +36,6 @@ SETTINGS_FILE = "settings.yaml"
 # TinyViT keeps ImageNet classifier weights for strict loading of mobile_sam.pt; they never
 # run in SAM, so they are frozen rather than left without gradients (which DDP rejects).
 UNUSED_PREFIXES = ("image_encoder.head.", "image_encoder.norm_head.")
-
-
-@dataclass(frozen=True)
-class Precision:
-    """Autocast dtype (None: float32) and whether a GradScaler is needed."""
-
-    dtype: torch.dtype | None
-    use_scaler: bool
-
-    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager[object]:
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=self.dtype)
-
-
-def resolve_precision(name: str, device: torch.device) -> Precision:
-    """auto: bf16 on CUDA, float32 on the CPU; fp16 adds a GradScaler."""
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" else "fp32"
-    if name == "fp32":
-        return Precision(None, False)
-    if name == "bf16":
-        return Precision(torch.bfloat16, False)
-    if device.type != "cuda":
-        raise UsageError("train.precision fp16 needs a CUDA device; use fp32 or bf16")
-    return Precision(torch.float16, True)
 
 
 def build_student(settings: Settings, device: torch.device) -> Sam:

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import torch
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam
-from torch import nn
 
 from samkd.features import read_decoder_state_dict
-from samkd.models import AttentionCapture, build_prompt_decoder, build_sam
-from samkd.models.fast_attention import FastTeacherMode, fast_teacher_enabled, optimize_teacher
+from samkd.models import AttentionCapture, PromptDecoder, build_teacher, frozen
+from samkd.models.fast_attention import FastTeacherMode, fast_teacher_enabled
 from samkd.settings import TeacherSettings
 from samkd.train.batches import TrainingBatch
 from samkd.train.forward import (
@@ -35,16 +34,6 @@ from samkd.train.forward import (
 TeacherFeatures = dict[str, torch.Tensor | AttentionCapture]
 
 
-class PromptDecoder(nn.Module):
-    """A teacher's prompt encoder and mask decoder alone (state-dict keys as in `Sam`)."""
-
-    def __init__(self, image_size: int) -> None:
-        super().__init__()
-        self.prompt_encoder: PromptEncoder
-        self.mask_decoder: MaskDecoder
-        self.prompt_encoder, self.mask_decoder = build_prompt_decoder(image_size)
-
-
 @dataclass
 class Teacher:
     """One frozen teacher: its decoder, and its whole model when running online."""
@@ -54,13 +43,6 @@ class Teacher:
     mask_decoder: MaskDecoder
     model: Sam | None
     encoder_taps: list[str]
-
-
-def frozen(module: nn.Module) -> nn.Module:
-    module.eval()
-    for parameter in module.parameters():
-        parameter.requires_grad_(False)
-    return module
 
 
 def load_precomputed_teacher(
@@ -87,10 +69,14 @@ def load_online_teacher(
 ) -> Teacher:
     """The whole frozen teacher; `fast` (`distillation.fast_teachers`) puts its image encoder
     on the fast path (`samkd.models.fast_attention`; auto: on when `device` is CUDA)."""
-    model = build_sam(settings.model_type, image_size=image_size, checkpoint=settings.checkpoint)
-    frozen(model.to(device))
-    if fast_teacher_enabled(fast, device):
-        optimize_teacher(model, compile=compile)
+    model = build_teacher(
+        settings.model_type,
+        image_size,
+        settings.checkpoint,
+        device,
+        fast=fast_teacher_enabled(fast, device),
+        compile=compile,
+    )
     return Teacher(settings.name, model.prompt_encoder, model.mask_decoder, model, list(taps))
 
 

@@ -18,7 +18,7 @@ from samkd.errors import UsageError
 from samkd.extract import run_extract
 from samkd.models import build_sam, load_state_dict_file
 from samkd.train import run_train, setup
-from samkd.train.distributed import Distributed
+from samkd.runtime import Distributed
 from samkd.train.metrics_log import read_metrics
 from samkd.train.progress import NonFiniteLossError
 from samkd.train.state import load_checkpoint
