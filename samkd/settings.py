@@ -10,7 +10,10 @@ Values come from five places, later ones winning:
 5. a subcommand's dedicated flags (`samkd train --steps 100`).
 
 Every model forbids unknown keys, so a typo fails loudly; `format_validation_error` turns
-pydantic's report into one line naming the dotted path and the closest valid key.
+pydantic's report into one line naming the dotted path and the closest valid key. Values that
+contradict each other (e.g. `distillation.rkd.across_batch` with two images per micro-batch)
+are refused at load time too, by the cross-field checks of `Settings`, with one line naming
+every key involved.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
+from annotated_types import Ge
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -61,6 +65,15 @@ NonNegativeFloat = Annotated[float, Field(ge=0)]
 
 class SettingsError(ValueError):
     """A settings file, variable or option is invalid; the message is one line."""
+
+
+class SettingsConflict(ValueError):
+    """Values of several keys that contradict each other. The message names the keys (dotted,
+    from the root); `keys` lets `format_validation_error` say where their values came from."""
+
+    def __init__(self, message: str, *keys: str) -> None:
+        super().__init__(message)
+        self.keys = keys
 
 
 class StrictModel(BaseModel):
@@ -277,14 +290,25 @@ class DynamicLambdaSettings(StrictModel):
         0, ge=0, description="evaluations after a lowering during which plateaus are not counted"
     )
     min_lambda: NonNegativeFloat = Field(0.0, description="lambda_kd is never lowered below this")
-    mode: Literal["max", "min"] = Field(
-        "max", description="max: a higher metric is better; min: a lower one is"
+    mode: Literal["max", "min"] | None = Field(
+        None,
+        description="max: a higher metric is better; min: a lower one is; null: the metric's "
+        "own, max for val/miou and min for val/kd_loss (setting the other one is an error)",
     )
     metric: Literal["val/miou", "val/kd_loss"] = Field(
         "val/miou",
-        description="validation value watched: box mIoU (use mode max) or the distillation "
-        "loss on the validation set (mode min; needs online teachers or val_features)",
+        description="validation value watched: box mIoU or the distillation loss on the "
+        "validation set (needs online teachers or val_features)",
     )
+
+    @property
+    def resolved_mode(self) -> Literal["max", "min"]:
+        """`mode`, or the one `metric` implies when it is unset."""
+        return self.mode or METRIC_MODES[self.metric]
+
+
+# Which direction of each validation metric is better.
+METRIC_MODES: dict[str, Literal["max", "min"]] = {"val/miou": "max", "val/kd_loss": "min"}
 
 
 class DistillationSettings(StrictModel):
@@ -375,7 +399,7 @@ class TrainSettings(StrictModel):
     task_loss: bool = Field(
         True, description="add SAM's mask loss (focal, dice, IoU) when the data has masks"
     )
-    frozen_until: dict[ModelPart, int] = Field(
+    frozen_until: dict[ModelPart, Annotated[int, Ge(-1)]] = Field(
         default_factory=dict,
         description="part -> first step it trains (-1: frozen for the whole run)",
     )
@@ -486,20 +510,226 @@ class Settings(BaseSettings):
         # can address list items; the model only validates what it is given.
         return (init_settings,)
 
+    # Cross-field checks: settings that contradict each other, whichever subcommand reads
+    # them. What needs the run itself (world size, the devices found, a feature file's
+    # contents) is checked by the jobs; see also `check_micro_batch`.
+
     @model_validator(mode="after")
-    def _unique_teacher_names(self) -> Settings:
+    def _teachers_consistent(self) -> Settings:
         names = [teacher.name for teacher in self.teachers]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
-            raise ValueError(f"teacher names must be unique, '{duplicates[0]}' is repeated")
+            raise SettingsConflict(
+                f"teachers: names must be unique, '{duplicates[0]}' is repeated", "teachers"
+            )
         source = self.student.decoder_from
         if source is not None and source not in names:
-            raise ValueError(f"student.decoder_from names no teacher: '{source}' (have {names})")
+            expected = f"expected one of: {', '.join(names)}" if names else "teachers is empty"
+            raise SettingsConflict(
+                f"student.decoder_from '{source}' names no teacher; {expected}",
+                "student.decoder_from",
+                "teachers",
+            )
+        if source is not None and not self.distillation.use_precomputed_features:
+            # Online, the decoder comes from the checkpoint (a feature file stores its own).
+            index = names.index(source)
+            if self.teachers[index].checkpoint is None:
+                raise SettingsConflict(
+                    f"student.decoder_from '{source}' with online teachers needs "
+                    f"teachers.{index}.checkpoint: a random teacher has no decoder to inherit",
+                    "student.decoder_from",
+                    f"teachers.{index}.checkpoint",
+                    "distillation.use_precomputed_features",
+                )
+        if not self.teachers and not self.train.task_loss:
+            raise SettingsConflict(
+                "train.task_loss is false and teachers is empty: training would have no loss; "
+                "set teachers or task_loss: true",
+                "train.task_loss",
+                "teachers",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _dynamic_lambda_consistent(self) -> Settings:
+        dynamic, key = self.distillation.dynamic_lambda, "distillation.dynamic_lambda"
+        implied = METRIC_MODES[dynamic.metric]
+        if dynamic.mode not in (None, implied):
+            better = "higher" if implied == "max" else "lower"
+            raise SettingsConflict(
+                f"{key}.mode {dynamic.mode} contradicts {key}.metric {dynamic.metric}, of which "
+                f"{better} is better; expected mode {implied} or null",
+                f"{key}.mode",
+                f"{key}.metric",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _dynamic_lambda_usable(self) -> Settings:
+        dynamic, key = self.distillation.dynamic_lambda, "distillation.dynamic_lambda"
+        if not dynamic.enabled:
+            return self
+        if self.data.val is None:
+            raise SettingsConflict(
+                f"{key}.enabled needs data.val: lambda_kd follows a validation metric; set "
+                "data.val or enabled: false",
+                f"{key}.enabled",
+                "data.val",
+            )
+        if not self.teachers:
+            raise SettingsConflict(
+                f"{key}.enabled needs teachers: there is no distillation loss to weigh; set "
+                "teachers or enabled: false",
+                f"{key}.enabled",
+                "teachers",
+            )
+        distillation = self.distillation
+        stored = distillation.use_precomputed_features and distillation.val_features is None
+        if dynamic.metric == "val/kd_loss" and stored:
+            raise SettingsConflict(
+                f"{key}.metric val/kd_loss needs online teachers or distillation.val_features "
+                "(distillation.use_precomputed_features is true)",
+                f"{key}.metric",
+                "distillation.val_features",
+                "distillation.use_precomputed_features",
+            )
+        if dynamic.factor == 1:
+            raise SettingsConflict(
+                f"{key}.factor 1 never lowers lambda_kd; expected a factor below 1",
+                f"{key}.enabled",
+                f"{key}.factor",
+            )
+        if dynamic.min_lambda >= dynamic.initial:
+            raise SettingsConflict(
+                f"{key}.min_lambda {dynamic.min_lambda} must be below {key}.initial "
+                f"{dynamic.initial}, or lambda_kd can never be lowered",
+                f"{key}.min_lambda",
+                f"{key}.initial",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _training_consistent(self) -> Settings:
+        train = self.train
+        if train.early_stop_patience is not None and self.data.val is None:
+            raise SettingsConflict(
+                f"train.early_stop_patience {train.early_stop_patience} needs data.val: it "
+                "counts validations; set data.val or early_stop_patience: null",
+                "train.early_stop_patience",
+                "data.val",
+            )
+        if train.batch_size % train.grad_accumulation:
+            raise SettingsConflict(
+                f"train.batch_size {train.batch_size} must be divisible by "
+                f"train.grad_accumulation {train.grad_accumulation}",
+                "train.batch_size",
+                "train.grad_accumulation",
+            )
+        conflict = _across_batch_conflict(self, processes=1)
+        if conflict is not None:
+            raise conflict
+        return self
+
+    @model_validator(mode="after")
+    def _attention_consistent(self) -> Settings:
+        attention = self.distillation.attention
+        if not (attention.enabled and self.distillation.use_precomputed_features):
+            return self
+        grid = self.extract.attention_grid
+        if attention.grid_size != grid:
+            raise SettingsConflict(
+                f"distillation.attention.grid_size {attention.grid_size} must equal "
+                f"extract.attention_grid {grid} with precomputed features: the stored maps are "
+                f"{grid}^2 x {grid}^2",
+                "distillation.attention.grid_size",
+                "extract.attention_grid",
+                "distillation.use_precomputed_features",
+            )
+        if self.train.augment.flip:
+            # Online teachers see the flipped image; stored coarse maps cannot be mirrored.
+            raise SettingsConflict(
+                f"train.augment.flip {self.train.augment.flip} cannot be used with "
+                "distillation.attention.enabled and precomputed features: stored coarse "
+                "attention maps are not mirrored; set flip: 0 or use online teachers",
+                "train.augment.flip",
+                "distillation.attention.enabled",
+                "distillation.use_precomputed_features",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _compute_consistent(self) -> Settings:
+        for section, job in (("train", self.train), ("extract", self.extract)):
+            if job.precision == "fp16" and _on_cpu(job.device):
+                raise SettingsConflict(
+                    f"{section}.precision fp16 needs a CUDA device, but {section}.device is "
+                    f"'{job.device}'; use fp32 or bf16",
+                    f"{section}.precision",
+                    f"{section}.device",
+                )
+        extract = self.extract
+        if extract.compile and extract.fast_teacher == "off":
+            raise SettingsConflict(
+                "extract.compile compiles the fast teacher, but extract.fast_teacher is off; "
+                "set fast_teacher: on or auto, or compile: false",
+                "extract.compile",
+                "extract.fast_teacher",
+            )
+        if extract.compile and extract.fast_teacher == "auto" and _on_cpu(extract.device):
+            raise SettingsConflict(
+                "extract.compile compiles the fast teacher, but extract.fast_teacher auto is off "
+                f"on extract.device '{extract.device}'; set fast_teacher: on or compile: false",
+                "extract.compile",
+                "extract.fast_teacher",
+                "extract.device",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _data_consistent(self) -> Settings:
+        if self.data.annotation_file is not None and self.data.layout not in ("auto", "coco"):
+            raise SettingsConflict(
+                f"data.annotation_file '{self.data.annotation_file}' is a COCO file, but "
+                f"data.layout is {self.data.layout}; expected layout coco or auto",
+                "data.annotation_file",
+                "data.layout",
+            )
         return self
 
     def to_yaml(self) -> str:
         """The resolved settings as YAML that `load_settings` reads back to the same values."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _on_cpu(device: str) -> bool:
+    """Whether a device setting names anything but CUDA (auto may find CUDA at run time)."""
+    return device.split(":")[0] not in ("auto", "cuda")
+
+
+def check_micro_batch(settings: Settings, world_size: int) -> None:
+    """Raise `SettingsError` when the micro-batch of each of `world_size` processes is too
+    small for the settings (the load-time check assumes one process)."""
+    conflict = _across_batch_conflict(settings, processes=world_size)
+    if conflict is not None:
+        raise SettingsError(str(conflict))
+
+
+def _across_batch_conflict(settings: Settings, processes: int) -> SettingsConflict | None:
+    """Relations between 2 or fewer images carry nothing: across-batch RKD would be 0."""
+    rkd, train = settings.distillation.rkd, settings.train
+    micro = train.batch_size // processes // train.grad_accumulation
+    if not (rkd.enabled and rkd.across_batch) or micro > 2:
+        return None
+    over = f" over {processes} processes" if processes > 1 else ""
+    return SettingsConflict(
+        f"distillation.rkd.across_batch needs at least 3 images per micro-batch, but "
+        f"train.batch_size {train.batch_size}{over} and train.grad_accumulation "
+        f"{train.grad_accumulation} give {micro}, and RKD over them is always 0; raise "
+        "batch_size or set across_batch: false",
+        "distillation.rkd.across_batch",
+        "train.batch_size",
+        "train.grad_accumulation",
+    )
 
 
 # --------------------------------------------------------------------------- loading
@@ -638,6 +868,11 @@ def _record_origins(values: Mapping[str, Any], label: str, origins: dict[str, st
 
 def _origin_of(dotted: str, origins: Mapping[str, str]) -> str:
     """The source of `dotted` or of its nearest parent that has one."""
+    return _given_at(dotted, origins) or "settings"
+
+
+def _given_at(dotted: str, origins: Mapping[str, str]) -> str | None:
+    """The source of `dotted`, of its nearest parent, or of a key inside it (None: default)."""
     parts = dotted.split(".")
     for length in range(len(parts), 0, -1):
         found = origins.get(".".join(parts[:length]))
@@ -646,7 +881,15 @@ def _origin_of(dotted: str, origins: Mapping[str, str]) -> str:
     for key, found in origins.items():  # a whole misspelt section: the source of a key in it
         if key.startswith(f"{dotted}."):
             return found
-    return "settings"
+    return None
+
+
+def _origins_of_conflict(conflict: SettingsConflict, origins: Mapping[str, str] | str) -> str:
+    """The sources of the keys that contradict each other, e.g. `run.yaml and --set ...`."""
+    if isinstance(origins, str):
+        return origins
+    found = (_given_at(key, origins) for key in conflict.keys)
+    return " and ".join(dict.fromkeys(origin for origin in found if origin)) or "settings"
 
 
 # --------------------------------------------------------------------------- errors
@@ -684,11 +927,15 @@ def format_validation_error(
     """One line: where the value came from, the dotted key, what was wrong, and the closest
     valid key for a misspelt one."""
     first = error.errors()[0]
-    location = [part for part in first["loc"] if not isinstance(part, str) or part]
-    dotted = ".".join(str(part) for part in location) or "(root)"
-    origin = origins if isinstance(origins, str) else _origin_of(dotted, origins)
     more = len(error.errors()) - 1
     suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
+    conflict = first.get("ctx", {}).get("error")
+    if isinstance(conflict, SettingsConflict):  # its message names every key itself
+        return f"{_origins_of_conflict(conflict, origins)}: {conflict}{suffix}"
+    # "[key]" is pydantic's marker of a bad mapping key (e.g. in train.frozen_until).
+    location = [part for part in first["loc"] if part not in ("", "[key]")]
+    dotted = ".".join(str(part) for part in location) or "(root)"
+    origin = origins if isinstance(origins, str) else _origin_of(dotted, origins)
     if first["type"] == "extra_forbidden":
         valid = _fields_at(location)
         close = difflib.get_close_matches(str(location[-1]), valid, n=1, cutoff=0.5)

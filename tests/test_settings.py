@@ -4,7 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from samkd.settings import Settings, SettingsError, load_settings, set_dotted
+from samkd.settings import (
+    DynamicLambdaSettings,
+    Settings,
+    SettingsError,
+    check_micro_batch,
+    load_settings,
+    set_dotted,
+)
 
 
 def write(path: Path, text: str) -> Path:
@@ -120,8 +127,215 @@ def test_errors_name_their_source(tmp_path: Path) -> None:
 def test_duplicate_teacher_names_rejected() -> None:
     teachers = '[{"name": "a", "model_type": "vit_h"}, {"name": "a", "model_type": "vit_b"}]'
     env = {"SAMKD_TEACHERS": teachers}
-    with pytest.raises(SettingsError, match="'a' is repeated"):
+    with pytest.raises(SettingsError) as caught:
         load_settings(environ=env)
+    assert str(caught.value) == (
+        "environment variable SAMKD_TEACHERS: teachers: names must be unique, 'a' is repeated"
+    )
+
+
+# --------------------------------------------------------------------------- cross-field checks
+
+TEACHER = "teachers=[{name: h, model_type: vit_h}]"
+
+
+def conflict(tmp_path: Path, *assignments: str, val: bool = False) -> str:
+    """The one-line error of settings that contradict each other."""
+    extra = [f"data.val={tmp_path}"] if val else []
+    with pytest.raises(SettingsError) as caught:
+        load_settings(None, [*assignments, *extra], environ={})
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_dynamic_lambda_mode_follows_the_metric() -> None:
+    kd_loss = load_settings(None, ["distillation.dynamic_lambda.metric=val/kd_loss"], environ={})
+    assert kd_loss.distillation.dynamic_lambda.mode is None
+    assert kd_loss.distillation.dynamic_lambda.resolved_mode == "min"
+    assert load_settings(environ={}).distillation.dynamic_lambda.resolved_mode == "max"
+    # A mode given explicitly wins, where it agrees.
+    assert DynamicLambdaSettings(mode="max").resolved_mode == "max"
+
+
+@pytest.mark.parametrize(
+    ("metric", "mode", "expected"),
+    [("val/kd_loss", "max", "min"), ("val/miou", "min", "max")],
+)
+def test_dynamic_lambda_mode_contradicting_the_metric(
+    tmp_path: Path, metric: str, mode: str, expected: str
+) -> None:
+    message = conflict(
+        tmp_path,
+        f"distillation.dynamic_lambda.metric={metric}",
+        f"distillation.dynamic_lambda.mode={mode}",
+    )
+    assert f"distillation.dynamic_lambda.mode {mode} contradicts" in message
+    assert f"distillation.dynamic_lambda.metric {metric}" in message
+    assert f"expected mode {expected} or null" in message
+    assert message.startswith("--set distillation.dynamic_lambda.")
+
+
+def test_dynamic_lambda_needs_data_val(tmp_path: Path) -> None:
+    message = conflict(tmp_path, TEACHER, "distillation.dynamic_lambda.enabled=true")
+    assert "distillation.dynamic_lambda.enabled needs data.val" in message
+
+
+def test_dynamic_lambda_needs_teachers(tmp_path: Path) -> None:
+    message = conflict(tmp_path, "distillation.dynamic_lambda.enabled=true", val=True)
+    assert "distillation.dynamic_lambda.enabled needs teachers" in message
+
+
+def test_kd_loss_metric_needs_validation_features(tmp_path: Path) -> None:
+    dynamic = ["distillation.dynamic_lambda.enabled=true", TEACHER]
+    message = conflict(
+        tmp_path, *dynamic, "distillation.dynamic_lambda.metric=val/kd_loss", val=True
+    )
+    assert "distillation.dynamic_lambda.metric val/kd_loss needs online teachers or " in message
+    assert "distillation.val_features" in message
+    online = "distillation.use_precomputed_features=false"
+    assert load_settings(
+        None,
+        [
+            *dynamic,
+            "distillation.dynamic_lambda.metric=val/kd_loss",
+            online,
+            f"data.val={tmp_path}",
+        ],
+        environ={},
+    )
+
+
+def test_dynamic_lambda_factor_one_never_lowers(tmp_path: Path) -> None:
+    dynamic = ["distillation.dynamic_lambda.enabled=true", TEACHER]
+    message = conflict(tmp_path, *dynamic, "distillation.dynamic_lambda.factor=1", val=True)
+    assert "distillation.dynamic_lambda.factor 1 never lowers lambda_kd" in message
+
+
+def test_dynamic_lambda_min_lambda_not_below_initial(tmp_path: Path) -> None:
+    dynamic = ["distillation.dynamic_lambda.enabled=true", TEACHER]
+    message = conflict(tmp_path, *dynamic, "distillation.dynamic_lambda.min_lambda=2", val=True)
+    assert (
+        "distillation.dynamic_lambda.min_lambda 2.0 must be below distillation.dynamic_lambda."
+        "initial 1.0"
+    ) in message
+    # Unused while the schedule is off (the demo's baseline sets initial 0 alone).
+    load_settings(None, ["distillation.dynamic_lambda.initial=0"], environ={})
+
+
+def test_early_stopping_needs_data_val(tmp_path: Path) -> None:
+    message = conflict(tmp_path, "train.early_stop_patience=3")
+    assert message == (
+        "--set train.early_stop_patience=3: train.early_stop_patience 3 needs data.val: it "
+        "counts validations; set data.val or early_stop_patience: null"
+    )
+
+
+def test_batch_size_divisible_by_accumulation(tmp_path: Path) -> None:
+    message = conflict(tmp_path, "train.batch_size=6", "train.grad_accumulation=4")
+    assert message == (
+        "--set train.batch_size=6 and --set train.grad_accumulation=4: train.batch_size 6 must "
+        "be divisible by train.grad_accumulation 4"
+    )
+
+
+def test_rkd_across_batch_needs_three_images_per_micro_batch(tmp_path: Path) -> None:
+    rkd = ["distillation.rkd.enabled=true", "distillation.rkd.across_batch=true"]
+    message = conflict(tmp_path, *rkd, "train.batch_size=8", "train.grad_accumulation=4")
+    assert "distillation.rkd.across_batch needs at least 3 images per micro-batch" in message
+    assert "train.batch_size 8 and train.grad_accumulation 4 give 2" in message
+    settings = load_settings(None, [*rkd, "train.batch_size=24"], environ={})
+    check_micro_batch(settings, world_size=8)  # 3 per process
+    with pytest.raises(SettingsError) as caught:
+        check_micro_batch(settings, world_size=12)
+    assert "\n" not in str(caught.value)
+    assert "train.batch_size 24 over 12 processes and train.grad_accumulation 1 give 2" in str(
+        caught.value
+    )
+    # Per image, or with RKD off, the batch does not matter.
+    check_micro_batch(load_settings(None, rkd[:1], environ={}), world_size=2)
+
+
+def test_attention_grid_must_match_stored_maps(tmp_path: Path) -> None:
+    attention = ["distillation.attention.enabled=true", "distillation.attention.grid_size=8"]
+    message = conflict(tmp_path, *attention)
+    assert "distillation.attention.grid_size 8 must equal extract.attention_grid 16" in message
+    load_settings(None, [*attention, "distillation.use_precomputed_features=false"], environ={})
+
+
+def test_flip_with_stored_attention_maps(tmp_path: Path) -> None:
+    flip = ["distillation.attention.enabled=true", "train.augment.flip=0.5"]
+    message = conflict(tmp_path, *flip)
+    assert "train.augment.flip 0.5 cannot be used with distillation.attention.enabled" in message
+    # Online teachers are given the flipped image itself.
+    load_settings(None, [*flip, "distillation.use_precomputed_features=false"], environ={})
+
+
+def test_decoder_from_names_a_teacher(tmp_path: Path) -> None:
+    message = conflict(tmp_path, TEACHER, "student.decoder_from=l")
+    assert message.startswith("--set student.decoder_from=l and --set teachers=")
+    assert message.endswith("student.decoder_from 'l' names no teacher; expected one of: h")
+
+
+def test_decoder_from_online_needs_a_checkpoint(tmp_path: Path) -> None:
+    online = ["student.decoder_from=h", "distillation.use_precomputed_features=false"]
+    message = conflict(tmp_path, TEACHER, *online)
+    assert "student.decoder_from 'h' with online teachers needs teachers.0.checkpoint" in message
+    load_settings(None, [TEACHER, online[0]], environ={})  # a feature file stores the decoder
+
+
+def test_training_without_any_loss(tmp_path: Path) -> None:
+    message = conflict(tmp_path, "train.task_loss=false")
+    assert "train.task_loss is false and teachers is empty" in message
+    load_settings(None, ["train.task_loss=false", TEACHER], environ={})
+
+
+@pytest.mark.parametrize("section", ["train", "extract"])
+def test_fp16_needs_cuda(tmp_path: Path, section: str) -> None:
+    message = conflict(tmp_path, f"{section}.precision=fp16", f"{section}.device=cpu")
+    assert f"{section}.precision fp16 needs a CUDA device, but {section}.device is 'cpu'" in message
+    load_settings(None, [f"{section}.precision=fp16", f"{section}.device=cuda:1"], environ={})
+
+
+def test_compile_needs_the_fast_teacher(tmp_path: Path) -> None:
+    message = conflict(tmp_path, "extract.compile=true", "extract.fast_teacher=off")
+    assert "extract.compile compiles the fast teacher, but extract.fast_teacher is off" in message
+    on_cpu = conflict(tmp_path, "extract.compile=true", "extract.device=cpu")
+    assert "extract.fast_teacher auto is off on extract.device 'cpu'" in on_cpu
+    load_settings(None, ["extract.compile=true", "extract.device=cuda"], environ={})
+
+
+def test_annotation_file_needs_the_coco_layout(tmp_path: Path) -> None:
+    message = conflict(tmp_path, "data.annotation_file=train.json", "data.layout=folder")
+    assert "data.annotation_file 'train.json' is a COCO file, but data.layout is folder" in message
+
+
+def test_frozen_until_parts_and_steps(tmp_path: Path) -> None:
+    unknown = conflict(tmp_path, "train.frozen_until.mask_decodr=-1")
+    assert "train.frozen_until.mask_decodr: Input should be 'image_encoder'" in unknown
+    below = conflict(tmp_path, "train.frozen_until.mask_decoder=-2")
+    assert "train.frozen_until.mask_decoder: Input should be greater than or equal to -1" in below
+
+
+def test_conflict_names_the_file_and_the_option(tmp_path: Path) -> None:
+    config = write(tmp_path / "run.yaml", "train:\n  batch_size: 6\n")
+    with pytest.raises(SettingsError) as caught:
+        load_settings(config, ["train.grad_accumulation=4"], environ={})
+    assert str(caught.value).startswith(f"{config} and --set train.grad_accumulation=4: ")
+
+
+def test_print_config_of_a_derived_mode_loads_back(tmp_path: Path) -> None:
+    settings = load_settings(
+        None,
+        [TEACHER, f"data.val={tmp_path}", "distillation.dynamic_lambda.enabled=true"]
+        + ["distillation.dynamic_lambda.metric=val/kd_loss"]
+        + ["distillation.use_precomputed_features=false"],
+        environ={},
+    )
+    dumped = write(tmp_path / "resolved.yaml", settings.to_yaml())
+    loaded = load_settings(dumped, environ={})
+    assert loaded == settings
+    assert loaded.distillation.dynamic_lambda.resolved_mode == "min"
 
 
 def test_yaml_round_trip(tmp_path: Path) -> None:

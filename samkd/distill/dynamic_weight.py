@@ -4,7 +4,8 @@
 
 - counts the evaluation as an improvement when the metric beats the best so far by more than
   `threshold` (absolute: `metric > best + threshold` in mode max, `metric < best - threshold`
-  in mode min; the first finite metric always improves; a non-finite one never does);
+  in mode min, the metric's own unless `mode` is set: `resolved_mode`; the first finite metric
+  always improves; a non-finite one never does);
 - while a cooldown is running, counts down and ignores non-improving evaluations;
 - once more than `patience` evaluations in a row have not improved, multiplies `lambda_kd` by
   `factor` (never below `min_lambda`), resets the count and starts `cooldown` evaluations of
@@ -54,7 +55,7 @@ class DynamicKDWeight:
             return False
         if self.best is None:
             return True
-        if self.settings.mode == "max":
+        if self.settings.resolved_mode == "max":
             return metric > self.best + self.settings.threshold
         return metric < self.best - self.settings.threshold
 
