@@ -21,6 +21,7 @@ import dataclasses
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from samkd.distill.precision import float32_loss
 from samkd.models.attention_capture import AttentionCapture
 
 
@@ -96,6 +97,7 @@ def _head(capture: AttentionCapture, head: int) -> AttentionCapture:
     )
 
 
+@float32_loss
 def _coarse_chunk(
     capture: AttentionCapture,
     assignment: torch.Tensor,
@@ -109,8 +111,7 @@ def _coarse_chunk(
     batch, windows = capture.batch_size, capture.num_windows
     rows, cols = capture.window_shape
     padded_key = assignment.sum(-1) == 0  # nW x T
-    logits = capture.logits(start, stop).float()
-    logits = logits.view(batch, windows, stop - start, -1)
+    logits = capture.logits(start, stop).view(batch, windows, stop - start, -1)
     logits = logits.masked_fill(padded_key[None, :, None, :], float("-inf"))
     probabilities = torch.softmax(logits, dim=-1).view(batch, windows, stop - start, rows, cols)
     del logits
@@ -119,6 +120,7 @@ def _coarse_chunk(
     return torch.einsum("wtq,bwtk->bqk", assignment[:, start:stop], per_key_cell.flatten(-2))
 
 
+@float32_loss
 def coarse_attention_map(
     capture: AttentionCapture, grid_size: int = 16, query_chunk: int = 1024
 ) -> torch.Tensor:
@@ -177,6 +179,7 @@ def coarse_attention_support(capture: AttentionCapture, grid_size: int = 16) -> 
     return (present.transpose(0, 1) @ present) > 0
 
 
+@float32_loss
 def attention_kl(
     student_map: torch.Tensor,
     teacher_map: torch.Tensor,
@@ -202,8 +205,6 @@ def attention_kl(
             f"attention_kl: student map {tuple(student_map.shape)} does not match teacher map "
             f"{tuple(teacher_map.shape)}; use the same grid_size for both"
         )
-    student_map = student_map.float()
-    teacher_map = teacher_map.float()
     tiny = torch.finfo(torch.float32).tiny
     if support is not None:
         teacher_map = teacher_map * support

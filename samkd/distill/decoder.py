@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from samkd.distill.encoder import check_same_shape
+from samkd.distill.precision import float32_loss
 
 
+@float32_loss
 def cosine_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """`mean_{b,y,x} (1 - cos(s[b, :, y, x], t[b, :, y, x]))`: cosine over channels.
 
@@ -19,10 +21,11 @@ def cosine_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tenso
         A scalar in `[0, 2]`.
     """
     check_same_shape(student, teacher, "cosine_distance")
-    similarity = F.cosine_similarity(student.float(), teacher.float(), dim=1, eps=1e-8)
+    similarity = F.cosine_similarity(student, teacher, dim=1, eps=1e-8)
     return (1.0 - similarity).mean()
 
 
+@float32_loss
 def mask_logit_kl(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
@@ -41,8 +44,8 @@ def mask_logit_kl(
         A scalar.
     """
     check_same_shape(student_logits, teacher_logits, "mask_logit_kl")
-    student_scaled = student_logits.float() / temperature
-    teacher_scaled = teacher_logits.float() / temperature
+    student_scaled = student_logits / temperature
+    teacher_scaled = teacher_logits / temperature
     teacher_prob = torch.sigmoid(teacher_scaled)
     kl_positive = teacher_prob * (F.logsigmoid(teacher_scaled) - F.logsigmoid(student_scaled))
     kl_negative = (1.0 - teacher_prob) * (

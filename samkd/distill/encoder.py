@@ -11,6 +11,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from samkd.distill.precision import float32_loss
+
 KLAxis = Literal["spatial", "channel"]
 
 
@@ -23,6 +25,7 @@ def check_same_shape(student: torch.Tensor, teacher: torch.Tensor, what: str) ->
         )
 
 
+@float32_loss
 def feature_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Mean squared error, `mean((s - t)^2)` over every element.
 
@@ -34,9 +37,10 @@ def feature_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         A scalar.
     """
     check_same_shape(student, teacher, "feature_mse")
-    return F.mse_loss(student.float(), teacher.float())
+    return F.mse_loss(student, teacher)
 
 
+@float32_loss
 def encoder_kl(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -66,9 +70,7 @@ def encoder_kl(
     if student.dim() != 4:
         raise ValueError(f"encoder_kl expects B x C x H x W features, got {student.dim()} dims")
     dim = -1 if axis == "spatial" else 1
-    student_logits = student.float().flatten(2) / temperature
-    teacher_logits = teacher.float().flatten(2) / temperature
-    student_log_prob = F.log_softmax(student_logits, dim=dim)
-    teacher_log_prob = F.log_softmax(teacher_logits, dim=dim)
+    student_log_prob = F.log_softmax(student.flatten(2) / temperature, dim=dim)
+    teacher_log_prob = F.log_softmax(teacher.flatten(2) / temperature, dim=dim)
     kl = (teacher_log_prob.exp() * (teacher_log_prob - student_log_prob)).sum(dim)
     return kl.mean() * temperature**2

@@ -18,12 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from samkd.distill.precision import float32_loss
+
 ANGLE_CHUNK_ELEMENTS = 1 << 22
 
 
+@float32_loss
 def grid_patches(features: torch.Tensor, grid_size: int) -> torch.Tensor:
     """Average-pool a feature map onto a `G x G` grid: `B x C x H x W -> B x G^2 x C`."""
-    pooled = F.adaptive_avg_pool2d(features.float(), grid_size)
+    pooled = F.adaptive_avg_pool2d(features, grid_size)
     return pooled.flatten(2).transpose(1, 2)
 
 
@@ -47,9 +50,10 @@ def sample_positions(
     return positions.expand(batch_size, -1)
 
 
+@float32_loss
 def sampled_patches(features: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Embeddings at flat positions: `B x C x H x W`, `B x M -> B x M x C`."""
-    flat = features.float().flatten(2)  # B x C x HW
+    flat = features.flatten(2)  # B x C x HW
     # Drawn on the host: a blocking copy would wait for the device.
     index = positions.to(flat.device, non_blocking=True)[:, None, :].expand(-1, flat.shape[1], -1)
     return flat.gather(2, index).transpose(1, 2)
@@ -75,6 +79,7 @@ def angle_potential(embeddings: torch.Tensor, vertices: slice | None = None) -> 
     return directions @ directions.transpose(-2, -1)
 
 
+@float32_loss
 def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """`mean_{s,i,j} smooth_l1(psi_D^s(i, j), psi_D^t(i, j))`.
 
@@ -89,6 +94,7 @@ def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
     return F.smooth_l1_loss(distance_potential(student), distance_potential(teacher.detach()))
 
 
+@float32_loss
 def _angle_loss_sum(student: torch.Tensor, teacher: torch.Tensor, start: int, stop: int):
     vertices = slice(start, stop)
     return F.smooth_l1_loss(
@@ -96,6 +102,7 @@ def _angle_loss_sum(student: torch.Tensor, teacher: torch.Tensor, start: int, st
     )
 
 
+@float32_loss
 def rkd_angle_loss(
     student: torch.Tensor, teacher: torch.Tensor, chunk_elements: int = ANGLE_CHUNK_ELEMENTS
 ) -> torch.Tensor:

@@ -67,11 +67,13 @@ class AttentionCapture:
     def logits(self, query_start: int = 0, query_stop: int | None = None) -> torch.Tensor:
         """Attention logits for queries `[query_start, query_stop)` of every window.
 
-        Returns `(B * nW) x heads x t x T` with `t = query_stop - query_start`.
+        Returns `(B * nW) x heads x t x T` with `t = query_stop - query_start`, float32 for a
+        capture taken under autocast too, as long as autocast is off here (autocast would run
+        the product in bfloat16 again; `coarse_attention_map` turns it off).
         """
         stop = self.query.shape[2] if query_stop is None else query_stop
-        query = self.query[:, :, query_start:stop]
-        logits = (query * self.scale) @ self.key.transpose(-2, -1)
+        query = self.query[:, :, query_start:stop].float()
+        logits = (query * self.scale) @ self.key.float().transpose(-2, -1)
         if self.bias is not None:
             logits = logits + self.bias[:, query_start:stop]
         if self.rel_pos_h is not None and self.rel_pos_w is not None:
