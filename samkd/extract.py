@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +23,24 @@ from samkd.distill import coarse_attention_map
 from samkd.errors import UsageError
 from samkd.features import (
     ExtractionPlan,
+    FeatureStoreError,
     FeatureWriter,
-    describe_image_file,
+    ImageRecord,
+    changed_image,
     format_bytes,
+    index_images,
     join_shards,
+    known_images,
+    missing_shards,
     open_for_extraction,
     plan_from_settings,
     planned_bytes,
     teacher_taps,
+    wait_for_index,
 )
+from samkd.features.images import Progress, first_id_difference
+from samkd.features.schema import JoinLayout, parts_dir
+from samkd.files import wait_for_paths
 from samkd.models import (
     ENCODER_EMBED,
     AttentionCapture,
@@ -42,7 +53,6 @@ from samkd.models import (
 from samkd.models.fast_attention import fast_teacher_enabled
 from samkd.runtime import (
     Distributed,
-    barrier,
     device_for,
     init_distributed,
     input_image_size,
@@ -143,9 +153,9 @@ def load_extraction_dataset(settings: Settings, image_size: int) -> Segmentation
 
 
 def make_plan(
-    settings: Settings, dataset: SegmentationDataset, image_size: int, device: torch.device
+    settings: Settings, images: tuple[ImageRecord, ...], image_size: int, device: torch.device
 ) -> ExtractionPlan:
-    images = [describe_image_file(record.image_path, record.image_id) for record in dataset.records]
+    """The extraction plan of `images`: tap shapes from a meta-device probe of each teacher."""
     tap_shapes = {
         entry.name: probe_tap_shapes(
             entry.model_type,
@@ -163,6 +173,55 @@ def make_plan(
         image_size=image_size,
         compute=compute_of(settings, device),
     )
+
+
+def plan_images(
+    settings: Settings, dataset: SegmentationDataset, dist: Distributed, console: Console
+) -> tuple[ImageRecord, ...]:
+    """The image index. Rank 0 builds it, hashing only the files new or changed since an
+    earlier run; the other ranks read it from disk once rank 0 has published it and check
+    the files of their own shards, so that no rank waits in a collective and none hashes
+    what rank 0 hashes."""
+    output = settings.extract.output
+    paths = [record.image_path for record in dataset.records]
+    ids = [record.image_id for record in dataset.records]
+    progress = console_progress(console)
+    if dist.is_main:
+        checkpoints = None if output.exists() else parts_dir(output)
+        return index_images(paths, ids, known_images(output), checkpoints, progress)
+    console.print(f"rank {dist.rank}: reading rank 0's image index (published once hashed)")
+    stored = wait_for_index(output)
+    mine = rank_images(len(ids), settings.extract.shard_size, dist)
+    difference = first_id_difference(stored, ids) or changed_image(
+        stored, paths, mine, progress=progress
+    )
+    if difference is not None:
+        raise FeatureStoreError(
+            f"{output.name}: {difference} (use another output, or delete it to start over)"
+        )
+    return stored
+
+
+def rank_images(num_images: int, shard_size: int, dist: Distributed) -> list[int]:
+    """The images of the shards this rank writes (see `ExtractionPlan.shards_of_rank`)."""
+    num_shards = -(-num_images // shard_size)
+    return [
+        index
+        for shard in range(dist.rank, num_shards, dist.world_size)
+        for index in range(shard * shard_size, min((shard + 1) * shard_size, num_images))
+    ]
+
+
+def console_progress(console: Console) -> Progress:
+    """A `samkd.features.images.Progress` that shows a rich progress bar on `console`."""
+
+    @contextmanager
+    def progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
+        with progress_bar(console=console) as bar:
+            task = bar.add_task(description, total=total)
+            yield lambda count: bar.advance(task, count)
+
+    return progress
 
 
 def compute_of(settings: Settings, device: torch.device) -> dict[str, str]:
@@ -219,23 +278,40 @@ def extract_teacher(
 
 
 def run_extract(settings: Settings, console: Console | None = None) -> Path | None:
-    """Extract every teacher's features into `extract.output`; resumes an interrupted run."""
+    """Extract every teacher's features into `extract.output`; resumes an interrupted run.
+
+    Under torchrun every rank writes its shards and leaves; rank 0 then leaves the process
+    group too and joins the shards once all are on disk. Ranks only ever wait for each
+    other's files, never in a collective: at SA-1B scale a rank waits longer than any
+    collective timeout (NCCL's is 10 minutes) while rank 0 copies hundreds of GB. If a rank
+    dies, torchrun stops the others; rerunning the command resumes (or only joins).
+    """
     console = console or Console(stderr=True)
     dist = init_distributed(settings.extract.device)
     try:
-        return _extract(settings, dist, console)
+        result = _extract(settings, dist, console)
     finally:
         shutdown(dist)
+    if result is None and dist.enabled and dist.is_main:
+        result = join_when_complete(settings.extract.output, settings.extract.join, console)
+    if result is not None:
+        console.print(f"wrote {result} ({format_bytes(result.stat().st_size)} on disk)")
+    return result
 
 
 def _extract(settings: Settings, dist: Distributed, console: Console) -> Path | None:
+    """This rank's shards; returns the output when it exists (joined here without torchrun)."""
     if not settings.teachers:
         raise UsageError("no teacher to extract: pass --teacher MODEL_TYPE or set teachers")
     device = device_for(dist, resolve_device(settings.extract.device))
     image_size = input_image_size(settings)
     dataset = load_extraction_dataset(settings, image_size)
-    plan = make_plan(settings, dataset, image_size, device)
     output = settings.extract.output
+    if not dist.is_main and not rank_images(len(dataset), settings.extract.shard_size, dist):
+        console.print(f"rank {dist.rank}: no shard to write ({len(dataset)} images)")
+        return None
+    images = plan_images(settings, dataset, dist, console)
+    plan = make_plan(settings, images, image_size, device)
     decoders = len(settings.teachers) * decoder_bytes(image_size)
     console.print(
         f"extracting {len(settings.teachers)} teacher(s) x {plan.num_images} images at "
@@ -249,12 +325,17 @@ def _extract(settings: Settings, dist: Distributed, console: Console) -> Path | 
     with writer:
         for entry in settings.teachers:
             extract_teacher(writer, entry, dataset, settings, image_size, device, console)
-        result = writer.finish(join=not dist.enabled)
-    if dist.enabled:
-        barrier(dist)
-        if dist.is_main and not output.exists():
-            result = join_shards(output, layout=settings.extract.join)
-        barrier(dist)
-    if result is not None:
-        console.print(f"wrote {result} ({format_bytes(result.stat().st_size)} on disk)")
-    return result
+        return writer.finish(join=not dist.enabled)
+
+
+def join_when_complete(
+    output: Path, layout: JoinLayout, console: Console, poll_seconds: float = 5.0
+) -> Path:
+    """Rank 0, out of the process group: wait for the other ranks' shards, then join."""
+    missing = missing_shards(output)
+    if missing:
+        console.print(f"{output.name}: waiting for {len(missing)} shards of the other ranks")
+        with console_progress(console)("shards of the other ranks", len(missing)) as advance:
+            wait_for_paths(missing, poll_seconds, on_found=advance)
+    console.print(f"{output.name}: joining the shards ({layout})")
+    return join_shards(output, layout=layout)

@@ -1,28 +1,45 @@
-"""`samkd extract` end to end: taps, reruns, SIGKILL and resume, and torchrun shards."""
+"""`samkd extract` end to end: taps, reruns, SIGKILL and resume, torchrun shards and the join,
+image hashing and the training check of image files."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
+import samkd.extract
+import samkd.features.images
+import samkd.features.join
 from samkd.cli import app
+from samkd.data import SegmentationDataset
 from samkd.demo.shapes import write_shapes_dataset
-from samkd.extract import probe_tap_shapes, run_extract, teacher_batch_features
+from samkd.extract import (
+    load_extraction_dataset,
+    probe_tap_shapes,
+    run_extract,
+    teacher_batch_features,
+)
+from samkd.features import FeatureStore, FeatureStoreError
 from samkd.models import build_sam, save_state_dict
+from samkd.runtime import input_image_size
 from samkd.settings import load_settings
 
 TAPS = ["encoder.embed", "encoder.qk.3", "encoder.block.1"]
 # Bitwise comparisons between processes need one thread: a loaded machine must not change
 # how CPU kernels split their reductions.
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+TORCHRUN_SCRIPT = Path(__file__).parent / "features" / "torchrun_extract.py"
+QUIET = Console(quiet=True)
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +83,39 @@ def assert_identical(left: Path, right: Path) -> None:
     first, second = datasets(left), datasets(right)
     for tap in TAPS:
         assert np.array_equal(first[tap], second[tap]), tap
+
+
+def dataset_of(root: Path) -> SegmentationDataset:
+    overrides = [f"data.train={root}", "student.model_type=vit_t_mini"]
+    settings = load_settings(None, overrides, environ={})
+    return load_extraction_dataset(settings, input_image_size(settings))
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """In-process extraction bitwise like the one-thread reference."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def no_teacher(*args: object, **kwargs: object) -> None:
+    raise AssertionError("no teacher should run")
+
+
+@pytest.fixture
+def hashed(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The image files that extraction or a training check hashes, in call order."""
+    calls: list[Path] = []
+    real = samkd.features.images.file_sha256
+
+    def counting(path: Path, *args: object) -> str:
+        calls.append(path)
+        return real(path)
+
+    monkeypatch.setattr(samkd.features.images, "file_sha256", counting)
+    return calls
 
 
 def extract(config: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -174,18 +224,86 @@ def test_sigkill_then_rerun_gives_identical_file(
     assert_identical(output, reference)
 
 
-def test_torchrun_two_processes_match_one(
+def test_torchrun_join_outlasts_a_short_collective_timeout(
     tmp_path: Path, shapes: Path, teacher: Path, reference: Path
 ) -> None:
+    """Collectives time out after 4 s and the join takes 10 s longer than it does: a rank
+    waiting in a collective while rank 0 joins (as in a barrier) fails the job."""
     output = tmp_path / "features.h5"
     config = write_config(tmp_path / "c.yaml", shapes, teacher, output)
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        "--master_port=29541", "-m", "samkd", "extract", "--config", str(config),
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(TORCHRUN_SCRIPT), "4", "10", "extract", "--config", str(config),
     ]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, env=ONE_THREAD)
     assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "reading rank 0's image index" in completed.stderr  # rank 1 hashed nothing
     assert_identical(output, reference)
+    assert not (tmp_path / "features.h5.parts").exists()
+    assert sorted(item.name for item in tmp_path.iterdir()) == ["c.yaml", "features.h5"]
+
+
+def test_a_rerun_of_a_finished_extraction_hashes_no_image(
+    tmp_path: Path, shapes: Path, teacher: Path, reference: Path, hashed: list[Path]
+) -> None:
+    settings = load_settings(
+        write_config(tmp_path / "c.yaml", shapes, teacher, reference), environ={}
+    )
+    assert run_extract(settings, console=QUIET) == reference
+    assert hashed == []  # the output's index records each file's size and mtime
+
+
+def test_a_killed_join_is_redone_by_the_rerun_without_computing(
+    tmp_path: Path,
+    shapes: Path,
+    teacher: Path,
+    reference: Path,
+    hashed: list[Path],
+    one_thread: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    output = tmp_path / "features.h5"
+    settings = load_settings(write_config(tmp_path / "c.yaml", shapes, teacher, output), environ={})
+
+    def killed(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(samkd.features.join, "_join_teacher", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_extract(settings, console=QUIET)
+    assert len(hashed) == 12 and not output.exists()
+    stale = tmp_path / f".features.h5.{os.getpid()}-0123abcd.tmp"  # what a SIGKILL leaves
+    stale.write_bytes(b"\x89HDF\r\n" + b"x" * 999)
+    hashed.clear()
+    monkeypatch.setattr(samkd.extract, "build_teacher", no_teacher)
+    assert run_extract(settings, console=QUIET) == output
+    assert hashed == []  # the parts folder's index is the cache
+    assert not stale.exists()
+    assert_identical(output, reference)
+
+
+def test_training_check_names_a_changed_image(
+    tmp_path: Path, shapes: Path, reference: Path, hashed: list[Path]
+) -> None:
+    copy = tmp_path / "shapes"
+    shutil.copytree(shapes, copy)  # copy2: the same mtimes
+    store = FeatureStore(reference)
+    records = dataset_of(copy).records
+    files = [record.image_path for record in records]
+    store.check_matches(image_ids=[record.image_id for record in records], image_files=files)
+    assert hashed == []
+    edited = files[5]
+    data = bytearray(edited.read_bytes())
+    data[-5] ^= 0xFF  # same size, new mtime
+    edited.write_bytes(bytes(data))
+    with pytest.raises(FeatureStoreError) as error:
+        store.check_matches(image_files=files)
+    assert str(error.value).startswith(
+        f"features.h5: image '{records[5].image_id}' ({edited}) has changed since extraction "
+        "(sha256 "
+    )
+    assert hashed == [edited]
 
 
 def test_tap_errors_are_one_line(shapes: Path, tmp_path: Path) -> None:

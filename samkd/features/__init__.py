@@ -4,6 +4,13 @@ See `samkd.features.schema` for the file layout and `samkd.features.writer` for 
 resumable, crash-safe and distributed writing design.
 """
 
+from samkd.features.images import (
+    changed_image,
+    describe_image_file,
+    index_images,
+    known_images,
+    wait_for_index,
+)
 from samkd.features.inspect import (
     FeatureFileReport,
     TapReport,
@@ -20,7 +27,6 @@ from samkd.features.schema import (
     ImageRecord,
     TapSpec,
     TeacherSpec,
-    describe_image_file,
     file_sha256,
     format_bytes,
     plan_from_settings,
@@ -48,14 +54,17 @@ __all__ = [
     "TapSpec",
     "TeacherReport",
     "TeacherSpec",
+    "changed_image",
     "describe_image_file",
     "ensure_free_space",
     "extract_features",
     "file_sha256",
     "flip_tap",
     "format_bytes",
+    "index_images",
     "inspect_feature_file",
     "join_shards",
+    "known_images",
     "missing_shards",
     "open_for_extraction",
     "plan_from_settings",
@@ -63,4 +72,5 @@ __all__ = [
     "read_decoder_state_dict",
     "render_report",
     "teacher_taps",
+    "wait_for_index",
 ]

@@ -26,10 +26,10 @@ from samkd.features.schema import (
     TeacherSpec,
     decoder_path,
     format_bytes,
-    is_temporary,
     parts_dir,
     shard_path,
 )
+from samkd.files import is_temporary
 
 Status = Literal["complete", "incomplete", "corrupt"]
 RowReader = Callable[[int], tuple[np.ndarray, int]]

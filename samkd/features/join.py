@@ -25,11 +25,10 @@ from samkd.features.schema import (
     TeacherSpec,
     decoder_path,
     parts_dir,
-    publish,
     shard_path,
     teacher_from_json,
-    temporary_path,
 )
+from samkd.files import atomic_path, remove_temporaries
 
 
 def read_parts_plan(output: Path) -> tuple[dict[str, Any], list[TeacherSpec]]:
@@ -73,8 +72,8 @@ def join_shards(output: Path, layout: JoinLayout = "copy", keep_parts: bool = Fa
             f"{output.name}: {len(missing)} shards missing ({names}{more}); rerun the extraction"
         )
     stored, teachers = read_parts_plan(output)
-    temporary = temporary_path(output)
-    with h5py.File(temporary, "w") as handle:
+    remove_temporaries(output)  # of a join killed midway: as big as the output
+    with atomic_path(output) as temporary, h5py.File(temporary, "w") as handle:
         _write_root(handle, stored, layout)
         with h5py.File(parts_dir(output) / "index.h5", "r") as index:
             index.copy(index["images"], handle, "images")
@@ -82,7 +81,6 @@ def join_shards(output: Path, layout: JoinLayout = "copy", keep_parts: bool = Fa
             group = handle.create_group(f"teachers/{teacher.name}")
             write_teacher_attrs(group, teacher)
             _join_teacher(output, group, teacher, stored, layout)
-    publish(temporary, output)
     if layout == "copy" and not keep_parts:
         shutil.rmtree(parts_dir(output))
     return output

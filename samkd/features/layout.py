@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -14,14 +14,12 @@ import numpy as np
 from samkd.features.schema import (
     GZIP_LEVEL,
     Compression,
-    ExtractionPlan,
     ImageRecord,
     StorageDtype,
     TapSpec,
     TeacherSpec,
-    publish,
-    temporary_path,
 )
+from samkd.files import atomic_path
 
 STRING = h5py.string_dtype("utf-8")
 HASH_DTYPE = "S64"
@@ -55,25 +53,40 @@ def create_tap_dataset(
     return dataset
 
 
-def write_image_index(group: h5py.Group, plan: ExtractionPlan) -> None:
-    """/images: ids, original sizes, content hashes and the preprocessing (attr, JSON)."""
-    images = plan.images
+def write_image_index(
+    group: h5py.Group, images: Sequence[ImageRecord], preprocessing: Mapping[str, Any]
+) -> None:
+    """/images: ids, original sizes, content hashes, file stats and the preprocessing (JSON)."""
     group.create_dataset("ids", data=np.array([i.id for i in images], dtype=object), dtype=STRING)
     sizes = np.array([(i.height, i.width) for i in images], dtype=np.int64).reshape(-1, 2)
     group.create_dataset("original_sizes", data=sizes)
     hashes = np.array([i.sha256.encode("ascii") for i in images], dtype=HASH_DTYPE)
     group.create_dataset("sha256", data=hashes, dtype=HASH_DTYPE)
-    group.attrs["preprocessing"] = json.dumps(dict(plan.preprocessing), sort_keys=True)
+    group.create_dataset("file_sizes", data=np.array([i.file_size for i in images], np.int64))
+    group.create_dataset("file_mtimes_ns", data=np.array([i.mtime_ns for i in images], np.int64))
+    group.attrs["preprocessing"] = json.dumps(dict(preprocessing), sort_keys=True)
 
 
 def read_image_index(group: h5py.Group) -> tuple[ImageRecord, ...]:
+    """The records of /images; file stats are -1 in files written before they were stored."""
     ids = group["ids"].asstr()[()]
     sizes = group["original_sizes"][()]
     hashes = group["sha256"][()]
+    unknown = np.full(len(ids), -1, dtype=np.int64)
+    file_sizes = group["file_sizes"][()] if "file_sizes" in group else unknown
+    mtimes = group["file_mtimes_ns"][()] if "file_mtimes_ns" in group else unknown
     return tuple(
-        ImageRecord(str(image_id), int(size[0]), int(size[1]), digest.decode("ascii"))
-        for image_id, size, digest in zip(ids, sizes, hashes, strict=True)
+        ImageRecord(str(image_id), int(size[0]), int(size[1]), digest.decode("ascii"), *stat)
+        for image_id, size, digest, *stat in zip(
+            ids, sizes, hashes, file_sizes.tolist(), mtimes.tolist(), strict=True
+        )
     )
+
+
+def read_index_file(path: Path) -> tuple[ImageRecord, ...]:
+    """The image records of a feature file, a parts folder's `index.h5` or a hash checkpoint."""
+    with h5py.File(path, "r") as handle:
+        return read_image_index(handle["images"])
 
 
 def write_teacher_attrs(group: h5py.Group, teacher: TeacherSpec) -> None:
@@ -85,21 +98,22 @@ def write_teacher_attrs(group: h5py.Group, teacher: TeacherSpec) -> None:
     group.attrs["tap_kinds"] = json.dumps({tap.name: tap.kind for tap in teacher.taps})
 
 
-def write_index_file(path: Path, plan: ExtractionPlan) -> None:
-    """The parts folder's `index.h5`, published atomically (first writer wins)."""
-    temporary = temporary_path(path)
-    with h5py.File(temporary, "w") as handle:
-        write_image_index(handle.create_group("images"), plan)
-    publish(temporary, path, exclusive=True)
+def write_index_file(
+    path: Path,
+    images: Sequence[ImageRecord],
+    preprocessing: Mapping[str, Any],
+    exclusive: bool = True,
+) -> None:
+    """An image index file (`index.h5`), published atomically (`exclusive`: first one wins)."""
+    with atomic_path(path, exclusive=exclusive) as temporary, h5py.File(temporary, "w") as handle:
+        write_image_index(handle.create_group("images"), images, preprocessing)
 
 
 def write_state_dict_file(path: Path, state: Mapping[str, np.ndarray]) -> None:
     """A decoder state dict as one dataset per key, published atomically."""
-    temporary = temporary_path(path)
-    with h5py.File(temporary, "w") as handle:
+    with atomic_path(path) as temporary, h5py.File(temporary, "w") as handle:
         for key in sorted(state):
             handle.create_dataset(key, data=state[key])
-    publish(temporary, path)
 
 
 def copy_state_dict(source: h5py.Group, target: h5py.Group) -> None:

@@ -15,6 +15,8 @@ import h5py
 import numpy as np
 import torch
 
+from samkd.features.images import MAX_HASHED, changed_image
+from samkd.features.layout import read_index_file
 from samkd.features.schema import (
     FILE_FORMAT,
     SCHEMA_VERSION,
@@ -158,8 +160,15 @@ class FeatureStore:
         teachers: Sequence[str] | None = None,
         taps: Sequence[str] | None = None,
         image_hashes: Sequence[str] | None = None,
+        image_files: Sequence[Path] | None = None,
     ) -> None:
-        """Raise a one-line FeatureStoreError naming the first thing that differs."""
+        """Raise a one-line FeatureStoreError naming the first thing that differs.
+
+        `image_files` (one per stored image, in order) checks that the files are those the
+        features were computed from: each file's size and mtime against those stored, and
+        the sha256 of the files whose mtime changed, at most `MAX_HASHED` of them (see
+        `samkd.features.images`): a stat of every file, and at most about 1 GB read.
+        """
         name = self.path.name
         if image_ids is not None:
             if len(image_ids) != len(self.image_ids):
@@ -178,6 +187,16 @@ class FeatureStore:
                         f"{name}: image '{self.image_ids[i]}' has changed since extraction "
                         f"(sha256 {stored[:12]}..., now {wanted[:12]}...)"
                     )
+        if image_files is not None:
+            if len(image_files) != len(self.image_ids):
+                raise FeatureStoreError(
+                    f"{name}: holds {len(self.image_ids)} images, the dataset has "
+                    f"{len(image_files)}"
+                )
+            records = read_index_file(self.path)
+            difference = changed_image(records, image_files, max_hashed=MAX_HASHED)
+            if difference is not None:
+                raise FeatureStoreError(f"{name}: {difference}")
         names = [teacher.name for teacher in self.teachers]
         for wanted_teacher in teachers or ():
             if wanted_teacher not in names:

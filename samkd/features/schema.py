@@ -11,6 +11,8 @@ A feature file (`features.h5`) holds, for N images and one or more teachers:
     /images/ids                       (N,) utf-8 strings, in dataset order
     /images/original_sizes            (N, 2) int64, (height, width) of the image file
     /images/sha256                    (N,) 64-char ascii, sha256 of the image file bytes
+    /images/file_sizes                (N,) int64, bytes of the image file   } when hashed, to
+    /images/file_mtimes_ns            (N,) int64, its modification time    } skip hashing again
     /images                           attrs: preprocessing (JSON)
     /teachers/<name>                  attrs: model_type, checkpoint_name, checkpoint_sha256,
                                              image_size, taps (JSON list), tap_kinds (JSON)
@@ -27,6 +29,8 @@ While an extraction runs, the data lives next to the output in `<output>.parts/`
 
     plan.json                         the plan (everything that decides the data), JSON
     index.h5                          the image index (/images as above)
+    image-hashes-<id>.h5              while rank 0 first indexes the images: the records
+                                      hashed so far (/images as above), to resume the indexing
     <teacher>/part-00000.h5           shard 0: images [0, shard_size), with /taps/<tap>,
                                       /crc32/<tap> and /done laid out as above
     <teacher>/decoder.h5              the teacher's decoder weights
@@ -43,7 +47,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,12 +76,18 @@ class FeatureStoreError(RuntimeError):
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One image of the index: its id, original size and the sha256 of its file bytes."""
+    """One image of the index: its id, original size and the sha256 of its file bytes.
+
+    `file_size` and `mtime_ns` are the file's `stat` when it was hashed (-1: unknown): a file
+    whose stat is unchanged is not hashed again. They are not part of the image's identity.
+    """
 
     id: str
     height: int
     width: int
     sha256: str
+    file_size: int = field(default=-1, compare=False)
+    mtime_ns: int = field(default=-1, compare=False)
 
 
 def infer_tap_kind(name: str, shape: Sequence[int]) -> TapKind:
@@ -348,7 +357,7 @@ def planned_bytes(plan: ExtractionPlan) -> int:
     per_image = sum(
         tap.numel * itemsize + 4 + 1 for teacher in plan.teachers for tap in teacher.taps
     )
-    index = plan.num_images * (64 + 16 + 64)
+    index = plan.num_images * (64 + 16 + 16 + 64)
     return plan.num_images * per_image + index
 
 
@@ -374,15 +383,6 @@ def decoder_path(output: Path, teacher: str) -> Path:
     return parts_dir(output) / teacher / "decoder.h5"
 
 
-def temporary_path(path: Path) -> Path:
-    """A temporary name next to `path`, unique per process, never read as data."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def is_temporary(path: Path) -> bool:
-    return path.name.startswith(".") and path.name.endswith(".tmp")
-
-
 def file_sha256(path: Path, block_size: int = 1 << 20) -> str:
     """sha256 of a file's bytes, hex."""
     digest = hashlib.sha256()
@@ -390,48 +390,6 @@ def file_sha256(path: Path, block_size: int = 1 << 20) -> str:
         for block in iter(lambda: handle.read(block_size), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def describe_image_file(path: Path, image_id: str | None = None) -> ImageRecord:
-    """An index record for an image file: id (default: file name), size, sha256 of its bytes."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        width, height = image.size
-    return ImageRecord(image_id or path.name, height, width, file_sha256(path))
-
-
-def fsync_directory(path: Path) -> None:
-    """Make a rename inside `path` durable."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
-def publish(temporary: Path, final: Path, exclusive: bool = False) -> bool:
-    """Move a complete, closed file to its final name atomically (fsync first).
-
-    `exclusive`: keep an existing final file (another rank won) and return False.
-    """
-    fsync_file(temporary)
-    if exclusive:
-        try:
-            os.link(temporary, final)
-        except FileExistsError:
-            temporary.unlink()
-            return False
-        temporary.unlink()
-    else:
-        os.replace(temporary, final)
-    fsync_directory(final.parent)
-    return True
 
 
 def teacher_taps(settings: Any, teacher: Any) -> list[str]:

@@ -13,7 +13,9 @@ process killed at any moment (SIGKILL included, during a flush included) leaves 
 shards under their final names; the rerun deletes the stale temporary files and recomputes
 the unfinished shards, which ends bitwise identical to an uninterrupted run when the teacher
 is deterministic. Under torchrun each rank writes the shards `rank, rank + world_size, ...`
-and rank 0 calls `join_shards` after a barrier.
+and leaves; rank 0, out of the process group (so that no rank waits in a collective, whose
+timeout a long wait or copy would hit), waits for every shard on disk and calls `join_shards`.
+A join killed midway leaves only a temporary file, which the rerun deletes before joining.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ import h5py
 import numpy as np
 import torch
 
+from samkd.features.images import checkpoint_paths
 from samkd.features.join import join_shards
 from samkd.features.layout import (
     create_tap_dataset,
-    read_image_index,
+    read_index_file,
     utc_now,
     write_index_file,
     write_state_dict_file,
@@ -52,10 +55,9 @@ from samkd.features.schema import (
     format_bytes,
     parts_dir,
     planned_bytes,
-    publish,
     shard_path,
-    temporary_path,
 )
+from samkd.files import atomic_path, publish, remove_temporaries, temporary_path
 from samkd.models.registry import DECODER_PREFIXES
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -405,7 +407,7 @@ def open_for_extraction(
         )
     parts = parts_dir(output)
     parts.mkdir(parents=True, exist_ok=True)
-    _write_or_check_plan(output, plan)
+    _write_or_check_plan(output, plan, rank)
     pending: dict[str, list[int]] = {}
     shards_done = 0
     for teacher in plan.teachers:
@@ -413,8 +415,7 @@ def open_for_extraction(
         pending[teacher.name] = []
         for shard in plan.shards_of_rank(rank, world_size):
             final = shard_path(output, teacher.name, shard)
-            for stale in final.parent.glob(f".{final.name}.*.tmp"):
-                stale.unlink(missing_ok=True)
+            remove_temporaries(final)
             if final.exists():
                 shards_done += 1
             else:
@@ -457,18 +458,40 @@ def ensure_free_space(output: Path, needed: int) -> None:
         )
 
 
-def _write_or_check_plan(output: Path, plan: ExtractionPlan) -> None:
-    """Create `plan.json` and `index.h5` in the parts folder, or check they match `plan`."""
-    plan_file = parts_dir(output) / "plan.json"
+def _write_or_check_plan(output: Path, plan: ExtractionPlan, rank: int) -> None:
+    """Create `plan.json` and `index.h5` in the parts folder, or check they match `plan`.
+
+    When they match but image files were touched (same bytes, new stat), rank 0 rewrites the
+    index with the new stats, so that the next run does not hash those files again, and
+    deletes the hash checkpoints of the indexing.
+    """
+    plan_file, index_file = parts_dir(output) / "plan.json", parts_dir(output) / "index.h5"
     if not plan_file.exists():
-        temporary = temporary_path(plan_file)
-        temporary.write_text(plan.to_json(created=utc_now()))
-        publish(temporary, plan_file, exclusive=True)
-    index_file = parts_dir(output) / "index.h5"
+        with atomic_path(plan_file, exclusive=True) as temporary:
+            temporary.write_text(plan.to_json(created=utc_now()))
     if not index_file.exists():
-        write_index_file(index_file, plan)
+        write_index_file(index_file, plan.images, plan.preprocessing)
     stored = json.loads(plan_file.read_text())
     _check_same_plan(output, plan, stored, _parts_images)
+    if rank == 0:
+        if not _stats_match(index_file, plan):
+            write_index_file(index_file, plan.images, plan.preprocessing, exclusive=False)
+        for checkpoint in checkpoint_paths(output):  # the index now holds their records
+            checkpoint.unlink(missing_ok=True)
+
+
+def _stats_match(index_file: Path, plan: ExtractionPlan) -> bool:
+    """Whether the index holds the file stats of `plan` (or `plan` knows none)."""
+    sizes = np.array([record.file_size for record in plan.images], dtype=np.int64)
+    mtimes = np.array([record.mtime_ns for record in plan.images], dtype=np.int64)
+    if (sizes < 0).all():
+        return True
+    with h5py.File(index_file, "r") as handle:
+        images = handle["images"]
+        if "file_sizes" not in images:
+            return False
+        stored = images["file_sizes"][()], images["file_mtimes_ns"][()]
+    return np.array_equal(stored[0], sizes) and np.array_equal(stored[1], mtimes)
 
 
 def _check_same_plan(
@@ -500,10 +523,8 @@ def _output_layout(output: Path) -> str:
 
 
 def _output_images(output: Path) -> Sequence[Any]:
-    with h5py.File(output, "r") as handle:
-        return read_image_index(handle["images"])
+    return read_index_file(output)
 
 
 def _parts_images(output: Path) -> Sequence[Any]:
-    with h5py.File(parts_dir(output) / "index.h5", "r") as handle:
-        return read_image_index(handle["images"])
+    return read_index_file(parts_dir(output) / "index.h5")

@@ -293,3 +293,21 @@ def test_writer_thread_keeps_a_bounded_queue(tmp_path: Path) -> None:
         write_all(writer, batch_size=1)
         writer.finish()
     assert sum(seen) == 12
+
+
+def test_a_rerun_once_every_shard_exists_only_joins(tmp_path: Path) -> None:
+    plan = make_plan(num_images=8, shard_size=2)
+    output = tmp_path / "features.h5"
+    for rank in range(2):
+        with open_for_extraction(output, plan, rank=rank, world_size=2) as writer:
+            write_all(writer)
+            assert writer.finish() is None
+    killed_join = output.with_name(f".{output.name}.12345-deadbeef.tmp")
+    killed_join.write_bytes(b"\x89HDF\r\n" + b"x" * 999)
+    with open_for_extraction(output, plan) as writer:
+        assert writer.message == "features.h5: all shards of rank 0 are on disk, nothing to compute"
+        assert writer.finish() == output
+    assert not killed_join.exists()
+    single = extract(tmp_path / "single" / "features.h5", plan)
+    assert single is not None
+    assert read_datasets(output) == read_datasets(single)
