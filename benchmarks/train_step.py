@@ -29,6 +29,7 @@ from unittest import mock
 from rich.console import Console
 
 import samkd.train.loop
+import samkd.train.step
 from benchmarks.common import NOISE_NOTE, ResultTable, Section, median, ratio
 from samkd.demo.shapes import write_shapes_dataset
 from samkd.extract import run_extract
@@ -69,7 +70,7 @@ PHASES = (
     ("student forward + losses", "samkd/train/step.py", "forward"),
     ("  of which distillation objective", "samkd/distill/objective.py", "forward"),
     ("backward", "torch/_tensor.py", "backward"),
-    ("optimizer step (clip + AdamW)", "samkd/train/loop.py", "optimizer_step"),
+    ("optimizer step (clip + AdamW)", "samkd/train/step.py", "optimizer_step"),
 )
 
 
@@ -130,7 +131,7 @@ def extract_features(config: Config, data: Path, output: Path) -> None:
 @contextmanager
 def profiling_steps(warmup_steps: int, profiler: cProfile.Profile) -> Iterator[None]:
     """Profile from the first micro-step after the warm-up ones to the final checkpoint."""
-    micro_step: Callable[..., Any] = samkd.train.loop.micro_step
+    micro_step: Callable[..., Any] = samkd.train.step.micro_step
     save_checkpoint: Callable[..., Any] = samkd.train.loop.save_checkpoint
     calls = 0
 
@@ -146,7 +147,7 @@ def profiling_steps(warmup_steps: int, profiler: cProfile.Profile) -> Iterator[N
         return save_checkpoint(*args, **kwargs)
 
     with (
-        mock.patch.object(samkd.train.loop, "micro_step", counted_micro_step),
+        mock.patch.object(samkd.train.step, "micro_step", counted_micro_step),
         mock.patch.object(samkd.train.loop, "save_checkpoint", unprofiled_save),
     ):
         try:

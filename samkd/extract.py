@@ -63,8 +63,6 @@ from samkd.runtime import (
 )
 from samkd.settings import Settings, TeacherSettings
 
-EMBED_TAP = ENCODER_EMBED
-
 
 def preprocessing_of(image_size: int) -> dict[str, Any]:
     """Everything that decides a teacher's input pixels, recorded in the file."""
@@ -85,7 +83,7 @@ def check_taps(model: Sam, taps: list[str]) -> None:
                 f"extract.taps: '{tap}' depends on prompts and cannot be stored; training runs "
                 "the stored teacher decoder on the stored encoder.embed instead"
             )
-    valid = set(available_taps(model)) | {EMBED_TAP}
+    valid = set(available_taps(model)) | {ENCODER_EMBED}
     unknown = [tap for tap in taps if tap not in valid]
     if unknown:
         encoder_taps = sorted(t for t in valid if t.startswith("encoder."))
@@ -99,11 +97,11 @@ def teacher_tap_outputs(
     model: Sam, images: torch.Tensor, taps: list[str], grid_size: int
 ) -> dict[str, torch.Tensor]:
     """`{tap: B x ...}` on the model's device; attention taps as coarse `B x G² x G²` maps."""
-    other_taps = [tap for tap in taps if tap != EMBED_TAP]
+    other_taps = [tap for tap in taps if tap != ENCODER_EMBED]
     with capture_taps(model, other_taps) as captured:
         embedding = model.image_encoder(images)
         values: dict[str, Any] = dict(captured)
-    values[EMBED_TAP] = embedding
+    values[ENCODER_EMBED] = embedding
     outputs = {}
     for tap in taps:
         value = values[tap]

@@ -90,7 +90,7 @@ def loss_terms(records: list[dict[str, Any]]) -> list[str]:
         if record.get("kind") != "train":
             continue
         for name in record:
-            if name.startswith(("task/", "kd/", "loss/")) and name != "kd/lambda":
+            if name.startswith(("task/", "kd/", "loss/")):
                 names.setdefault(name, None)
     return list(names)
 

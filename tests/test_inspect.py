@@ -18,7 +18,7 @@ def write_run(run_dir: Path) -> None:
     records = []
     for step in (10, 20, 30):
         records.append({"kind": "train", "step": step, "lr": 1e-4, "skipped_steps": 1,
-                        "kd/lambda": 1.0, **{term: 1.0 / step for term in TERMS}})  # fmt: skip
+                        "lambda_kd": 1.0, **{term: 1.0 / step for term in TERMS}})  # fmt: skip
         records.append({"kind": "val", "step": step, "val/miou": [0.5, 0.7, 0.6][step // 10 - 1]})
     records[-1]["lambda_kd_change"] = [1.0, 0.5]
     records[0]["nonfinite_terms"] = ["kd/t/encoder_mse", "loss/total"]

@@ -5,7 +5,7 @@ from samkd.distill.attention import attention_kl, coarse_attention_map, coarse_a
 from samkd.distill.decoder import cosine_distance, mask_logit_kl
 from samkd.distill.dynamic_weight import DynamicKDWeight, WeightChange
 from samkd.distill.encoder import encoder_kl, feature_mse
-from samkd.distill.objective import DistillationObjective, ObjectiveOutput, term_weights
+from samkd.distill.objective import DistillationObjective, term_weights
 from samkd.distill.pairs import default_attention_pairs, default_encoder_pairs, encoder_layout
 from samkd.distill.rkd import (
     angle_potential,
@@ -18,7 +18,6 @@ __all__ = [
     "DistillationObjective",
     "DynamicKDWeight",
     "FeatureAdapter",
-    "ObjectiveOutput",
     "WeightChange",
     "adapter_key",
     "angle_potential",

@@ -11,19 +11,19 @@ Inputs are plain mappings from canonical tap names (`encoder.embed`, `encoder.bl
 
 Teacher features are detached: gradients reach the student and the adapters only.
 
-The output is the total loss and a flat dict of detached values for the per-term log:
-`task/<name>` for each task loss passed in, `kd/<teacher>/<term>` for each computed term (its raw
-value, before `lambda_term`, `w_t` and `lambda_kd`), `kd/weighted` (the sum over teachers before
-`lambda_kd`), `kd/lambda` and `loss/total`. The terms are `encoder_mse`, `encoder_kl` (with its
-`tau^2`), `decoder_mse`, `decoder_cosine`, `decoder_kl`, `attention_kl`, `rkd_distance` and
-`rkd_angle`. A term that is switched off (section disabled, or a zero weight) is not computed,
-is not in the dict and needs no taps; when `lambda_kd` is 0 no distillation term is computed.
+The objective returns the raw value of every switched-on term, `kd/<teacher>/<term>` (before
+`lambda_term`, `w_t` and `lambda_kd`): `encoder_mse`, `encoder_kl` (with its `tau^2`),
+`decoder_mse`, `decoder_cosine`, `decoder_kl`, `attention_kl`, `rkd_distance` and `rkd_angle`.
+Each is a mean over its units (`term_specs`): decoder terms over prompted objects, across-batch
+RKD over the batch, every other term over images, so that training can weight a micro-batch by
+how many units it holds. A term that is switched off (section disabled, or a zero weight) is
+not computed and needs no taps; with `lambda_kd` 0 at the start no term is switched on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,25 +43,19 @@ from samkd.distill.rkd import (
     sampled_patches,
 )
 from samkd.models.attention_capture import AttentionCapture
+from samkd.models.taps import DECODER_MASK_LOGITS, DECODER_UPSCALED
 from samkd.settings import DistillationSettings, ModelType, TapPair, TeacherSettings
 
 Feature = torch.Tensor | AttentionCapture
 Features = Mapping[str, Feature]
 Shapes = Mapping[str, Sequence[int]]
 
-UPSCALED_TAP = "decoder.upscaled"
-MASK_LOGITS_TAP = "decoder.mask_logits"
-
-
-class ObjectiveOutput(NamedTuple):
-    """The loss to back-propagate and the detached per-term values to log."""
-
-    total: torch.Tensor
-    terms: dict[str, torch.Tensor]
-
 
 def term_weights(settings: DistillationSettings) -> dict[str, float]:
-    """`lambda_term` of every switched-on term (section weight times sub-term weight)."""
+    """`lambda_term` of every switched-on term (section weight times sub-term weight); none when
+    `lambda_kd` starts at 0, as it can then never rise."""
+    if settings.dynamic_lambda.initial == 0:
+        return {}
     encoder, decoder = settings.encoder, settings.decoder
     attention, rkd = settings.attention, settings.rkd
     candidates = {
@@ -188,67 +182,67 @@ class DistillationObjective(nn.Module):
     def _decoder_taps(self) -> list[str]:
         taps = []
         if "decoder_mse" in self.term_weights or "decoder_cosine" in self.term_weights:
-            taps.append(UPSCALED_TAP)
+            taps.append(DECODER_UPSCALED)
         if "decoder_kl" in self.term_weights:
-            taps.append(MASK_LOGITS_TAP)
+            taps.append(DECODER_MASK_LOGITS)
         return taps
 
     # ------------------------------------------------------------------ loss
+
+    def term_specs(self) -> dict[str, tuple[float, str]]:
+        """`kd/<teacher>/<term>` -> (`w_t * lambda_term`, unit) for every computed term, in the
+        order `forward` returns them; units are `object`, `image` or `batch`."""
+        specs = {}
+        for name, teacher in self.teachers.items():
+            for term, weight in self.term_weights.items():
+                specs[f"kd/{name}/{term}"] = (teacher.weight * weight, self._unit(term))
+        return specs
+
+    def _unit(self, term: str) -> str:
+        if term.startswith("decoder_"):
+            return "object"
+        if term.startswith("rkd_") and self.settings.rkd.across_batch:
+            return "batch"
+        return "image"
 
     def forward(
         self,
         student: Features,
         teachers: Mapping[str, Features],
-        task_losses: Mapping[str, torch.Tensor] | None = None,
-    ) -> ObjectiveOutput:
-        """The total loss and the per-term dict (see the module docstring).
+        with_decoder: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """Every term by name (see `term_specs`), with gradients to the student and adapters.
 
         Args:
             student: student features by tap.
             teachers: teacher name -> teacher features by tap, for every configured teacher.
-            task_losses: task terms by name (`focal`, or `task/focal`), already weighted; they
-                are added to the total as they are.
+            with_decoder: False for a batch without prompts: its decoder terms are left out.
         """
-        terms: dict[str, torch.Tensor] = {}
-        losses: list[torch.Tensor] = []
-        for name, loss in (task_losses or {}).items():
-            terms[f"task/{name.removeprefix('task/')}"] = loss.detach()
-            losses.append(loss)
-        lambda_kd = self.kd_weight.value
-        if lambda_kd > 0 and self.term_weights:
-            weighted = self._distillation(student, teachers, terms)
-            terms["kd/weighted"] = weighted.detach()
-            losses.append(lambda_kd * weighted)
-        total = torch.stack(losses).sum() if losses else torch.zeros(())
-        terms["kd/lambda"] = torch.tensor(float(lambda_kd))
-        terms["loss/total"] = total.detach()
-        return ObjectiveOutput(total, terms)
-
-    def _distillation(
-        self, student: Features, teachers: Mapping[str, Features], terms: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
         missing = sorted(set(self.teachers) - set(teachers))
         if missing:
             raise KeyError(f"no features for teacher '{missing[0]}'")
         student_cache: dict[str, torch.Tensor] = {}
         positions = self._rkd_positions(student) if self._any("rkd_") else None
-        weighted: list[torch.Tensor] = []
-        for name, teacher in self.teachers.items():
+        terms: dict[str, torch.Tensor] = {}
+        for name in self.teachers:
             features = teachers[name]
             raw: dict[str, torch.Tensor] = {}
             if self._any("encoder_"):
                 raw.update(self._encoder_terms(name, student, features))
-            if self._any("decoder_"):
+            if self._any("decoder_") and with_decoder:
                 raw.update(self._decoder_terms(name, student, features))
             if self._any("attention_"):
                 raw.update(self._attention_terms(name, student, features, student_cache))
             if self._any("rkd_"):
                 raw.update(self._rkd_terms(name, student, features, positions, student_cache))
-            for term, value in raw.items():
-                terms[f"kd/{name}/{term}"] = value.detach()
-            teacher_loss = torch.stack([self.term_weights[t] * v for t, v in raw.items()]).sum()
-            weighted.append(teacher.weight * teacher_loss)
-        return torch.stack(weighted).sum()
+            terms.update({f"kd/{name}/{term}": value for term, value in raw.items()})
+        return terms
+
+    def weighted(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """`sum_t w_t sum_terms lambda_term L_term` of one batch's `terms` (before
+        `lambda_kd`)."""
+        specs = self.term_specs()
+        return torch.stack([specs[name][0] * value for name, value in terms.items()]).sum()
 
     def _encoder_terms(
         self, teacher: str, student: Features, features: Features
@@ -278,17 +272,17 @@ class DistillationObjective(nn.Module):
     ) -> dict[str, torch.Tensor]:
         owner = f"teacher '{teacher}'"
         out = {}
-        if UPSCALED_TAP in self._decoder_taps():
-            upscaled = _tensor(student, UPSCALED_TAP, "student")
-            target = _tensor(features, UPSCALED_TAP, owner).detach()
+        if DECODER_UPSCALED in self._decoder_taps():
+            upscaled = _tensor(student, DECODER_UPSCALED, "student")
+            target = _tensor(features, DECODER_UPSCALED, owner).detach()
             if "decoder_mse" in self.term_weights:
                 out["decoder_mse"] = feature_mse(upscaled, target)
             if "decoder_cosine" in self.term_weights:
                 out["decoder_cosine"] = cosine_distance(upscaled, target)
         if "decoder_kl" in self.term_weights:
             out["decoder_kl"] = mask_logit_kl(
-                _tensor(student, MASK_LOGITS_TAP, "student"),
-                _tensor(features, MASK_LOGITS_TAP, owner).detach(),
+                _tensor(student, DECODER_MASK_LOGITS, "student"),
+                _tensor(features, DECODER_MASK_LOGITS, owner).detach(),
                 self.settings.decoder.temperature,
             )
         return out
@@ -388,4 +382,4 @@ def _coarse_map(feature: Feature, grid_size: int, query_chunk: int) -> torch.Ten
             f"a stored coarse attention map must be B x {cells} x {cells} "
             f"(grid_size {grid_size}), got {tuple(feature.shape)}"
         )
-    return feature.float()
+    return feature

@@ -29,11 +29,21 @@ from samkd.models.registry import (
     describe_model_types,
     model_type_info,
 )
-from samkd.models.taps import ENCODER_EMBED, TapError, Taps, available_taps, capture_taps
+from samkd.models.taps import (
+    DECODER_MASK_LOGITS,
+    DECODER_UPSCALED,
+    ENCODER_EMBED,
+    TapError,
+    Taps,
+    available_taps,
+    capture_taps,
+)
 from samkd.models.teacher import PromptDecoder, build_teacher, frozen
 from samkd.models.tiny_vit import TinyViT
 
 __all__ = [
+    "DECODER_MASK_LOGITS",
+    "DECODER_UPSCALED",
     "DECODER_PREFIXES",
     "ENCODER_EMBED",
     "MODEL_TYPES",

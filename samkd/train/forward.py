@@ -15,12 +15,8 @@ import torch
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam
 from torch import nn
 
-from samkd.models import ENCODER_EMBED, capture_taps
+from samkd.models import DECODER_MASK_LOGITS, DECODER_UPSCALED, ENCODER_EMBED, capture_taps
 from samkd.train.batches import TrainingBatch
-
-UPSCALED_TAP = "decoder.upscaled"
-MASK_LOGITS_TAP = "decoder.mask_logits"
-EMBED_TAP = ENCODER_EMBED
 
 
 @dataclass(frozen=True)
@@ -189,19 +185,19 @@ def encoder_forward(
     model: Sam, images: torch.Tensor, taps: Sequence[str]
 ) -> tuple[torch.Tensor, dict[str, object]]:
     """Image embeddings `B x 256 x h x w` and the requested encoder taps."""
-    encoder_taps = [tap for tap in taps if tap.startswith("encoder.") and tap != EMBED_TAP]
+    encoder_taps = [tap for tap in taps if tap.startswith("encoder.") and tap != ENCODER_EMBED]
     with capture_taps(model, encoder_taps) as captured:
         embeddings = model.image_encoder(images)
         features: dict[str, object] = dict(captured)
-    features[EMBED_TAP] = embeddings
+    features[ENCODER_EMBED] = embeddings
     return embeddings, features
 
 
 def decoder_features(outputs: DecoderOutputs, taps: Sequence[str]) -> dict[str, torch.Tensor]:
     """The decoder taps among `taps`, from a decoder run."""
     features: dict[str, torch.Tensor] = {}
-    if UPSCALED_TAP in taps and outputs.upscaled is not None:
-        features[UPSCALED_TAP] = outputs.upscaled
-    if MASK_LOGITS_TAP in taps:
-        features[MASK_LOGITS_TAP] = outputs.mask_logits
+    if DECODER_UPSCALED in taps and outputs.upscaled is not None:
+        features[DECODER_UPSCALED] = outputs.upscaled
+    if DECODER_MASK_LOGITS in taps:
+        features[DECODER_MASK_LOGITS] = outputs.mask_logits
     return features

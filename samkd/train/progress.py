@@ -2,7 +2,7 @@
 terms and skipped steps.
 
 A training step must not make the host wait for the device, so a step whose loss or gradients
-are not finite is skipped on the device (see `samkd.train.loop.optimizer_step`), and the terms
+are not finite is skipped on the device (see `samkd.train.step.optimizer_step`), and the terms
 and the skipped steps are tallied there too. The tallies are read back only where the loop
 waits for the device anyway: at logging steps, validation and checkpoints. A run of skipped
 steps long enough to abort is therefore noticed at the next of those, not at once.
@@ -10,7 +10,6 @@ steps long enough to abort is therefore noticed at the next of those, not at onc
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,50 +20,20 @@ from loguru import logger
 from samkd.errors import UsageError
 from samkd.runtime import Distributed
 
-Names = tuple[str, ...]
-
 
 class NonFiniteLossError(UsageError):
     """Too many consecutive steps had a non-finite loss or gradients."""
-
-
-@dataclass
-class StepTerms:
-    """The loss terms of one optimizer step, summed over its micro-steps on the device.
-
-    A micro-step's terms go in as one vector (`K` float32 values for `K` names), so that adding
-    them costs a few kernels rather than a few per term. Batches without masks have no task
-    terms, hence one vector per set of names.
-    """
-
-    sums: dict[Names, torch.Tensor] = field(default_factory=dict)
-    counts: dict[Names, int] = field(default_factory=dict)
-
-    def add(self, terms: Mapping[str, torch.Tensor], device: torch.device) -> None:
-        names = tuple(terms)
-        # Some terms (kd/lambda) are host scalars: copy them without waiting for the device.
-        values = torch.stack(
-            [terms[name].detach().float().to(device, non_blocking=True) for name in names]
-        )
-        self.sums[names] = self.sums[names] + values if names in self.sums else values
-        self.counts[names] = self.counts.get(names, 0) + 1
-
-    def nonfinite(self) -> torch.Tensor:
-        """float32 scalar: 1 when a term of some micro-step was NaN or infinite (a sum is
-        finite only when all its parts are; `loss/total` is a term), else 0."""
-        finite = torch.stack([torch.isfinite(sums).all() for sums in self.sums.values()]).all()
-        return (~finite).float()
 
 
 @dataclass(frozen=True)
 class Tallies:
     """The device tallies, read back.
 
-    means: each term's mean over the micro-steps kept since the last record;
+    means: each term's mean over its units in the steps kept since the last record (None: none);
     nonfinite_terms: terms that were NaN or infinite in a step skipped since the last record.
     """
 
-    means: dict[str, float]
+    means: dict[str, float | None]
     nonfinite_terms: list[str]
     skipped_total: int
     longest_skipped_run: int
@@ -79,11 +48,12 @@ class Progress:
     """What a checkpoint must carry besides the weights, so a resumed run continues exactly.
 
     On `device`: `skipped_total` (int64 scalar), `skipped_run` (steps skipped in a row up to
-    now) and `longest_skipped_run`; and, per set of term names (see `StepTerms`), the sums
-    (`K` float32) and count (float32 scalar) of the micro-steps kept since the last record and
-    which terms were non-finite in a skipped step (`K` bool).
+    now) and `longest_skipped_run`; and, for the `names` of the run's terms (its
+    `TermSchema`), the sums and unit counts (`K` float32 each) of the steps kept since the last
+    record and which terms were non-finite in a skipped step (`K` bool).
     """
 
+    names: tuple[str, ...] = ()
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     step: int = 0
     best_metric: float | None = None
@@ -93,61 +63,49 @@ class Progress:
     skipped_total: torch.Tensor = field(init=False)
     skipped_run: torch.Tensor = field(init=False)
     longest_skipped_run: torch.Tensor = field(init=False)
-    term_sums: dict[Names, torch.Tensor] = field(default_factory=dict)
-    term_counts: dict[Names, torch.Tensor] = field(default_factory=dict)
-    term_nonfinite: dict[Names, torch.Tensor] = field(default_factory=dict)
+    term_sums: torch.Tensor = field(init=False)
+    term_counts: torch.Tensor = field(init=False)
+    term_nonfinite: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
         self.skipped_total = _scalar(0, torch.int64, self.device)
         self.skipped_run = _scalar(0, torch.int64, self.device)
         self.longest_skipped_run = _scalar(0, torch.int64, self.device)
+        self.reset_terms()
 
-    def record_step(self, terms: StepTerms, skip: torch.Tensor) -> None:
-        """Count one optimizer step; its terms enter the logged means unless it was skipped.
-
-        skip: float32 scalar on the device, 1 when the step was skipped, else 0.
-        """
+    def record_step(self, sums: torch.Tensor, counts: torch.Tensor, skip: torch.Tensor) -> None:
+        """Count one optimizer step; its term sums and counts (`K` each) enter the logged
+        means unless it was skipped (`skip`: float32 scalar on the device, 1 or 0)."""
         skipped = skip > 0
-        for names, sums in terms.sums.items():
-            kept = torch.where(skipped, 0.0, sums)  # not a product: NaN * 0 is NaN
-            count = (1 - skip) * terms.counts[names]
-            bad = ~torch.isfinite(sums)
-            if names in self.term_sums:
-                kept = self.term_sums[names] + kept
-                count = self.term_counts[names] + count
-                bad = self.term_nonfinite[names] | bad
-            self.term_sums[names], self.term_counts[names] = kept, count
-            self.term_nonfinite[names] = bad
+        self.term_sums += torch.where(skipped, 0.0, sums)  # not a product: NaN * 0 is NaN
+        self.term_counts += torch.where(skipped, 0.0, counts)
+        self.term_nonfinite |= ~torch.isfinite(sums)
         self.skipped_total = self.skipped_total + skipped
         self.skipped_run = torch.where(skipped, self.skipped_run + 1, 0)
         self.longest_skipped_run = torch.maximum(self.longest_skipped_run, self.skipped_run)
 
     def reset_terms(self) -> None:
         """Start the next record's tallies."""
-        self.term_sums, self.term_counts, self.term_nonfinite = {}, {}, {}
+        size = len(self.names)
+        self.term_sums = torch.zeros(size, device=self.device)
+        self.term_counts = torch.zeros(size, device=self.device)
+        self.term_nonfinite = torch.zeros(size, dtype=torch.bool, device=self.device)
 
     def read(self) -> Tallies:
-        """The tallies as numbers, in one host-device sync."""
-        keys = list(self.term_sums)
-        parts = [torch.stack([self.skipped_total, self.longest_skipped_run]).float()]
-        for names in keys:
-            parts.append(self.term_sums[names])
-            parts.append(self.term_counts[names].reshape(1))
-            parts.append(self.term_nonfinite[names].float())
-        values = iter(torch.cat(parts).tolist())
-        skipped_total, longest_run = int(next(values)), int(next(values))
-        totals: dict[str, list[float]] = {}  # name -> [sum, count]
-        nonfinite: set[str] = set()
-        for names in keys:
-            sums = [next(values) for _ in names]
-            count = next(values)
-            for name, value in zip(names, sums, strict=True):
-                total = totals.setdefault(name, [0.0, 0.0])
-                total[0] += value
-                total[1] += count
-            nonfinite.update(name for name in names if next(values))
-        means = {name: total / count for name, (total, count) in totals.items() if count}
-        return Tallies(means, sorted(nonfinite), skipped_total, longest_run)
+        """The tallies as numbers, in one host-device sync. A term with no units since the
+        last record (no labelled object, say) has the mean None."""
+        counters = torch.stack([self.skipped_total, self.longest_skipped_run]).float()
+        flags = self.term_nonfinite.float()
+        values = torch.cat([counters, self.term_sums, self.term_counts, flags]).tolist()
+        size = len(self.names)
+        sums, counts = values[2 : 2 + size], values[2 + size : 2 + 2 * size]
+        flagged = values[2 + 2 * size :]
+        means = {
+            name: total / count if count else None
+            for name, total, count in zip(self.names, sums, counts, strict=True)
+        }
+        nonfinite = sorted(name for name, flag in zip(self.names, flagged, strict=True) if flag)
+        return Tallies(means, nonfinite, int(values[0]), int(values[1]))
 
     def check_skipped(self, tallies: Tallies, max_run: int, checkpoint_path: Path) -> None:
         """Warn about the steps skipped since the last check, naming their non-finite terms,
@@ -168,16 +126,17 @@ class Progress:
             )
 
     def reduce_over_ranks(self, dist: Distributed) -> None:
-        """Make the term tallies those of the whole global batch, not this rank's share (the
-        skip counters agree on every rank already: ranks skip steps together)."""
+        """Make the term tallies those of the whole global batch, not this rank's share, in one
+        collective of fixed size (the skip counters agree on every rank already: ranks skip
+        steps together)."""
         if not dist.enabled:
             return
-        for names in sorted(self.term_sums):
-            torch.distributed.all_reduce(self.term_sums[names])
-            torch.distributed.all_reduce(self.term_counts[names])
-            flags = self.term_nonfinite[names].float()
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-            self.term_nonfinite[names] = flags > 0
+        size = len(self.names)
+        flags = self.term_nonfinite.float()
+        packed = torch.cat([self.term_sums, self.term_counts, flags])
+        torch.distributed.all_reduce(packed)
+        self.term_sums, self.term_counts = packed[:size], packed[size : 2 * size]
+        self.term_nonfinite = packed[2 * size :] > 0
 
     def state_dict(self) -> dict[str, Any]:
         """Plain numbers (read back from the device), so a checkpoint loads on any device."""
@@ -190,33 +149,29 @@ class Progress:
             "skipped_total": int(self.skipped_total),
             "skipped_run": int(self.skipped_run),
             "longest_skipped_run": int(self.longest_skipped_run),
-            "terms": [
-                {
-                    "names": list(names),
-                    "sums": self.term_sums[names].tolist(),
-                    "count": float(self.term_counts[names]),
-                    "nonfinite": self.term_nonfinite[names].tolist(),
-                }
-                for names in self.term_sums
-            ],
+            "terms": {
+                "names": list(self.names),
+                "sums": self.term_sums.tolist(),
+                "counts": self.term_counts.tolist(),
+                "nonfinite": self.term_nonfinite.tolist(),
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """The inverse of `state_dict` (float32 sums survive the round trip exactly)."""
+        terms = state["terms"]
+        if tuple(terms["names"]) != self.names:
+            raise UsageError(
+                f"the checkpoint logs the terms {terms['names']}, this run {list(self.names)}"
+            )
         self.step = state["step"]
         self.best_metric, self.best_step = state["best_metric"], state["best_step"]
         self.evals_without_improvement = state["evals_without_improvement"]
-        self.skipped_reported = state.get("skipped_reported", 0)
+        self.skipped_reported = state["skipped_reported"]
         device = self.device
-        self.skipped_total = _scalar(state.get("skipped_total", 0), torch.int64, device)
-        self.skipped_run = _scalar(state.get("skipped_run", 0), torch.int64, device)
-        longest = state.get("longest_skipped_run", 0)
-        self.longest_skipped_run = _scalar(longest, torch.int64, device)
-        self.reset_terms()
-        for entry in state.get("terms", []):
-            names = tuple(entry["names"])
-            self.term_sums[names] = torch.tensor(entry["sums"], dtype=torch.float32, device=device)
-            self.term_counts[names] = _scalar(entry["count"], torch.float32, device)
-            self.term_nonfinite[names] = torch.tensor(
-                entry["nonfinite"], dtype=torch.bool, device=device
-            )
+        self.skipped_total = _scalar(state["skipped_total"], torch.int64, device)
+        self.skipped_run = _scalar(state["skipped_run"], torch.int64, device)
+        self.longest_skipped_run = _scalar(state["longest_skipped_run"], torch.int64, device)
+        self.term_sums = torch.tensor(terms["sums"], dtype=torch.float32, device=device)
+        self.term_counts = torch.tensor(terms["counts"], dtype=torch.float32, device=device)
+        self.term_nonfinite = torch.tensor(terms["nonfinite"], dtype=torch.bool, device=device)

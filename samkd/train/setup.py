@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,15 +14,15 @@ from torch.utils.data import DataLoader
 
 from samkd import __version__
 from samkd.data import PromptSampler, SegmentationDataset, build_dataset
-from samkd.distill import DistillationObjective
+from samkd.distill import DistillationObjective, term_weights
 from samkd.distill.adapters import feature_shapes
 from samkd.errors import UsageError
 from samkd.features import FeatureStore, read_decoder_state_dict
 from samkd.models import DECODER_PREFIXES, build_sam, load_state_dict_file
 from samkd.runtime import Distributed, Precision, input_image_size
-from samkd.settings import Settings, load_settings
+from samkd.settings import Settings, check_micro_batch, load_settings
 from samkd.train.batches import Augmentation, DistillationDataset, collate_training
-from samkd.train.forward import EMBED_TAP, encoder_forward
+from samkd.train.forward import ENCODER_EMBED, encoder_forward
 from samkd.train.teachers import (
     Teacher,
     load_online_teacher,
@@ -31,11 +30,18 @@ from samkd.train.teachers import (
     split_taps,
     stored_taps,
 )
+from samkd.train.terms import TermSchema
+from samkd.train.validation import Validation
 
 SETTINGS_FILE = "settings.yaml"
-# TinyViT keeps ImageNet classifier weights for strict loading of mobile_sam.pt; they never
-# run in SAM, so they are frozen rather than left without gradients (which DDP rejects).
-UNUSED_PREFIXES = ("image_encoder.head.", "image_encoder.norm_head.")
+# Parameters that never run in training: TinyViT's ImageNet classifier (kept for strict loading
+# of mobile_sam.pt) and the mask-prompt encoder (training gives no mask prompts). Frozen rather
+# than left without gradients, which DDP rejects.
+UNUSED_PREFIXES = (
+    "image_encoder.head.",
+    "image_encoder.norm_head.",
+    "prompt_encoder.mask_downscaling.",
+)
 
 
 def build_student(settings: Settings, device: torch.device) -> Sam:
@@ -111,26 +117,16 @@ def build_train_dataset(settings: Settings) -> SegmentationDataset:
     )
 
 
-@dataclass
-class Validation:
-    """What validation needs: the images with masks (for mIoU) and, when teacher features
-    are available for them, the same images paired with those features (for val/kd_loss)."""
-
-    images: SegmentationDataset
-    with_teachers: DistillationDataset | None
-    teachers: list[Teacher]
-    device: torch.device
-    precision: Precision
-
-
 def build_validation(
-    settings: Settings, teachers: list[Teacher], device: torch.device, precision: Precision
+    settings: Settings,
+    teachers: list[Teacher],
+    device: torch.device,
+    precision: Precision,
+    dist: Distributed,
 ) -> Validation | None:
     """The validation set (box prompts, no jitter) and, with online teachers or
     `distillation.val_features`, its teacher features."""
     if settings.data.val is None:
-        if settings.distillation.dynamic_lambda.enabled or settings.train.early_stop_patience:
-            raise UsageError("the dynamic weight and early stopping need data.val")
         return None
     images = build_dataset(
         settings.data.val,
@@ -152,18 +148,12 @@ def build_validation(
         )
         store.check_matches(
             image_ids=[record.image_id for record in images.records],
+            image_files=[record.image_path for record in images.records],
             image_size=input_image_size(settings),
         )
         with_teachers = DistillationDataset(images, store, Augmentation(), settings.train.seed)
-    uses_kd_loss = distillation.dynamic_lambda.enabled and (
-        distillation.dynamic_lambda.metric == "val/kd_loss"
-    )
-    if uses_kd_loss and with_teachers is None:
-        raise UsageError(
-            "distillation.dynamic_lambda.metric val/kd_loss needs online teachers or "
-            "distillation.val_features"
-        )
-    return Validation(images, with_teachers, teachers, device, precision)
+    micro_batch = settings.train.batch_size // dist.world_size // settings.train.grad_accumulation
+    return Validation(images, with_teachers, teachers, device, precision, micro_batch)
 
 
 def open_feature_store(
@@ -184,6 +174,7 @@ def open_feature_store(
     store = FeatureStore(path, teachers=names, taps=taps, dtype=None)
     store.check_matches(
         image_ids=[record.image_id for record in dataset.records],
+        image_files=[record.image_path for record in dataset.records],
         image_size=input_image_size(settings),
         teachers=names,
     )
@@ -225,7 +216,7 @@ def probe_student_shapes(
     encoder_taps, _ = split_taps(taps)
     with torch.no_grad():
         image = torch.zeros(1, 3, image_size, image_size, device=device)
-        _, features = encoder_forward(student, image, encoder_taps or [EMBED_TAP])
+        _, features = encoder_forward(student, image, encoder_taps or [ENCODER_EMBED])
     return feature_shapes({k: v for k, v in features.items() if isinstance(v, torch.Tensor)})
 
 
@@ -252,11 +243,12 @@ def build_objective(
     student_shapes: dict[str, tuple[int, ...]] | None = None,
     teacher_shapes: dict[str, dict[str, tuple[int, ...]]] | None = None,
 ) -> DistillationObjective | None:
-    """The distillation objective, or None for plain fine-tuning without teachers.
+    """The distillation objective, or None without distillation (no teacher, `lambda_kd` 0 or
+    every term switched off).
 
     Without shapes, every adapter is an identity: enough to ask which taps are needed.
     """
-    if not settings.teachers:
+    if not settings.teachers or not term_weights(settings.distillation):
         return None
     return DistillationObjective(
         settings.distillation,
@@ -265,6 +257,35 @@ def build_objective(
         student_shapes=student_shapes,
         teacher_shapes=teacher_shapes,
     )
+
+
+def build_distillation(
+    settings: Settings, student: Sam, dataset: SegmentationDataset, device: torch.device
+) -> tuple[DistillationObjective | None, FeatureStore | None, list[Teacher]]:
+    """The objective with adapters sized for the student and teachers, the feature file
+    (precomputed features) and the teachers; (None, None, []) without distillation."""
+    provisional = build_objective(settings)
+    if provisional is None:
+        return None, None, []
+    required = {t.name: provisional.required_teacher_taps(t.name) for t in settings.teachers}
+    store = None
+    if settings.distillation.use_precomputed_features:
+        stored = {name: stored_taps(taps) for name, taps in required.items()}
+        store = open_feature_store(settings, dataset, stored)
+    teachers = build_teachers(settings, required, device)
+    image_size = input_image_size(settings)
+    student_taps = provisional.required_student_taps()
+    student_shapes = probe_student_shapes(student, student_taps, image_size, device)
+    teacher_shapes = probe_teacher_shapes(store, teachers, image_size, device)
+    objective = build_objective(settings, student_shapes, teacher_shapes)
+    assert objective is not None
+    return objective.to(device), store, teachers
+
+
+def build_schema(settings: Settings, objective: DistillationObjective | None) -> TermSchema:
+    """Every term the run logs, the same on every rank and at every step."""
+    distillation = {} if objective is None else objective.term_specs()
+    return TermSchema.build(settings.train.task_loss, distillation)
 
 
 def write_run_files(settings: Settings, run_dir: Path) -> None:
@@ -321,6 +342,7 @@ def check_batching(settings: Settings, num_images: int, dist: Distributed) -> in
             f"the training set has {num_images} images, fewer than train.batch_size "
             f"{train.batch_size}"
         )
+    check_micro_batch(settings, dist.world_size)
     return num_images // train.batch_size
 
 
@@ -345,9 +367,4 @@ def make_loader(
 
 def augmentation_of(settings: Settings) -> Augmentation:
     augment = settings.train.augment
-    if augment.flip and settings.distillation.attention.enabled:
-        raise UsageError(
-            "train.augment.flip cannot be used with attention matching: stored coarse "
-            "attention maps are not mirrored"
-        )
     return Augmentation(augment.brightness, augment.contrast, augment.flip)

@@ -1,43 +1,53 @@
-"""One training forward: student, task loss and distillation objective, as one module.
-
-Wrapping the student and the objective's adapters in one `nn.Module` lets
-DistributedDataParallel synchronise both with a single call of `forward`.
-"""
+"""One optimizer step: micro-steps that accumulate gradients, then the update, all without a
+host-device sync (see `samkd.train.terms` for how the terms are normalised)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from segment_anything.modeling import Sam
 from torch import nn
 
 from samkd.distill import DistillationObjective
-from samkd.models import AttentionCapture
+from samkd.models import DECODER_UPSCALED, AttentionCapture
+from samkd.runtime import Distributed, Precision
+from samkd.settings import Settings
+from samkd.train.batches import TrainingBatch
 from samkd.train.forward import (
-    UPSCALED_TAP,
     PromptGroup,
     decoder_features,
     encoder_forward,
+    group_targets,
+    prompt_groups,
     run_decoder,
 )
-from samkd.train.task_loss import combine_task_losses, sam_task_loss
-from samkd.train.teachers import split_taps
+from samkd.train.progress import Progress
+from samkd.train.task_loss import TASK_WEIGHTS, sam_task_loss
+from samkd.train.teachers import Teacher, split_taps, teacher_features
+from samkd.train.terms import KD_WEIGHTED, LOSS_TOTAL, TASK_TOTAL, TermSchema, UnitCounts
+
+TeacherTaps = Mapping[str, Mapping[str, torch.Tensor | AttentionCapture]]
 
 
 class DistillationStep(nn.Module):
-    """Loss of one micro-batch: SAM's task loss (when there are masks) plus distillation.
-
-    Returns the total loss and a flat dict of detached terms: `task/focal`, `task/dice`,
-    `task/iou_mse`, `task/total`, every `kd/<teacher>/<term>`, `kd/lambda`, `loss/total`.
-    """
+    """The student, the objective's adapters and the loss of one micro-batch, as one module, so
+    that DistributedDataParallel synchronises them all with one call of `forward`."""
 
     def __init__(
-        self, student: Sam, objective: DistillationObjective | None, task_loss: bool = True
+        self,
+        student: Sam,
+        objective: DistillationObjective | None,
+        schema: TermSchema,
+        task_loss: bool = True,
     ) -> None:
         super().__init__()
         self.student = student
         self.objective = objective
+        self.schema = schema
         self.task_loss = task_loss
         taps = objective.required_student_taps() if objective is not None else []
         self.encoder_taps, self.decoder_taps = split_taps(taps)
@@ -47,30 +57,213 @@ class DistillationStep(nn.Module):
         images: torch.Tensor,
         groups: Sequence[PromptGroup],
         targets: torch.Tensor | None,
-        teachers: Mapping[str, Mapping[str, torch.Tensor | AttentionCapture]],
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        teachers: TeacherTaps,
+        unit_counts: torch.Tensor,
+        loss_weights: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This micro-step's share of the step's loss, and its term sums (`K`, detached).
+
+        images: `B x 3 x S x S`; groups: the prompts of the labelled objects (may be empty);
+        targets: their low-resolution masks `N x 4h x 4w`; unit_counts: `K` units of each term
+        in this micro-batch; loss_weights: `2 x K` (`TermSchema.loss_weights`).
+        """
         embeddings, student_features = encoder_forward(self.student, images, self.encoder_taps)
-        terms: dict[str, torch.Tensor] = {}
-        losses: list[torch.Tensor] = []
+        means: dict[str, torch.Tensor] = {}
         if groups:
             decoded = run_decoder(
                 self.student.prompt_encoder,
                 self.student.mask_decoder,
                 embeddings,
                 groups,
-                record_upscaled=UPSCALED_TAP in self.decoder_taps,
+                record_upscaled=DECODER_UPSCALED in self.decoder_taps,
             )
             student_features.update(decoder_features(decoded, self.decoder_taps))
-            if targets is not None and self.task_loss:
+            if self.task_loss and targets is not None:
                 task = sam_task_loss(decoded.mask_logits, decoded.iou, targets, decoded.ambiguous)
-                task_total = combine_task_losses(task)
-                terms.update({f"task/{name}": value.detach() for name, value in task.items()})
-                terms["task/total"] = task_total.detach()
-                losses.append(task_total)
+                means.update({f"task/{name}": value for name, value in task.items()})
+                weighted = [weight * task[name] for name, weight in TASK_WEIGHTS]
+                means[TASK_TOTAL] = torch.stack(weighted).sum()
         if self.objective is not None:
-            output = self.objective(student_features, teachers)
-            terms.update(output.terms)
-            losses.append(output.total)
-        total = torch.stack(losses).sum() if losses else embeddings.sum() * 0
-        terms["loss/total"] = total.detach()
-        return total, terms
+            means.update(self.objective(student_features, teachers, with_decoder=bool(groups)))
+        sums = self._term_vector(means, embeddings) * unit_counts
+        # Not a matmul: autocast would run that in bf16.
+        loss, kd_weighted = (loss_weights * sums).sum(dim=1)
+        # Which decoder parameters a batch uses depends on its prompts (boxes or points, or
+        # none): every one takes part, with a zero gradient when unused, so that DDP needs no
+        # search for unused parameters and accumulation matches one large batch.
+        loss = loss + 0.0 * sum(p.sum() for p in self._decoder_parameters())
+        # Per-step values: each micro-step adds its share; they count once per step.
+        sums = sums.detach().clone()
+        sums[self.schema.index(LOSS_TOTAL)] = loss.detach()
+        if KD_WEIGHTED in self.schema.names:
+            sums[self.schema.index(KD_WEIGHTED)] = kd_weighted.detach()
+        return loss, sums
+
+    def _term_vector(self, means: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """`K` float32 in schema order; terms this micro-batch lacks (and derived ones) are 0."""
+        zero = like.new_zeros((), dtype=torch.float32)
+        return torch.stack([means.get(name, zero).float() for name in self.schema.names])
+
+    def _decoder_parameters(self) -> list[nn.Parameter]:
+        parts = (self.student.prompt_encoder, self.student.mask_decoder)
+        return [p for part in parts for p in part.parameters() if p.requires_grad]
+
+
+@dataclass(frozen=True)
+class StepParts:
+    """What every training step uses. `forward` is the `DistillationStep`, maybe wrapped in
+    DistributedDataParallel (`ddp`) and torch.compile."""
+
+    forward: Any
+    ddp: nn.parallel.DistributedDataParallel | None
+    teachers: list[Teacher]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    settings: Settings
+    precision: Precision
+    device: torch.device
+    dist: Distributed
+
+
+@dataclass
+class StepTerms:
+    """The term sums and unit counts of one optimizer step, added up over its micro-steps on
+    the device (`K` float32 each, in schema order)."""
+
+    sums: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+
+    def add(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        self.sums = sums if self.sums is None else self.sums + sums
+        self.counts = counts if self.counts is None else self.counts + counts
+
+    def nonfinite(self) -> torch.Tensor:
+        """float32 scalar: 1 when a term of some micro-step was NaN or infinite, else 0."""
+        assert self.sums is not None
+        return (~torch.isfinite(self.sums).all()).float()
+
+
+def step_module_of(forward: Any) -> DistillationStep:
+    """The DistillationStep inside a DDP wrapper or compiled module."""
+    module = getattr(forward, "_orig_mod", forward)
+    module = getattr(module, "module", module)
+    assert isinstance(module, DistillationStep)
+    return module
+
+
+def step_unit_counts(
+    micro_counts: Sequence[UnitCounts], device: torch.device, dist: Distributed
+) -> torch.Tensor:
+    """The units of the whole step, over every rank (`UnitCounts.vector` layout): one
+    collective of fixed size per step, whatever the data."""
+    total = UnitCounts(
+        images=sum(c.images for c in micro_counts),
+        objects=sum(c.objects for c in micro_counts),
+        batches=len(micro_counts),
+    ).vector(device)
+    if dist.enabled:
+        torch.distributed.all_reduce(total)
+    return total
+
+
+def train_step(
+    parts: StepParts, micro_batches: Sequence[TrainingBatch], progress: Progress
+) -> None:
+    """One optimizer step over `micro_batches` (gradients accumulate over them, and ranks
+    all-reduce them in the last one only), with no host-device sync.
+
+    Backward always runs. When a term of some micro-step is not finite (on any rank), or the
+    gradient norm is not, the whole step is skipped on the device (see `optimizer_step`); it
+    still counts as a step (the schedule moves on) and `progress` tallies it, for the loop to
+    read back at its next logging step, validation or checkpoint.
+    """
+    step_module = step_module_of(parts.forward)
+    schema = step_module.schema
+    batches = [batch.to(parts.device) for batch in micro_batches]
+    groups = [prompt_groups(batch, parts.device) for batch in batches]
+    counts = [
+        UnitCounts(batch.images.shape[0], sum(len(group.objects) for group in batch_groups))
+        for batch, batch_groups in zip(batches, groups, strict=True)
+    ]
+    objective = step_module.objective
+    lambda_kd = 0.0 if objective is None else objective.kd_weight.value
+    step_units = step_unit_counts(counts, parts.device, parts.dist)
+    loss_weights = schema.loss_weights(lambda_kd, step_units, parts.dist.world_size)
+    terms = StepTerms()
+    for index, batch in enumerate(batches):
+        last = index == len(batches) - 1
+        unit_counts = schema.unit_counts(counts[index].vector(parts.device), last)
+        # Gradients are all-reduced once, in the last micro-step.
+        sync = contextlib.nullcontext() if parts.ddp is None or last else parts.ddp.no_sync()
+        with sync:
+            loss, sums = micro_step(parts, batch, groups[index], unit_counts, loss_weights)
+            parts.scaler.scale(loss).backward()
+        terms.add(sums, unit_counts)
+    skip = terms.nonfinite()
+    if parts.dist.enabled:  # ranks must skip a step together; MAX keeps the flag on the device
+        torch.distributed.all_reduce(skip, op=torch.distributed.ReduceOp.MAX)
+    skip = optimizer_step(
+        step_module, parts.optimizer, parts.scaler, parts.settings, progress.step, skip
+    )
+    assert terms.sums is not None and terms.counts is not None
+    progress.record_step(terms.sums, terms.counts, skip)
+    progress.step += 1
+
+
+def micro_step(
+    parts: StepParts,
+    batch: TrainingBatch,
+    groups: Sequence[PromptGroup],
+    unit_counts: torch.Tensor,
+    loss_weights: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss share and term sums of one micro-batch (on the device already): every labelled
+    object gets SAM's task loss, every image the distillation terms."""
+    targets = group_targets(batch, groups) if groups else None
+    taps = step_module_of(parts.forward).decoder_taps
+    with parts.precision.autocast(parts.device):
+        features = teacher_features(parts.teachers, batch, groups, taps)
+        return parts.forward(batch.images, groups, targets, features, unit_counts, loss_weights)
+
+
+def optimizer_step(
+    step_module: DistillationStep,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    settings: Settings,
+    step: int,
+    skip: torch.Tensor,
+) -> torch.Tensor:
+    """Drop the gradients of parts still frozen at `step`, clip, and update, all on the device.
+
+    The update leaves parameters and optimizer state as they are when `skip` (float32 0/1
+    scalar) is 1 or, without the fp16 scaler, when the gradient norm is not finite: the fused
+    AdamW kernel reads the flag from `optimizer.found_inf`. The fp16 scaler sets that attribute
+    itself from its own check of the gradients; gradient overflows are its to handle (it lowers
+    its scale, routinely so early in a run), so only `skip` is folded into its check, and a
+    skipped step lowers the scale too. Returns the flag the update used.
+    """
+    for part, first_step in settings.train.frozen_until.items():
+        if first_step == -1 or step < first_step:
+            for parameter in getattr(step_module.student, part).parameters():
+                parameter.grad = None
+    scaler.unscale_(optimizer)
+    norm = None
+    if settings.train.grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(step_module.parameters(), settings.train.grad_clip)
+    if scaler.is_enabled():
+        # The scaler's (private) per-device flags are what both its step and update read.
+        for found_inf in scaler._found_inf_per_device(optimizer).values():
+            torch.maximum(found_inf, skip.to(found_inf.device, non_blocking=True), out=found_inf)
+    else:
+        if norm is None:  # without clipping, the norm only tells whether gradients are finite
+            gradients = [p.grad for p in step_module.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(gradients)
+        skip = torch.maximum(skip, (~torch.isfinite(norm)).float())
+        optimizer.found_inf = skip  # type: ignore[attr-defined]
+    scaler.step(optimizer)
+    scaler.update()
+    if hasattr(optimizer, "found_inf"):  # ours; the scaler removes its own
+        del optimizer.found_inf
+    optimizer.zero_grad(set_to_none=True)
+    return skip

@@ -10,11 +10,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from samkd.distill.precision import float32_loss
+
 FOCAL_WEIGHT = 20.0
 DICE_WEIGHT = 1.0
 IOU_WEIGHT = 1.0
+TASK_WEIGHTS = (("focal", FOCAL_WEIGHT), ("dice", DICE_WEIGHT), ("iou_mse", IOU_WEIGHT))
 
 
+@float32_loss
 def sigmoid_focal_loss(
     logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
 ) -> torch.Tensor:
@@ -30,6 +34,7 @@ def sigmoid_focal_loss(
     return (alpha_true * (1 - p_true) ** gamma * cross_entropy).flatten(2).mean(-1)
 
 
+@float32_loss
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
     """1 - (2 |P ∩ T| + s) / (|P| + |T| + s) on soft predictions. `N x M x H x W` -> `N x M`."""
     probabilities = logits.sigmoid().flatten(2)
@@ -39,6 +44,7 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) 
     return 1 - (2 * intersection + smooth) / (total + smooth)
 
 
+@float32_loss
 def binary_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """IoU of the thresholded masks with the targets. `N x M x H x W` -> `N x M`."""
     predicted = (logits > 0).flatten(2)
@@ -48,6 +54,7 @@ def binary_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return intersection / union.clamp(min=1)
 
 
+@float32_loss
 def sam_task_loss(
     mask_logits: torch.Tensor,
     iou_predictions: torch.Tensor,

@@ -22,9 +22,9 @@ from samkd.models.fast_attention import FastTeacherMode, fast_teacher_enabled
 from samkd.settings import TeacherSettings
 from samkd.train.batches import TrainingBatch
 from samkd.train.forward import (
-    EMBED_TAP,
-    MASK_LOGITS_TAP,
-    UPSCALED_TAP,
+    DECODER_MASK_LOGITS,
+    DECODER_UPSCALED,
+    ENCODER_EMBED,
     PromptGroup,
     decoder_features,
     encoder_forward,
@@ -117,7 +117,7 @@ def teacher_features(
     for teacher in teachers:
         features = teacher_encoder_features(teacher, batch)
         if decoder_taps and groups:
-            embedding = features[EMBED_TAP]
+            embedding = features[ENCODER_EMBED]
             assert isinstance(embedding, torch.Tensor)
             with torch.no_grad():
                 outputs = run_decoder(
@@ -125,7 +125,7 @@ def teacher_features(
                     teacher.mask_decoder,
                     embedding,
                     groups,
-                    record_upscaled=UPSCALED_TAP in decoder_taps,
+                    record_upscaled=DECODER_UPSCALED in decoder_taps,
                 )
             features.update(decoder_features(outputs, decoder_taps))
         result[teacher.name] = features
@@ -134,7 +134,7 @@ def teacher_features(
 
 def split_taps(taps: Sequence[str]) -> tuple[list[str], list[str]]:
     """Encoder taps and decoder taps of a tap list."""
-    decoder = [tap for tap in taps if tap in (UPSCALED_TAP, MASK_LOGITS_TAP)]
+    decoder = [tap for tap in taps if tap in (DECODER_UPSCALED, DECODER_MASK_LOGITS)]
     return [tap for tap in taps if tap not in decoder], decoder
 
 
@@ -142,6 +142,6 @@ def stored_taps(required: Sequence[str]) -> list[str]:
     """What the feature file must hold for `required` teacher taps: the encoder taps, and the
     embedding whenever the decoder runs on it."""
     encoder, decoder = split_taps(required)
-    if decoder and EMBED_TAP not in encoder:
-        encoder.append(EMBED_TAP)
+    if decoder and ENCODER_EMBED not in encoder:
+        encoder.append(ENCODER_EMBED)
     return sorted(encoder)

@@ -54,32 +54,37 @@ def features(seed: int, requires_grad: bool = False) -> dict:
 
 def test_every_term_is_zero_on_match_and_positive_otherwise():
     objective = DistillationObjective(all_terms_settings(), TEACHERS[:1], "vit_t_mini")
-    same = objective(features(0), {"big": features(0)}).terms
-    other = objective(features(0), {"big": features(1)}).terms
+    same = objective(features(0), {"big": features(0)})
+    other = objective(features(0), {"big": features(1)})
     for term in TERMS:
         assert same[f"kd/big/{term}"].item() == pytest.approx(0.0, abs=1e-6), term
         assert other[f"kd/big/{term}"].item() > 1e-4, term
 
 
 def test_two_teachers_give_the_weighted_sum_and_the_named_dict():
-    settings = all_terms_settings()
+    settings = all_terms_settings(across_batch=True)
     objective = DistillationObjective(settings, TEACHERS, "vit_t_mini")
-    objective.kd_weight.value = 0.4
-    focal = torch.tensor(1.5)
-    total, terms = objective(
-        features(0), {"big": features(1), "twin": features(2)}, task_losses={"focal": focal}
-    )
+    terms = objective(features(0), {"big": features(1), "twin": features(2)})
     weights = term_weights(settings)
-    expected_kd = sum(
+    expected = sum(
         teacher.weight * sum(weights[t] * terms[f"kd/{teacher.name}/{t}"] for t in TERMS)
         for teacher in TEACHERS
     )
-    assert total.item() == pytest.approx(1.5 + 0.4 * float(expected_kd), rel=1e-5)
-    expected_names = {f"kd/{t.name}/{term}" for t in TEACHERS for term in TERMS}
-    expected_names |= {"task/focal", "kd/weighted", "kd/lambda", "loss/total"}
-    assert set(terms) == expected_names
-    assert all(not value.requires_grad for value in terms.values())
-    assert terms["kd/lambda"].item() == pytest.approx(0.4)
+    assert objective.weighted(terms).item() == pytest.approx(float(expected), rel=1e-6)
+    specs = objective.term_specs()
+    assert list(specs) == list(terms) == [f"kd/{t.name}/{term}" for t in TEACHERS for term in TERMS]
+    assert specs["kd/twin/encoder_kl"] == (0.25 * weights["encoder_kl"], "image")
+    assert specs["kd/big/decoder_kl"][1] == "object"
+    assert specs["kd/big/rkd_angle"][1] == "batch"
+    assert specs["kd/big/attention_kl"][1] == "image"
+    assert all(value.requires_grad is False for value in terms.values())
+
+
+def test_without_prompts_decoder_terms_are_left_out():
+    objective = DistillationObjective(all_terms_settings(), TEACHERS[:1], "vit_t_mini")
+    student = {k: v for k, v in features(0).items() if not k.startswith("decoder.")}
+    terms = objective(student, {"big": features(1)}, with_decoder=False)
+    assert set(terms) == {f"kd/big/{t}" for t in TERMS if not t.startswith("decoder_")}
 
 
 def test_switched_off_terms_are_not_computed_and_need_no_taps():
@@ -98,7 +103,7 @@ def test_switched_off_terms_are_not_computed_and_need_no_taps():
     assert objective.required_student_taps() == ["decoder.upscaled"]
     assert objective.required_teacher_taps("twin") == ["decoder.upscaled"]
     only_upscaled = {"decoder.upscaled": features(0)["decoder.upscaled"]}
-    terms = objective(only_upscaled, {"big": only_upscaled, "twin": only_upscaled}).terms
+    terms = objective(only_upscaled, {"big": only_upscaled, "twin": only_upscaled})
     assert {name for name in terms if name.startswith("kd/big/")} == {
         "kd/big/decoder_mse",
         "kd/big/decoder_cosine",
@@ -118,7 +123,7 @@ def test_gradients_reach_student_and_adapters_never_the_teacher():
         student_shapes={"encoder.embed": (6, 2, 2)},
         teacher_shapes={"big": {"encoder.embed": (8, 4, 4)}},
     )
-    objective(student, {"big": teacher}).total.backward()
+    objective.weighted(objective(student, {"big": teacher})).backward()
     capture = student["encoder.qk.3"]
     for tensor in (student["encoder.embed"], student["decoder.upscaled"], capture.query):
         assert tensor.grad is not None and tensor.grad.abs().sum() > 0
@@ -135,8 +140,8 @@ def test_stored_coarse_teacher_map_equals_online_capture():
     teacher = features(1)
     stored = dict(teacher)
     stored["encoder.qk.3"] = coarse_attention_map(teacher["encoder.qk.3"], 2)
-    online = objective(features(0), {"big": teacher}).terms["kd/big/attention_kl"]
-    offline = objective(features(0), {"big": stored}).terms["kd/big/attention_kl"]
+    online = objective(features(0), {"big": teacher})["kd/big/attention_kl"]
+    offline = objective(features(0), {"big": stored})["kd/big/attention_kl"]
     assert online.item() == pytest.approx(offline.item(), rel=1e-6)
     stored["encoder.qk.3"] = torch.zeros(2, 16, 16)
     with pytest.raises(ValueError, match="B x 4 x 4"):
@@ -148,16 +153,16 @@ def test_sampled_rkd_is_seeded_and_resumes_from_the_state_dict():
     first = DistillationObjective(settings, TEACHERS[:1], "vit_t_mini")
     first.kd_weight.value = 0.5
     state = first.state_dict()
-    values = [first(features(0), {"big": features(1)}).terms["kd/big/rkd_angle"] for _ in range(2)]
+    values = [first(features(0), {"big": features(1)})["kd/big/rkd_angle"] for _ in range(2)]
     assert values[0].item() != values[1].item()
     resumed = DistillationObjective(settings, TEACHERS[:1], "vit_t_mini")
     resumed.load_state_dict(state)
     assert resumed.kd_weight.value == 0.5
-    again = resumed(features(0), {"big": features(1)}).terms["kd/big/rkd_angle"]
+    again = resumed(features(0), {"big": features(1)})["kd/big/rkd_angle"]
     assert again.item() == values[0].item()
 
 
-def test_zero_lambda_skips_distillation_and_missing_inputs_are_named():
+def test_zero_lambda_switches_every_term_off_and_missing_inputs_are_named():
     objective = DistillationObjective(all_terms_settings(), TEACHERS, "vit_t_mini")
     with pytest.raises(KeyError, match="twin"):
         objective(features(0), {"big": features(1)})
@@ -165,7 +170,7 @@ def test_zero_lambda_skips_distillation_and_missing_inputs_are_named():
     del student["encoder.embed"]
     with pytest.raises(KeyError, match="encoder.embed"):
         objective(student, {"big": features(1), "twin": features(1)})
-    objective.kd_weight.value = 0.0
-    total, terms = objective({}, {}, task_losses={"task/dice": torch.tensor(0.25)})
-    assert total.item() == 0.25
-    assert set(terms) == {"task/dice", "kd/lambda", "loss/total"}
+    settings = all_terms_settings()
+    settings.dynamic_lambda.initial = 0.0
+    assert term_weights(settings) == {}
+    assert DistillationObjective(settings, TEACHERS, "vit_t_mini").required_student_taps() == []

@@ -12,11 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from samkd.train import loop, run_train
+from samkd.errors import UsageError
+from samkd.train import loop, run_train, step
 from samkd.train.metrics_log import read_metrics
 from samkd.train.optim import build_optimizer
-from samkd.train.progress import NonFiniteLossError, Progress, StepTerms
+from samkd.train.progress import NonFiniteLossError, Progress
 from samkd.train.state import load_checkpoint
+from samkd.train.step import StepTerms
 
 from .conftest import base_assignments, make_settings
 
@@ -66,7 +68,7 @@ def step_once(
     """One `optimizer_step` after a backward; the skip flag the update used."""
     settings = make_settings(f"train.grad_clip={grad_clip}")
     model.backward(scaler, bad_gradient)
-    flag = loop.optimizer_step(model, optimizer, scaler, settings, 0, torch.tensor(skip))  # type: ignore[arg-type]
+    flag = step.optimizer_step(model, optimizer, scaler, settings, 0, torch.tensor(skip))  # type: ignore[arg-type]
     return float(flag)
 
 
@@ -132,45 +134,57 @@ def test_optimizer_step_folds_the_flag_into_the_fp16_scaler() -> None:
     assert not hasattr(optimizer, "found_inf")
 
 
+NAMES = ("a", "task/dice", "loss/total")
+
+
 def step_terms(*micro_steps: dict[str, float]) -> StepTerms:
+    """Micro-steps whose terms are given as sums over one unit each (absent: 0 over 0)."""
     terms = StepTerms()
     for values in micro_steps:
-        terms.add({k: torch.tensor(v) for k, v in values.items()}, torch.device("cpu"))
+        sums = torch.tensor([values.get(name, 0.0) for name in NAMES])
+        terms.add(sums, torch.tensor([float(name in values) for name in NAMES]))
     return terms
 
 
+def record(progress: Progress, terms: StepTerms, skip: torch.Tensor) -> None:
+    assert terms.sums is not None and terms.counts is not None
+    progress.record_step(terms.sums, terms.counts, skip)
+
+
 def test_progress_tallies_keep_skipped_steps_out_of_the_means() -> None:
-    progress = Progress()
+    progress = Progress(NAMES)
     good = step_terms({"a": 1.0, "loss/total": 2.0}, {"a": 3.0, "loss/total": 4.0})
     bad = step_terms({"a": 5.0, "loss/total": 6.0}, {"a": NAN, "loss/total": NAN})
     masks = step_terms({"a": 1.0, "task/dice": 0.5, "loss/total": 2.0})
     assert float(good.nonfinite()) == 0.0 and float(bad.nonfinite()) == 1.0
     for terms in (good, bad, bad, masks):
-        progress.record_step(terms, terms.nonfinite())
+        record(progress, terms, terms.nonfinite())
     tallies = progress.read()
-    assert tallies.means == {"a": 5 / 3, "loss/total": 8 / 3, "task/dice": 0.5}
+    assert tallies.means == {"a": 5 / 3, "task/dice": 0.5, "loss/total": 8 / 3}
     assert tallies.nonfinite_terms == ["a", "loss/total"]
     assert (tallies.skipped_total, tallies.longest_skipped_run) == (2, 2)
     assert int(progress.skipped_run) == 0
     # A gradient-only skip (finite terms) counts too, without naming a term.
     progress.reset_terms()
-    progress.record_step(good, torch.tensor(1.0))
+    record(progress, good, torch.tensor(1.0))
     tallies = progress.read()
-    assert tallies.means == {} and tallies.nonfinite_terms == []
+    assert tallies.means == dict.fromkeys(NAMES) and tallies.nonfinite_terms == []
     assert (tallies.skipped_total, tallies.longest_skipped_run) == (3, 2)
 
 
 def test_progress_state_round_trips_exactly(tmp_path: Path) -> None:
-    progress = Progress(step=7, best_metric=0.5, best_step=4)
+    progress = Progress(NAMES, step=7, best_metric=0.5, best_step=4)
     thirds = step_terms({"a": 1 / 3, "loss/total": 0.1}, {"a": 2 / 3, "loss/total": 0.7})
-    progress.record_step(thirds, torch.tensor(0.0))
-    progress.record_step(step_terms({"a": NAN, "loss/total": NAN}), torch.tensor(1.0))
+    record(progress, thirds, torch.tensor(0.0))
+    record(progress, step_terms({"a": NAN, "loss/total": NAN}), torch.tensor(1.0))
     torch.save(progress.state_dict(), tmp_path / "progress.pt")
-    restored = Progress()
+    restored = Progress(NAMES)
     restored.load_state_dict(torch.load(tmp_path / "progress.pt", weights_only=True))
     assert restored.state_dict() == progress.state_dict()
     assert restored.read() == progress.read()
-    assert all(torch.equal(restored.term_sums[k], v) for k, v in progress.term_sums.items())
+    assert torch.equal(restored.term_sums, progress.term_sums)
+    with pytest.raises(UsageError, match="the checkpoint logs the terms"):
+        Progress(("b",)).load_state_dict(progress.state_dict())
 
 
 # --------------------------------------------------------------------------- whole runs
@@ -189,20 +203,24 @@ def nan_run_settings(tmp_path: Path, shapes: Path, teacher: Path, features: Path
 def poisoned_steps(steps: set[int], accumulation: int = 2) -> Iterator[list[dict[str, Any]]]:
     """Add NaN to the loss (and so to `loss/total`) and to `kd/t/encoder_mse` of the last
     micro-step of each of `steps` (0-based). The loss's gradient stays finite, so only the
-    loss check can skip those steps. Yields every micro-step's terms as numbers."""
-    micro_step: Callable[..., Any] = loop.micro_step
+    loss check can skip those steps. Yields every micro-step's terms as (sum, units)."""
+    micro_step: Callable[..., Any] = step.micro_step
     seen: list[dict[str, Any]] = []
 
-    def poisoned(*args: Any) -> Any:
-        loss, terms = micro_step(*args)
+    def poisoned(parts: step.StepParts, *args: Any) -> Any:
+        loss, sums = micro_step(parts, *args)
+        names = step.step_module_of(parts.forward).schema.names
         if len(seen) // accumulation in steps and len(seen) % accumulation == accumulation - 1:
             loss = loss + NAN
+            sums = sums.clone()
             for name in ("loss/total", "kd/t/encoder_mse"):
-                terms = {**terms, name: terms[name] + NAN}
-        seen.append({name: float(value) for name, value in terms.items()})
-        return loss, terms
+                sums[names.index(name)] += NAN
+        counts = args[2].tolist()  # micro_step(parts, batch, groups, unit_counts, weights)
+        pairs = zip(sums.tolist(), counts, strict=True)
+        seen.append(dict(zip(names, pairs, strict=True)))
+        return loss, sums
 
-    with mock.patch.object(loop, "micro_step", poisoned):
+    with mock.patch.object(step, "micro_step", poisoned):
         yield seen
 
 
@@ -212,8 +230,8 @@ def step_snapshots() -> Iterator[list[tuple[dict, dict]]]:
     train_step: Callable[..., Any] = loop.train_step
     pairs: list[tuple[dict, dict]] = []
 
-    def recorded(parts: loop.StepParts, *args: Any) -> None:
-        module = loop.step_module_of(parts.forward)
+    def recorded(parts: step.StepParts, *args: Any) -> None:
+        module = step.step_module_of(parts.forward)
         before = snapshot(module, parts.optimizer)
         train_step(parts, *args)
         pairs.append((before, snapshot(module, parts.optimizer)))
@@ -236,9 +254,12 @@ def test_a_nan_in_one_micro_step_skips_its_whole_step(
     assert [r["skipped_steps"] for r in records] == [1, 1]
     assert records[0]["nonfinite_terms"] == ["kd/t/encoder_mse", "loss/total"]
     assert "nonfinite_terms" not in records[1]
-    # The first record's means are those of step 0 alone (its two micro-steps).
+    # The first record's means are those of step 0 alone (its two micro-steps): each term's
+    # sum over its units (the step's loss: one value per step).
     for name in ("loss/total", "kd/t/encoder_mse", "task/dice"):
-        assert records[0][name] == pytest.approx((terms[0][name] + terms[1][name]) / 2)
+        (first, first_units), (second, second_units) = terms[0][name], terms[1][name]
+        assert records[0][name] == pytest.approx((first + second) / (first_units + second_units))
+    assert terms[0]["loss/total"][1] == 0 and terms[1]["loss/total"][1] == 1
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert state["progress"]["skipped_total"] == 1
 
@@ -268,3 +289,30 @@ def test_consecutive_skipped_steps_abort_at_the_next_log(
     assert len(terms) == (4 if aborts else 8) * 2
     records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
     assert records[0]["step"] == 4 and records[0]["skipped_steps"] == 2
+
+
+def test_ranks_reduce_gradients_in_the_last_micro_step_only(
+    tmp_path: Path, shapes: Path, teacher_checkpoint: Path, feature_file: Path
+) -> None:
+    entered: list[int] = []
+
+    class Recorder:
+        """Stands in for the DDP wrapper: counts the micro-steps run under `no_sync`."""
+
+        @contextmanager
+        def no_sync(self) -> Iterator[None]:
+            entered.append(1)
+            yield
+
+    original = loop.StepParts
+
+    def with_recorder(forward: Any, ddp: Any, *rest: Any) -> step.StepParts:
+        return original(forward, Recorder(), *rest)
+
+    settings = nan_run_settings(
+        tmp_path, shapes, teacher_checkpoint, feature_file,
+        "train.grad_accumulation=2", "train.steps=3",
+    )  # fmt: skip
+    with mock.patch.object(loop, "StepParts", with_recorder):
+        run_train(settings)
+    assert len(entered) == 3  # one micro-step of each step's two
