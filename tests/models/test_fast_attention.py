@@ -14,7 +14,7 @@ import torch
 from segment_anything.modeling import Sam
 from segment_anything.modeling.image_encoder import Attention as SamAttention
 
-import samkd.extract
+import samkd.models.teacher
 from samkd.demo.shapes import write_shapes_dataset
 from samkd.extract import run_extract
 from samkd.models import (
@@ -230,7 +230,7 @@ def test_extraction_on_matches_off(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         optimized.append(compile)
         return optimize_teacher(model, compile=compile)
 
-    monkeypatch.setattr(samkd.extract, "optimize_teacher", spy)
+    monkeypatch.setattr(samkd.models.teacher, "optimize_teacher", spy)
     stored = {}
     for mode in ("off", "on"):
         output = tmp_path / f"features-{mode}.h5"

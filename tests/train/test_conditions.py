@@ -41,6 +41,13 @@ def partly_labelled(source: Path, root: Path, unlabelled: Iterable[str]) -> Path
     return root
 
 
+# AdamW divides each gradient by its RMS: where a gradient is a near-cancelling sum, the last-bit
+# differences of another summation order move the weight by a visible share of one update
+# (lr 1e-3; measured up to 3e-6). A wrong weighting of micro-batches moves many weights by
+# about a whole update.
+ADAM_ATOL = 1e-4
+
+
 def train_records(run_dir: Path) -> list[dict]:
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
 
@@ -102,9 +109,7 @@ def test_accumulation_equals_one_batch_with_uneven_labels(
         run_train(settings)
     one, four = final_weights(tmp_path / "one"), final_weights(tmp_path / "four")
     for key, value in one.items():
-        # AdamW divides by the gradients' RMS: last-bit differences of nearly-zero gradients
-        # move a weight by up to about 1% of one step's update (lr 1e-3).
-        torch.testing.assert_close(four[key], value, rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(four[key], value, rtol=1e-4, atol=ADAM_ATOL, msg=key)
     records = zip(train_records(tmp_path / "one"), train_records(tmp_path / "four"), strict=True)
     for left, right in records:
         for name in ("loss/total", "task/total", "kd/t/decoder_kl", "kd/t/rkd_angle"):
@@ -324,7 +329,7 @@ def test_two_ranks_with_accumulation_equal_one_batch(
     assert_logs_close(comparable(distributed), comparable(alone), rtol=1e-4)
     for key, value in final_weights(tmp_path / "single").items():
         torch.testing.assert_close(
-            final_weights(tmp_path / "ddp")[key], value, rtol=1e-4, atol=1e-5, msg=key
+            final_weights(tmp_path / "ddp")[key], value, rtol=1e-4, atol=ADAM_ATOL, msg=key
         )
 
 
