@@ -73,6 +73,28 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
     return Precision(name, torch.float16, True)
 
 
+@contextmanager
+def deterministic_on_cpu(device: torch.device) -> Iterator[None]:
+    """Deterministic kernels while a CPU job runs; the previous setting is restored after.
+
+    Some CPU kernels add with parallel float atomics, so their sums depend on thread timing:
+    `index_put_(accumulate=True)` on 32768 or more elements with several threads (the backward
+    of TinyViT's attention-bias lookup) made two training runs differ on a loaded machine.
+    Deterministic mode runs them serially. CUDA is left alone: there the mode rejects some
+    kernels and needs a cuBLAS workspace setting.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 @dataclass(frozen=True)
 class Distributed:
     """This process's place in the job (`world_size` 1 without torchrun)."""

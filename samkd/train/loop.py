@@ -21,6 +21,7 @@ from samkd.models import save_state_dict
 from samkd.runtime import (
     Distributed,
     barrier,
+    deterministic_on_cpu,
     device_for,
     init_distributed,
     progress_bar,
@@ -59,15 +60,23 @@ def run_train(
         settings = setup.settings_for_resume(resume)
         settings.train.output_dir = resume
     dist = init_distributed(settings.train.device)
+    device = device_for(dist, resolve_device(settings.train.device))
     try:
-        return _train(settings, resume is not None, dist, console or Console(stderr=True))
+        with deterministic_on_cpu(device):
+            resuming = resume is not None
+            return _train(settings, resuming, dist, device, console or Console(stderr=True))
     finally:
         shutdown(dist)
 
 
-def _train(settings: Settings, resuming: bool, dist: Distributed, console: Console) -> TrainResult:
-    # ---- devices, precision, seeds
-    device = device_for(dist, resolve_device(settings.train.device))
+def _train(
+    settings: Settings,
+    resuming: bool,
+    dist: Distributed,
+    device: torch.device,
+    console: Console,
+) -> TrainResult:
+    # ---- precision, seeds
     precision = resolve_precision(settings.train.precision, device)
     torch.manual_seed(settings.train.seed)
     run_dir = settings.train.output_dir

@@ -163,9 +163,8 @@ def test_resume_after_sigkill_reproduces_log(
     reference = make_settings(*assignments)
     reference.train.output_dir = tmp_path / "reference"
     reference_config.write_text(reference.to_yaml())
-    # Bitwise equality needs a fixed reduction order: one thread, so that a loaded machine
-    # cannot change how CPU kernels split their work.
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The default thread count: CPU training is deterministic (tests/train/test_determinism.py).
+    environment = dict(os.environ)
     train = [sys.executable, "-m", "samkd", "train"]
     process = subprocess.Popen(
         [*train, "--config", str(killed_config)],
