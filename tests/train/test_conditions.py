@@ -48,6 +48,16 @@ def partly_labelled(source: Path, root: Path, unlabelled: Iterable[str]) -> Path
 ADAM_ATOL = 1e-4
 
 
+# All four terms with online teachers at 128 px: a fraction of the cost at 256 px.
+SMALL_ALL_TERMS = [
+    *ALL_TERMS,
+    "distillation.use_precomputed_features=false",
+    "data.image_size=128",
+    "distillation.attention.grid_size=4",
+    "distillation.rkd.grid_size=4",
+]
+
+
 def train_records(run_dir: Path) -> list[dict]:
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
 
@@ -91,14 +101,13 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_accumulation_equals_one_batch_with_uneven_labels(
-    tmp_path: Path, shapes: Path, teacher_checkpoint: Path, feature_file: Path
+    tmp_path: Path, shapes: Path, teacher_checkpoint: Path
 ) -> None:
     ids = image_ids(shapes)
     data = partly_labelled(shapes, tmp_path / "data", [ids[1], ids[2], ids[6]])
     common = [
         *base_assignments(data, teacher_checkpoint, tmp_path / "unused"),
-        *ALL_TERMS,
-        f"distillation.features={feature_file}",
+        *SMALL_ALL_TERMS,
         "student.freeze_bn_stats=true",
         "train.batch_size=4",
         "train.steps=2",
@@ -200,12 +209,11 @@ def test_the_step_makes_every_tensor_on_the_device_of_its_inputs(
 
 
 def test_bf16_autocast_step_matches_fp32(
-    tmp_path: Path, shapes: Path, teacher_checkpoint: Path, feature_file: Path
+    tmp_path: Path, shapes: Path, teacher_checkpoint: Path
 ) -> None:
     common = [
         *base_assignments(shapes, teacher_checkpoint, tmp_path / "unused"),
-        *ALL_TERMS,
-        f"distillation.features={feature_file}",
+        *SMALL_ALL_TERMS,
         "train.steps=1",
         "train.lr=1e-12",
     ]
@@ -217,7 +225,8 @@ def test_bf16_autocast_step_matches_fp32(
     for name, value in fp32.items():
         if name.startswith(("task/", "kd/", "loss/")):
             # The networks run in bf16 (about 3 significant digits); the losses in float32.
-            assert bf16[name] == pytest.approx(value, rel=0.1, abs=1e-4), name
+            tolerance = ABSOLUTE.get(name, 1e-4)
+            assert bf16[name] == pytest.approx(value, rel=0.1, abs=tolerance), name
 
 
 # --------------------------------------------------------------------------- two ranks
