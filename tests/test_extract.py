@@ -104,20 +104,6 @@ def no_teacher(*args: object, **kwargs: object) -> None:
     raise AssertionError("no teacher should run")
 
 
-@pytest.fixture
-def hashed(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """The image files that extraction or a training check hashes, in call order."""
-    calls: list[Path] = []
-    real = samkd.features.images.file_sha256
-
-    def counting(path: Path, *args: object) -> str:
-        calls.append(path)
-        return real(path)
-
-    monkeypatch.setattr(samkd.features.images, "file_sha256", counting)
-    return calls
-
-
 def extract(config: Path, *extra: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "samkd", "extract", "--config", str(config), *extra]
     return subprocess.run(command, capture_output=True, text=True, env=ONE_THREAD)

@@ -56,20 +56,6 @@ def same_size_edit(path: Path) -> None:
     os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns + 10**9))
 
 
-@pytest.fixture
-def hashed(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """The files that `samkd.features.images` hashes, in call order."""
-    calls: list[Path] = []
-    real = samkd.features.images.file_sha256
-
-    def counting(path: Path, *args: object) -> str:
-        calls.append(path)
-        return real(path)
-
-    monkeypatch.setattr(samkd.features.images, "file_sha256", counting)
-    return calls
-
-
 def plan_of(images: tuple) -> ExtractionPlan:
     teacher = make_teacher("vit_h")
     return ExtractionPlan(images, (teacher,), PREPROCESSING, shard_size=2)
