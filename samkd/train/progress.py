@@ -160,6 +160,8 @@ class Progress:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """The inverse of `state_dict` (float32 sums survive the round trip exactly)."""
         terms = state["terms"]
+        if not isinstance(terms, dict):  # samkd 0.1.0 kept one entry per set of names
+            raise UsageError("the checkpoint was written by an older samkd; start a new run")
         if tuple(terms["names"]) != self.names:
             raise UsageError(
                 f"the checkpoint logs the terms {terms['names']}, this run {list(self.names)}"

@@ -26,7 +26,7 @@ from samkd.train.forward import (
     run_decoder,
 )
 from samkd.train.progress import Progress
-from samkd.train.task_loss import TASK_WEIGHTS, sam_task_loss
+from samkd.train.task_loss import combine_task_losses, sam_task_loss
 from samkd.train.teachers import Teacher, split_taps, teacher_features
 from samkd.train.terms import KD_WEIGHTED, LOSS_TOTAL, TASK_TOTAL, TermSchema, UnitCounts
 
@@ -81,8 +81,7 @@ class DistillationStep(nn.Module):
             if self.task_loss and targets is not None:
                 task = sam_task_loss(decoded.mask_logits, decoded.iou, targets, decoded.ambiguous)
                 means.update({f"task/{name}": value for name, value in task.items()})
-                weighted = [weight * task[name] for name, weight in TASK_WEIGHTS]
-                means[TASK_TOTAL] = torch.stack(weighted).sum()
+                means[TASK_TOTAL] = combine_task_losses(task)
         if self.objective is not None:
             means.update(self.objective(student_features, teachers, with_decoder=bool(groups)))
         sums = self._term_vector(means, embeddings) * unit_counts
