@@ -38,7 +38,13 @@ from samkd.data.layouts import (
     read_layout,
     read_sa1b_annotation_file,
 )
-from samkd.data.masks import decode_segmentation, load_png_mask, masks_to_boxes
+from samkd.data.masks import (
+    MASK_THRESHOLD,
+    check_mask_threshold,
+    decode_segmentation,
+    load_png_mask,
+    masks_to_boxes,
+)
 from samkd.data.prompts import PromptKind, PromptSampler, select_objects
 
 
@@ -143,6 +149,8 @@ class SegmentationDataset(Dataset[Sample]):
             ``(seed, index)``.
         exif_transpose: apply EXIF orientation to images (masks must then be annotated
             on the rotated image).
+        mask_threshold: fraction of its format's full range from which a greyscale PNG
+            mask pixel is foreground (see ``load_png_mask``); in ``(0, 1]``.
         skipped: messages of items already skipped while indexing.
     """
 
@@ -156,6 +164,7 @@ class SegmentationDataset(Dataset[Sample]):
         max_objects: int | None = None,
         seed: int = 0,
         exif_transpose: bool = False,
+        mask_threshold: float = MASK_THRESHOLD,
         skipped: Sequence[str] = (),
     ) -> None:
         if image_size <= 0:
@@ -171,6 +180,7 @@ class SegmentationDataset(Dataset[Sample]):
         self.max_objects = max_objects
         self.seed = seed
         self.exif_transpose = exif_transpose
+        self.mask_threshold = check_mask_threshold(mask_threshold)
         self.skipped: list[str] = list(skipped)
 
     def __len__(self) -> int:
@@ -200,7 +210,7 @@ class SegmentationDataset(Dataset[Sample]):
         masks = []
         for position in chosen:
             try:
-                masks.append(decode_mask(sources[position], size))
+                masks.append(decode_mask(sources[position], size, self.mask_threshold))
             except DataError as error:
                 skipped.append(handle_error(error, self.on_error, "mask skipped"))
         stacked = np.stack(masks) if masks else np.zeros((0, *size), dtype=bool)
@@ -275,7 +285,7 @@ class SegmentationDataset(Dataset[Sample]):
         good: list[MaskSource] = []
         for source in self._expand_sources(record.mask_sources, found):
             try:
-                decode_mask(source, size)
+                decode_mask(source, size, self.mask_threshold)
             except DataError as error:
                 found.append(handle_error(error, self.on_error, "mask skipped"))
                 continue
@@ -305,14 +315,20 @@ def load_record_image(record: ImageRecord, *, exif_transpose: bool = False) -> n
     return image
 
 
-def decode_mask(source: PngMask | AnnotationMask, image_size: tuple[int, int]) -> np.ndarray:
+def decode_mask(
+    source: PngMask | AnnotationMask,
+    image_size: tuple[int, int],
+    mask_threshold: float = MASK_THRESHOLD,
+) -> np.ndarray:
     """Decode one object mask to an ``H x W`` bool array checked against ``image_size``.
+
+    ``mask_threshold`` applies to greyscale PNG masks only (see ``load_png_mask``).
 
     Raises:
         DataError: unreadable, malformed, wrongly sized or empty mask.
     """
     if isinstance(source, PngMask):
-        return load_png_mask(source.path, image_size)
+        return load_png_mask(source.path, image_size, mask_threshold)
     return decode_segmentation(source.segmentation, image_size, source.source, source.label)
 
 
@@ -328,6 +344,7 @@ def build_dataset(
     max_objects: int | None = None,
     seed: int = 0,
     exif_transpose: bool = False,
+    mask_threshold: float = MASK_THRESHOLD,
 ) -> SegmentationDataset:
     """Index the dataset in ``root`` and wrap it in a ``SegmentationDataset``.
 
@@ -337,7 +354,7 @@ def build_dataset(
         annotation_file: COCO annotation JSON (implies ``layout="coco"`` under auto).
         image_dir: folder COCO ``file_name``s are relative to (default: the JSON's folder,
             then ``root``).
-        image_size, on_error, max_objects, seed, exif_transpose: see
+        image_size, on_error, max_objects, seed, exif_transpose, mask_threshold: see
             ``SegmentationDataset``.
         prompts: prompt sampler, or ``None`` for samples without prompts.
 
@@ -345,6 +362,7 @@ def build_dataset(
         DataError: unusable dataset, or under ``on_error="raise"`` any bad item found
             while indexing.
     """
+    mask_threshold = check_mask_threshold(mask_threshold)
     index = read_layout(
         Path(root),
         layout=layout,
@@ -360,5 +378,6 @@ def build_dataset(
         max_objects=max_objects,
         seed=seed,
         exif_transpose=exif_transpose,
+        mask_threshold=mask_threshold,
         skipped=index.skipped,
     )

@@ -3,7 +3,8 @@
 The transform reproduces ``ResizeLongestSide(image_size).apply_image`` followed by
 ``Sam.preprocess`` from segment-anything exactly: the same output shape rounding, the same
 Pillow bilinear (antialiased) resize, SAM's pixel mean and std, zero padding at the bottom
-and right after normalisation.
+and right after normalisation. One deliberate difference: a side that rounds to 0 pixels
+(a 10000 x 2 image) is kept at 1, where segment-anything would fail.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from segment_anything.utils import transforms
 
 from samkd.data.errors import DataError
 
@@ -58,7 +60,23 @@ def load_rgb_image(path: Path, *, exif_transpose: bool = False) -> np.ndarray:
     except FileNotFoundError as error:
         raise DataError(path, "image file not found") from error
     except IMAGE_DECODE_ERRORS as error:
-        raise DataError(path, f"cannot decode image ({error})") from error
+        raise DataError(path, f"cannot be read as an image ({error})") from error
+
+
+def read_image_size(path: Path) -> tuple[int, int]:
+    """``(H, W)`` of an image file as stored, from its header only.
+
+    Raises:
+        DataError: the file is missing or not an image.
+    """
+    try:
+        with Image.open(path) as file:
+            width, height = file.size
+    except FileNotFoundError as error:
+        raise DataError(path, "image file not found") from error
+    except IMAGE_DECODE_ERRORS as error:
+        raise DataError(path, f"cannot be read as an image ({error})") from error
+    return height, width
 
 
 def _to_rgb_array(image: Image.Image) -> np.ndarray:
@@ -74,9 +92,25 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
 
 
 def resized_shape(height: int, width: int, image_size: int) -> tuple[int, int]:
-    """``(h, w)`` after scaling the longest side to ``image_size``, rounded as SAM rounds."""
+    """``(h, w)`` after scaling the longest side to ``image_size``, rounded as SAM rounds.
+
+    Each side is at least 1 pixel: rounding alone takes the short side of a 10000 x 2 image
+    to 0 at 1024, which no resize accepts.
+    """
     scale = image_size * 1.0 / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+class ResizeLongestSide(transforms.ResizeLongestSide):
+    """segment-anything's ``ResizeLongestSide`` with ``resized_shape``'s sizes.
+
+    Use it wherever the original is used (prompt coordinates, ``Sam.postprocess_masks``'s
+    ``input_size``), so that images of extreme aspect ratio agree with ``preprocess_image``.
+    """
+
+    @staticmethod
+    def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
+        return resized_shape(oldh, oldw, long_side_length)
 
 
 def resize_longest_side(image: np.ndarray, image_size: int) -> np.ndarray:

@@ -2,8 +2,9 @@
 
 Three layouts are understood:
 
-* ``folder``: ``<root>/image/<id>.<ext>`` and ``<root>/mask/<id>/*.png``, one binary PNG per
-  object at image size. An image without a mask folder has no objects.
+* ``folder``: ``<root>/image/<id>.<ext>`` and ``<root>/mask/<id>/*.png``, one PNG per object
+  at image size: binary, or greyscale / anti-aliased and thresholded at ``mask_threshold``
+  (see ``samkd.data.masks.load_png_mask``). An image without a mask folder has no objects.
 * ``coco``: a COCO instances JSON with polygon or RLE (compressed or not) segmentations.
   ``file_name`` is looked up in ``image_dirs`` (default: the JSON's folder). Crowd
   annotations (``iscrowd=1``) are kept as ordinary objects and annotations of every
@@ -41,7 +42,7 @@ _LOOKED_FOR = (
 
 @dataclass(frozen=True)
 class PngMask:
-    """One object stored as a binary PNG of image size."""
+    """One object stored as a PNG of image size (binary or greyscale, see ``load_png_mask``)."""
 
     path: Path
 

@@ -1,4 +1,4 @@
-"""Decoding object masks: binary PNGs, COCO polygons and COCO/SA-1B run-length encodings.
+"""Decoding object masks: PNG images, COCO polygons and COCO/SA-1B run-length encodings.
 
 Every decoder returns an ``H x W`` bool array and raises ``DataError`` (one line naming the
 file) when the mask cannot be used: unreadable, wrong size, empty, or malformed.
@@ -17,29 +17,107 @@ from pycocotools import mask as coco_mask
 from samkd.data.errors import DataError
 from samkd.data.images import IMAGE_DECODE_ERRORS
 
+MASK_THRESHOLD = 0.5
+"""Default ``mask_threshold``: half the range of a greyscale mask's format."""
 
-def load_png_mask(path: Path, image_size: tuple[int, int]) -> np.ndarray:
-    """Read a binary mask image (any non-zero pixel is foreground) of size ``(H, W)``.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I")
 
-    Colour masks count a pixel as foreground when any colour channel is non-zero; an alpha
-    channel is ignored.
+
+def check_mask_threshold(threshold: float) -> float:
+    """Return ``threshold`` if it is a finite fraction in ``(0, 1]``, else raise ``ValueError``."""
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
+        raise ValueError(f"mask_threshold must be a finite number, got {threshold!r}")
+    if not 0 < threshold <= 1:
+        raise ValueError(f"mask_threshold must be in (0, 1], got {threshold!r}")
+    return float(threshold)
+
+
+def load_png_mask(
+    path: Path, image_size: tuple[int, int], threshold: float = MASK_THRESHOLD
+) -> np.ndarray:
+    """Read one object's mask image, of size ``(H, W)``, as an ``H x W`` bool array.
+
+    A pixel is foreground when its level is at least ``threshold`` times the full range of
+    the format (255 for 8-bit, 65535 for 16-bit): at the default 0.5, ``>= 128`` or
+    ``>= 32768``, so anti-aliased edges split at half intensity. Binary masks are read as
+    they are: 1-bit images and masks whose only levels are 0 and 1 (0/255 masks pass any
+    threshold). The level of a pixel is, by mode:
+
+    * ``L``, ``LA``, ``I;16``, ``I``: its grey value (alpha ignored);
+    * ``RGB``, ``RGBA``: its brightest colour channel, so a coloured object counts (alpha
+      ignored);
+    * ``P`` with a grey palette: the grey value of its colour; ``P`` with colour entries is
+      a label map (index 0 background), where every index other than 0 is foreground.
 
     Raises:
-        DataError: the file is unreadable, its size differs from the image, or it is empty.
+        DataError: the file is unreadable or of another mode, its size differs from the
+            image, or no pixel is foreground.
     """
     try:
         with Image.open(path) as image:
             image.load()
-            pixels = np.asarray(image)
+            levels, full_range = mask_levels(image, path)
+    except DataError:
+        raise  # a DataError is a ValueError, which IMAGE_DECODE_ERRORS would rewrap
     except FileNotFoundError as error:
         raise DataError(path, "mask file not found") from error
     except IMAGE_DECODE_ERRORS as error:
-        raise DataError(path, f"cannot decode mask image ({error})") from error
-    if pixels.ndim == 3:
-        pixels = pixels[:, :, :3].max(axis=2)
-    mask = pixels > 0
-    check_mask(mask, image_size, path, "mask")
+        raise DataError(path, f"mask cannot be read as an image ({error})") from error
+    check_mask(levels, image_size, path, "mask")
+    mask = threshold_levels(levels, full_range, threshold)
+    if not mask.any():
+        raise DataError(
+            path,
+            f"mask is empty at mask_threshold {threshold:g} "
+            f"(brightest pixel {int(levels.max())} of {full_range})",
+        )
     return mask
+
+
+def mask_levels(image: Image.Image, path: Path) -> tuple[np.ndarray, int]:
+    """``H x W`` integer levels of a mask image and the full range of its format.
+
+    A range of 1 means the levels are already foreground (1) or background (0).
+
+    Raises:
+        DataError: a mode no mask PNG has (``F``, ``CMYK``, ...).
+    """
+    mode = image.mode
+    if mode == "1":
+        return np.asarray(image, dtype=np.uint8), 1
+    if mode in ("L", "LA"):
+        return np.asarray(image.getchannel(0)), 255
+    if mode in _SIXTEEN_BIT_MODES:
+        # Pillow opens 16-bit greyscale PNGs as I;16 or I; neither holds more than 16 bits.
+        return np.asarray(image).astype(np.int64), 65535
+    if mode in ("RGB", "RGBA"):
+        return np.asarray(image)[:, :, :3].max(axis=2), 255
+    if mode == "P":
+        return _palette_levels(image)
+    raise DataError(
+        path, f"mask image mode {mode} is not supported (expected 1-bit, grey, palette or RGB)"
+    )
+
+
+def _palette_levels(image: Image.Image) -> tuple[np.ndarray, int]:
+    indices = np.asarray(image)
+    palette = np.asarray(image.getpalette("RGB") or [], dtype=np.uint8).reshape(-1, 3)
+    used = np.unique(indices)
+    if used.max() < len(palette):
+        colours = palette[used]
+        if (colours == colours[:, :1]).all():
+            return palette[indices, 0], 255
+    return (indices > 0).astype(np.uint8), 1
+
+
+def threshold_levels(levels: np.ndarray, full_range: int, threshold: float) -> np.ndarray:
+    """Foreground of ``H x W`` mask levels: ``levels >= threshold * full_range``.
+
+    Levels that are all 0 or 1 are a binary mask and kept as they are, whatever the range.
+    """
+    if levels.max(initial=0) <= 1:
+        return levels > 0
+    return levels >= threshold * full_range
 
 
 def check_mask(mask: np.ndarray, image_size: tuple[int, int], path: Path, what: str) -> None:

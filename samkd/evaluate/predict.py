@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 from segment_anything.modeling import Sam
-from segment_anything.utils.transforms import ResizeLongestSide
+
+from samkd.data.images import ResizeLongestSide
 
 
 @dataclass(frozen=True)
