@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import copy
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 from segment_anything.modeling import Sam
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from samkd.data import (
     SAM_PIXEL_MEAN,
     SAM_PIXEL_STD,
+    DataError,
+    Sample,
+    SampleBatch,
     SegmentationDataset,
     build_dataset,
     collate_samples,
 )
+from samkd.data.errors import OnError, handle_error
 from samkd.distill import coarse_attention_map
 from samkd.errors import UsageError
 from samkd.features import (
@@ -38,8 +45,11 @@ from samkd.features import (
     teacher_taps,
     wait_for_index,
 )
-from samkd.features.images import Progress, first_id_difference
-from samkd.features.schema import JoinLayout, parts_dir
+from samkd.features.images import Progress, describe_image_file, first_id_difference
+from samkd.features.lock import job_id, output_lock, wait_for_job
+from samkd.features.schema import JoinLayout, file_sha256, parts_dir
+from samkd.features.storage import storage_errors
+from samkd.features.writer import DATASET_OVERHEAD
 from samkd.files import wait_for_paths
 from samkd.models import (
     ENCODER_EMBED,
@@ -132,9 +142,11 @@ def probe_tap_shapes(
 
 
 def decoder_bytes(image_size: int) -> int:
-    """Bytes of one teacher's prompt encoder and mask decoder as stored (float32)."""
+    """Bytes of one teacher's prompt encoder and mask decoder as stored (float32), each
+    tensor an HDF5 dataset with its header."""
     parts = build_prompt_decoder(image_size)
-    return sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
+    tensors = [tensor for part in parts for tensor in (*part.parameters(), *part.buffers())]
+    return sum(t.numel() * t.element_size() + DATASET_OVERHEAD for t in tensors)
 
 
 def load_extraction_dataset(settings: Settings, image_size: int) -> SegmentationDataset:
@@ -186,7 +198,8 @@ def plan_images(
     progress = console_progress(console)
     if dist.is_main:
         checkpoints = None if output.exists() else parts_dir(output)
-        return index_images(paths, ids, known_images(output), checkpoints, progress)
+        describe = image_describer(settings.data.on_error)
+        return index_images(paths, ids, known_images(output), checkpoints, progress, describe)
     console.print(f"rank {dist.rank}: reading rank 0's image index (published once hashed)")
     stored = wait_for_index(output)
     mine = rank_images(len(ids), settings.extract.shard_size, dist)
@@ -194,10 +207,28 @@ def plan_images(
         stored, paths, mine, progress=progress
     )
     if difference is not None:
+        started = output if output.exists() else parts_dir(output)
         raise FeatureStoreError(
-            f"{output.name}: {difference} (use another output, or delete it to start over)"
+            f"{output.name}: {difference} (use another output, or delete {started} to start over)"
         )
     return stored
+
+
+def image_describer(on_error: OnError) -> Callable[[Path, str], ImageRecord]:
+    """`describe_image_file` with the dataset's error policy: under "skip", a file that is
+    not an image gets a 0 x 0 record (its bytes still hashed) instead of failing the index,
+    and the extraction records it as skipped when it fails to load."""
+
+    def describe(path: Path, image_id: str) -> ImageRecord:
+        try:
+            return describe_image_file(path, image_id)
+        except DataError:
+            if on_error == "raise" or not path.is_file():
+                raise
+        info = path.stat()
+        return ImageRecord(image_id, 0, 0, file_sha256(path), info.st_size, info.st_mtime_ns)
+
+    return describe
 
 
 def rank_images(num_images: int, shard_size: int, dist: Distributed) -> list[int]:
@@ -232,6 +263,48 @@ def compute_of(settings: Settings, device: torch.device) -> dict[str, str]:
     }
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """An image that failed to load, as a DataLoader worker passes it on (a DataError does
+    not survive pickling: its constructor takes the path and the problem apart)."""
+
+    index: int
+    path: str
+    problem: str
+
+
+class ExtractionImages(Dataset[Sample | Unreadable]):
+    """The images `indices` of `dataset`, each loaded on its own: a bad one gives an
+    `Unreadable`, where `SegmentationDataset` under `on_error=skip` would load the next
+    image in its place, so that every index gets its own features or its reason."""
+
+    def __init__(self, dataset: SegmentationDataset, indices: Sequence[int]):
+        self.dataset = copy.copy(dataset)
+        # Features need the pixels only: no mask file is read, none can fail the image.
+        self.dataset.records = [replace(record, mask_sources=()) for record in dataset.records]
+        self.dataset.on_error, self.dataset.max_objects = "raise", 0
+        self.indices = list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> Sample | Unreadable:
+        index = self.indices[position]
+        try:
+            return self.dataset[index]
+        except DataError as error:
+            return Unreadable(index, str(error.path), error.problem)
+
+
+def collate_extraction(
+    items: Sequence[Sample | Unreadable],
+) -> tuple[SampleBatch | None, list[Unreadable]]:
+    """The loaded samples as a batch (None if there is none), and the unreadable images."""
+    samples = [item for item in items if isinstance(item, Sample)]
+    unreadable = [item for item in items if isinstance(item, Unreadable)]
+    return (collate_samples(samples) if samples else None), unreadable
+
+
 def extract_teacher(
     writer: FeatureWriter,
     entry: TeacherSettings,
@@ -241,7 +314,11 @@ def extract_teacher(
     device: torch.device,
     console: Console,
 ) -> None:
-    """Compute and queue one teacher's features for the images this rank still lacks."""
+    """Compute and queue one teacher's features for the images this rank still lacks.
+
+    An image that cannot be loaded stops the extraction (`data.on_error=raise`) or is
+    recorded in the file as skipped (`skip`), keeping its row so that the index still
+    matches the dataset's records."""
     todo = writer.todo(entry.name)
     if not todo:
         return
@@ -257,15 +334,21 @@ def extract_teacher(
     )
     writer.write_decoder_state(entry.name, model.state_dict())
     loader = DataLoader(
-        Subset(dataset, todo),
+        ExtractionImages(dataset, todo),
         batch_size=settings.extract.batch_size,
         num_workers=settings.data.num_workers,
-        collate_fn=collate_samples,
+        collate_fn=collate_extraction,
         pin_memory=device.type == "cuda",
     )
     with progress_bar(console=console) as bar:
         task = bar.add_task(f"teacher {entry.name}", total=len(todo))
-        for batch in loader:
+        for batch, unreadable in loader:
+            if unreadable:
+                reasons = [skip_reason(item, settings.data.on_error) for item in unreadable]
+                writer.write_skipped(entry.name, [item.index for item in unreadable], reasons)
+                bar.advance(task, len(unreadable))
+            if batch is None:
+                continue
             images = batch.images.to(device, non_blocking=True)
             with precision.autocast(device):
                 features = teacher_batch_features(
@@ -273,6 +356,11 @@ def extract_teacher(
                 )
             writer.write_batch(entry.name, batch.indices, features)
             bar.advance(task, len(batch.indices))
+
+
+def skip_reason(item: Unreadable, on_error: OnError) -> str:
+    """Why `item` is skipped (logged), or its DataError under `on_error=raise`."""
+    return handle_error(DataError(item.path, item.problem), on_error, "image skipped")
 
 
 def run_extract(settings: Settings, console: Console | None = None) -> Path | None:
@@ -283,18 +371,43 @@ def run_extract(settings: Settings, console: Console | None = None) -> Path | No
     other's files, never in a collective: at SA-1B scale a rank waits longer than any
     collective timeout (NCCL's is 10 minutes) while rank 0 copies hundreds of GB. If a rank
     dies, torchrun stops the others; rerunning the command resumes (or only joins).
+
+    Rank 0 holds the output's lock from start to join (`samkd.features.lock`): a second
+    extraction of the same output stops at once. A full or read-only disk stops it with one
+    line (`StorageError`), leaving no temporary file; a run that fails before finishing any
+    shard removes the parts folder it made, which would refuse the corrected command.
     """
     console = console or Console(stderr=True)
+    output = settings.extract.output
     dist = init_distributed(settings.extract.device)
-    try:
+    with ExitStack() as stack:
+        stack.callback(shutdown, dist)
+        stack.enter_context(storage_errors(output))
+        if dist.is_main:
+            stack.enter_context(output_lock(output, job_id()))
+            stack.enter_context(removed_unless_computed(output))
         result = _extract(settings, dist, console)
-    finally:
         shutdown(dist)
-    if result is None and dist.enabled and dist.is_main:
-        result = join_when_complete(settings.extract.output, settings.extract.join, console)
+        if result is None and dist.enabled and dist.is_main:
+            result = join_when_complete(output, settings.extract.join, console)
     if result is not None:
         console.print(f"wrote {result} ({format_bytes(result.stat().st_size)} on disk)")
     return result
+
+
+@contextmanager
+def removed_unless_computed(output: Path) -> Iterator[None]:
+    """On an error, delete the parts folder that the block made when no shard in it was
+    finished: it holds only the failed run's plan, which would refuse the corrected
+    command. An interruption (Ctrl-C) keeps it, to resume."""
+    parts = parts_dir(output)
+    existed = parts.exists()
+    try:
+        yield
+    except Exception:
+        if not existed and parts.is_dir() and not any(parts.glob("*/part-*.h5")):
+            shutil.rmtree(parts, ignore_errors=True)
+        raise
 
 
 def _extract(settings: Settings, dist: Distributed, console: Console) -> Path | None:
@@ -310,14 +423,21 @@ def _extract(settings: Settings, dist: Distributed, console: Console) -> Path | 
         return None
     images = plan_images(settings, dataset, dist, console)
     plan = make_plan(settings, images, image_size, device)
-    decoders = len(settings.teachers) * decoder_bytes(image_size)
+    decoders = decoder_bytes(image_size)
     console.print(
         f"extracting {len(settings.teachers)} teacher(s) x {plan.num_images} images at "
         f"{image_size} px into {output} (planned {format_bytes(planned_bytes(plan))} of "
-        f"features + {format_bytes(decoders)} of teacher decoders)"
+        f"features + {format_bytes(len(settings.teachers) * decoders)} of teacher decoders)"
     )
+    if not dist.is_main:
+        wait_for_job(output, job_id())  # rank 0 holds the lock and removed stale files
     writer = open_for_extraction(
-        output, plan, rank=dist.rank, world_size=dist.world_size, layout=settings.extract.join
+        output,
+        plan,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        layout=settings.extract.join,
+        decoder_bytes=decoders,
     )
     console.print(writer.message)
     with writer:

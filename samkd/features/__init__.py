@@ -19,7 +19,13 @@ from samkd.features.inspect import (
     render_report,
 )
 from samkd.features.join import join_shards, missing_shards
-from samkd.features.reader import FeatureStore, flip_tap, read_decoder_state_dict
+from samkd.features.lock import OutputLockedError
+from samkd.features.reader import (
+    FeatureChecksumError,
+    FeatureStore,
+    flip_tap,
+    read_decoder_state_dict,
+)
 from samkd.features.schema import (
     SCHEMA_VERSION,
     ExtractionPlan,
@@ -28,28 +34,35 @@ from samkd.features.schema import (
     TapSpec,
     TeacherSpec,
     file_sha256,
-    format_bytes,
     plan_from_settings,
     planned_bytes,
     teacher_taps,
 )
+from samkd.features.storage import StorageError
 from samkd.features.writer import (
     FeatureBatch,
     FeatureWriter,
+    SpaceNeeded,
     ensure_free_space,
     extract_features,
     open_for_extraction,
+    space_needed,
 )
+from samkd.files import format_bytes
 
 __all__ = [
     "SCHEMA_VERSION",
     "ExtractionPlan",
     "FeatureBatch",
+    "FeatureChecksumError",
     "FeatureFileReport",
     "FeatureStore",
     "FeatureStoreError",
     "FeatureWriter",
     "ImageRecord",
+    "OutputLockedError",
+    "SpaceNeeded",
+    "StorageError",
     "TapReport",
     "TapSpec",
     "TeacherReport",
@@ -71,6 +84,7 @@ __all__ = [
     "planned_bytes",
     "read_decoder_state_dict",
     "render_report",
+    "space_needed",
     "teacher_taps",
     "wait_for_index",
 ]

@@ -69,12 +69,13 @@ def file_stat(path: Path) -> tuple[int, int] | None:
 
 def describe_image_file(path: Path, image_id: str | None = None) -> ImageRecord:
     """An index record for an image file: id (default: file name), size in pixels, sha256 of
-    its bytes and the file's stat (taken first: a file written meanwhile looks changed)."""
-    from PIL import Image
+    its bytes and the file's stat (taken first: a file written meanwhile looks changed).
+
+    Raises `samkd.data.DataError` when the file cannot be read as an image."""
+    from samkd.data.images import read_image_size
 
     info = path.stat()
-    with Image.open(path) as image:
-        width, height = image.size
+    height, width = read_image_size(path)
     sha256 = file_sha256(path)
     return ImageRecord(image_id or path.name, height, width, sha256, info.st_size, info.st_mtime_ns)
 
@@ -107,10 +108,13 @@ def index_images(
     known: Mapping[str, ImageRecord],
     checkpoints: Path | None = None,
     progress: Progress | None = None,
+    describe: Callable[[Path, str], ImageRecord] | None = None,
 ) -> tuple[ImageRecord, ...]:
     """The records of the image files, in order: a known record whose file has the same
     (size, mtime_ns) is reused, the other files are hashed; `checkpoints` (a folder) keeps
-    what was hashed every `CHECKPOINT_FILES` files, for a rerun after a kill."""
+    what was hashed every `CHECKPOINT_FILES` files, for a rerun after a kill. `describe`
+    (default `describe_image_file`) makes the record of one file."""
+    make_record = describe or describe_image_file
     stats = parallel_map(file_stat, paths)
     records: list[ImageRecord | None] = []
     for image_id, stat in zip(ids, stats, strict=True):
@@ -122,7 +126,7 @@ def index_images(
     with _hashing(progress, "hashing images", len(todo), size) as advance:
         for start in range(0, len(todo), CHECKPOINT_FILES):
             chunk = todo[start : start + CHECKPOINT_FILES]
-            hashed = parallel_map(lambda i: describe_image_file(paths[i], ids[i]), chunk, advance)
+            hashed = parallel_map(lambda i: make_record(paths[i], ids[i]), chunk, advance)
             for index, record in zip(chunk, hashed, strict=True):
                 records[index] = record
             if checkpoints is not None and start + len(chunk) < len(todo):

@@ -20,16 +20,16 @@ import h5py
 import numpy as np
 
 from samkd.features.join import read_parts_plan, shard_count
+from samkd.features.layout import read_index_file, read_skipped, read_skipped_images
 from samkd.features.reader import file_teachers, missing_virtual_sources, open_feature_file
 from samkd.features.schema import (
     FeatureStoreError,
     TeacherSpec,
     decoder_path,
-    format_bytes,
     parts_dir,
     shard_path,
 )
-from samkd.files import is_temporary
+from samkd.files import format_bytes, is_temporary
 
 Status = Literal["complete", "incomplete", "corrupt"]
 RowReader = Callable[[int], tuple[np.ndarray, int]]
@@ -56,6 +56,15 @@ class TapReport:
     nan_count: int = 0
     inf_count: int = 0
     checksum_errors: int = 0
+
+
+@dataclass
+class SkippedImage:
+    """An image that extraction could not read (`data.on_error=skip`); its rows are zeros."""
+
+    index: int
+    id: str
+    reason: str
 
 
 @dataclass
@@ -91,6 +100,7 @@ class FeatureFileReport:
     bytes_on_disk: int = 0
     bytes_per_image: float = 0.0
     teachers: list[TeacherReport] = field(default_factory=list)
+    skipped_images: list[SkippedImage] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -136,6 +146,11 @@ def _inspect_file(path: Path, sample: int, check: bool) -> FeatureFileReport:
         report.bytes_on_disk = path.stat().st_size
         if report.layout == "virtual":
             report.bytes_on_disk += _folder_bytes(parts_dir(path))
+        skipped = read_skipped_images(handle["images"])
+        ids = handle["images/ids"].asstr()
+        report.skipped_images = [
+            SkippedImage(index, str(ids[index]), reason) for index, reason in skipped.items()
+        ]
         for teacher in file_teachers(handle):
             group = handle["teachers"][teacher.name]
             done = group["done"][()]
@@ -155,10 +170,17 @@ def _inspect_file(path: Path, sample: int, check: bool) -> FeatureFileReport:
                 tap_report = _tap_layout(teacher.name, tap.name, dataset, plan)
                 tap_report.bytes_on_disk = _dataset_bytes(path, dataset)
                 tap_report.bytes_per_image = tap_report.bytes_on_disk / max(done.size, 1)
-                _add_statistics(tap_report, read, np.flatnonzero(done), sample, check)
+                rows = _rows_with_features(done, skipped)
+                _add_statistics(tap_report, read, rows, sample, check)
                 teacher_report.taps.append(tap_report)
             report.teachers.append(teacher_report)
     return _finish(report, plan)
+
+
+def _rows_with_features(done: np.ndarray, skipped: dict[int, str]) -> np.ndarray:
+    """The finished images, less those skipped (their zeros are no teacher's output)."""
+    rows = np.flatnonzero(done)
+    return rows[~np.isin(rows, list(skipped))] if skipped else rows
 
 
 def _dataset_bytes(path: Path, dataset: h5py.Dataset) -> int:
@@ -181,12 +203,20 @@ def _inspect_parts(path: Path, sample: int, check: bool) -> FeatureFileReport:
         return FeatureFileReport(str(path), "parts", "corrupt", [str(error)], check)
     report = _report_header(path, "parts", plan, check)
     report.bytes_on_disk = _folder_bytes(parts_dir(path))
+    skipped: dict[int, str] = {}
     with ExitStack() as stack:
         for teacher in teachers:
             try:
-                report.teachers.append(_parts_teacher(path, plan, teacher, sample, check, stack))
+                report.teachers.append(
+                    _parts_teacher(path, plan, teacher, sample, check, stack, skipped)
+                )
             except (OSError, KeyError, ValueError, RuntimeError) as error:
                 report.problems.append(f"teacher '{teacher.name}': unreadable shard ({error})")
+    if skipped:
+        ids = [record.id for record in read_index_file(parts_dir(path) / "index.h5")]
+        report.skipped_images = [
+            SkippedImage(index, ids[index], skipped[index]) for index in sorted(skipped)
+        ]
     in_progress = sum(1 for item in parts_dir(path).rglob(".*.tmp") if is_temporary(item))
     if in_progress:
         report.problems.append(f"{in_progress} shard(s) being written")
@@ -200,7 +230,9 @@ def _parts_teacher(
     sample: int,
     check: bool,
     stack: ExitStack,
+    skipped: dict[int, str],
 ) -> TeacherReport:
+    """One teacher's finished shards; adds the images they skipped to `skipped`."""
     num_images, shard_size = int(plan["num_images"]), int(plan["shard_size"])
     shards: dict[int, h5py.File] = {}
     for shard in range(shard_count(plan)):
@@ -209,7 +241,11 @@ def _parts_teacher(
             shards[shard] = stack.enter_context(h5py.File(file, "r"))
     done = np.zeros(num_images, dtype=bool)
     for shard, handle in shards.items():
-        done[shard * shard_size : shard * shard_size + handle["done"].shape[0]] = handle["done"][()]
+        start = shard * shard_size
+        done[start : start + handle["done"].shape[0]] = handle["done"][()]
+        for local, reason in enumerate(read_skipped(handle)):
+            if reason:
+                skipped.setdefault(start + local, reason)
     report = _teacher_report(teacher, int(done.sum()), num_images)
     decoder = decoder_path(path, teacher.name)
     if decoder.exists():
@@ -234,7 +270,7 @@ def _parts_teacher(
             int(handle["taps"][tap.name].id.get_storage_size()) for handle in shards.values()
         )
         tap_report.bytes_per_image = tap_report.bytes_on_disk / max(int(done.sum()), 1)
-        _add_statistics(tap_report, read, np.flatnonzero(done), sample, check)
+        _add_statistics(tap_report, read, _rows_with_features(done, skipped), sample, check)
         report.taps.append(tap_report)
     return report
 
@@ -355,6 +391,7 @@ def render_report(report: FeatureFileReport, console: Any = None) -> None:
     """Print the report as a rich table (to `console`, default a new rich Console)."""
     from rich import box
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
@@ -403,6 +440,18 @@ def render_report(report: FeatureFileReport, console: Any = None) -> None:
             )
     console.print(storage)
     console.print(values)
+    if report.skipped_images:
+        shown = escape(
+            "; ".join(f"{image.id}: {image.reason}" for image in report.skipped_images[:5])
+        )
+        more = len(report.skipped_images) - 5
+        console.print(
+            f"[yellow]{len(report.skipped_images)} images skipped at extraction "
+            f"(data.on_error=skip; their features are zeros): {shown}"
+            + (f"; and {more} more" if more > 0 else "")
+            + "[/yellow]",
+            soft_wrap=True,
+        )
     for problem in report.problems:
         console.print(f"[{colour}]- {problem}[/{colour}]")
 

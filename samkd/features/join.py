@@ -15,11 +15,15 @@ import numpy as np
 from samkd.features.layout import (
     copy_state_dict,
     create_tap_dataset,
+    read_skipped,
+    write_skipped_images,
     write_teacher_attrs,
+    written_hdf5,
 )
 from samkd.features.schema import (
     FILE_FORMAT,
     SCHEMA_VERSION,
+    SKIPPED_SCHEMA_VERSION,
     FeatureStoreError,
     JoinLayout,
     TeacherSpec,
@@ -28,7 +32,7 @@ from samkd.features.schema import (
     shard_path,
     teacher_from_json,
 )
-from samkd.files import atomic_path, remove_temporaries
+from samkd.files import remove_temporaries
 
 
 def read_parts_plan(output: Path) -> tuple[dict[str, Any], list[TeacherSpec]]:
@@ -73,7 +77,7 @@ def join_shards(output: Path, layout: JoinLayout = "copy", keep_parts: bool = Fa
         )
     stored, teachers = read_parts_plan(output)
     remove_temporaries(output)  # of a join killed midway: as big as the output
-    with atomic_path(output) as temporary, h5py.File(temporary, "w") as handle:
+    with written_hdf5(output) as handle:
         _write_root(handle, stored, layout)
         with h5py.File(parts_dir(output) / "index.h5", "r") as index:
             index.copy(index["images"], handle, "images")
@@ -81,6 +85,10 @@ def join_shards(output: Path, layout: JoinLayout = "copy", keep_parts: bool = Fa
             group = handle.create_group(f"teachers/{teacher.name}")
             write_teacher_attrs(group, teacher)
             _join_teacher(output, group, teacher, stored, layout)
+        skipped = skipped_in_shards(output, teachers, stored)
+        if (skipped != "").any():
+            write_skipped_images(handle["images"], skipped)
+            handle.attrs["schema_version"] = SKIPPED_SCHEMA_VERSION
     if layout == "copy" and not keep_parts:
         shutil.rmtree(parts_dir(output))
     return output
@@ -141,6 +149,22 @@ def _join_teacher(
     if decoder.exists():
         with h5py.File(decoder, "r") as source:
             copy_state_dict(source, group.create_group("decoder"))
+
+
+def skipped_in_shards(
+    output: Path, teachers: list[TeacherSpec], stored: Mapping[str, Any]
+) -> np.ndarray:
+    """Why each image was skipped ("": it was not), from the shards of every teacher: an
+    image that one teacher's pass could not load, the others could not either."""
+    shard_size = int(stored["shard_size"])
+    skipped = np.full(int(stored["num_images"]), "", dtype=object)
+    for teacher in teachers:
+        for shard in range(shard_count(stored)):
+            with h5py.File(shard_path(output, teacher.name, shard), "r") as source:
+                reasons = read_skipped(source)
+            rows = slice(shard * shard_size, shard * shard_size + len(reasons))
+            skipped[rows] = np.where(skipped[rows] == "", reasons, skipped[rows])
+    return skipped
 
 
 def _copy_chunks(source: h5py.Dataset, target: h5py.Dataset, first_row: int) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,47 @@ from samkd.files import atomic_path
 
 STRING = h5py.string_dtype("utf-8")
 HASH_DTYPE = "S64"
+
+
+def discard_hdf5(handle: h5py.File, path: Path) -> None:
+    """Close `handle` and delete its file `path`, even on a full disk.
+
+    HDF5 flushes a file as it closes it; when that fails (no space left), it keeps the file
+    and its datasets open, and closing them again at exit crashes the interpreter (exit
+    139). The bytes of a file about to be deleted need not reach the disk: its descriptor
+    is pointed at an anonymous in-memory file before the close.
+    """
+    try:
+        with suppress(Exception):
+            if handle.id.valid:
+                _write_to_memory(handle.id.get_vfd_handle())
+        with suppress(Exception):
+            handle.close()
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _write_to_memory(descriptor: int) -> None:
+    """Make `descriptor` refer to a new in-memory file (it no longer writes to disk)."""
+    memory = os.memfd_create("samkd-discarded")
+    try:
+        os.dup2(memory, descriptor)
+    finally:
+        os.close(memory)
+
+
+@contextmanager
+def written_hdf5(path: Path, exclusive: bool = False) -> Iterator[h5py.File]:
+    """A new HDF5 file, published as `path` once the block succeeds and the file is closed
+    (see `samkd.files.atomic_path`); discarded (see `discard_hdf5`) otherwise."""
+    with atomic_path(path, exclusive=exclusive) as temporary:
+        handle = h5py.File(temporary, "w")
+        try:
+            yield handle
+            handle.close()
+        except BaseException:
+            discard_hdf5(handle, temporary)
+            raise
 
 
 def utc_now() -> str:
@@ -89,6 +132,28 @@ def read_index_file(path: Path) -> tuple[ImageRecord, ...]:
         return read_image_index(handle["images"])
 
 
+def read_skipped(group: h5py.Group) -> np.ndarray:
+    """Why each image of a shard or of `/images` was skipped at extraction ("": it was
+    not), as an object array of str; all "" where no list is stored (none was skipped)."""
+    if "skipped" not in group:
+        rows = group["done"].shape[0] if "done" in group else group["ids"].shape[0]
+        return np.full(rows, "", dtype=object)
+    return np.array(group["skipped"].asstr()[()], dtype=object)
+
+
+def read_skipped_images(group: h5py.Group) -> dict[int, str]:
+    """The images of `/images` that extraction skipped: index -> why."""
+    if "skipped" not in group:
+        return {}
+    reasons = group["skipped"].asstr()[()]
+    return {int(index): str(reasons[index]) for index in np.flatnonzero(reasons != "")}
+
+
+def write_skipped_images(group: h5py.Group, reasons: np.ndarray) -> None:
+    """`/images/skipped`: per image, why it was skipped at extraction, or ""."""
+    group.create_dataset("skipped", data=np.asarray(reasons, dtype=object), dtype=STRING)
+
+
 def write_teacher_attrs(group: h5py.Group, teacher: TeacherSpec) -> None:
     group.attrs["model_type"] = teacher.model_type
     group.attrs["image_size"] = teacher.image_size
@@ -105,13 +170,13 @@ def write_index_file(
     exclusive: bool = True,
 ) -> None:
     """An image index file (`index.h5`), published atomically (`exclusive`: first one wins)."""
-    with atomic_path(path, exclusive=exclusive) as temporary, h5py.File(temporary, "w") as handle:
+    with written_hdf5(path, exclusive=exclusive) as handle:
         write_image_index(handle.create_group("images"), images, preprocessing)
 
 
 def write_state_dict_file(path: Path, state: Mapping[str, np.ndarray]) -> None:
     """A decoder state dict as one dataset per key, published atomically."""
-    with atomic_path(path) as temporary, h5py.File(temporary, "w") as handle:
+    with written_hdf5(path) as handle:
         for key in sorted(state):
             handle.create_dataset(key, data=state[key])
 

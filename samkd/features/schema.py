@@ -2,7 +2,8 @@
 
 A feature file (`features.h5`) holds, for N images and one or more teachers:
 
-    /                                 attrs: format = "samkd-features", schema_version = 1,
+    /                                 attrs: format = "samkd-features", schema_version = 1
+                                             (2 when /images/skipped is present),
                                              samkd_version, created (ISO 8601, UTC),
                                              dtype, compression, shard_size,
                                              settings (the resolved settings, YAML),
@@ -13,6 +14,9 @@ A feature file (`features.h5`) holds, for N images and one or more teachers:
     /images/sha256                    (N,) 64-char ascii, sha256 of the image file bytes
     /images/file_sizes                (N,) int64, bytes of the image file   } when hashed, to
     /images/file_mtimes_ns            (N,) int64, its modification time    } skip hashing again
+    /images/skipped                   (N,) utf-8 strings, only when an image could not be
+                                      read under data.on_error=skip: why it was skipped, or
+                                      "" (its rows of every tap are zeros, and done is set)
     /images                           attrs: preprocessing (JSON)
     /teachers/<name>                  attrs: model_type, checkpoint_name, checkpoint_sha256,
                                              image_size, taps (JSON list), tap_kinds (JSON)
@@ -32,7 +36,7 @@ While an extraction runs, the data lives next to the output in `<output>.parts/`
     image-hashes-<id>.h5              while rank 0 first indexes the images: the records
                                       hashed so far (/images as above), to resume the indexing
     <teacher>/part-00000.h5           shard 0: images [0, shard_size), with /taps/<tap>,
-                                      /crc32/<tap> and /done laid out as above
+                                      /crc32/<tap>, /done and /skipped laid out as above
     <teacher>/decoder.h5              the teacher's decoder weights
 
 Every file in the parts folder appears under its final name only once complete (written to a
@@ -40,6 +44,8 @@ temporary name, fsynced, renamed), so the folder is always a consistent, resumab
 the work done. `join_shards` turns it into the output file, again via a temporary name: by
 copying the chunks ("copy", the parts folder is removed afterwards) or as HDF5 virtual datasets
 whose sources are the shards, by relative path ("virtual", the parts folder must stay).
+While an extraction runs, `.<output>.lock` beside the output names the process writing it
+(see `samkd.features.lock`).
 """
 
 from __future__ import annotations
@@ -55,6 +61,10 @@ from typing import Any, Literal
 import numpy as np
 
 SCHEMA_VERSION = 1
+# A file listing skipped images is version 2, so that samkd versions without the list
+# refuse it rather than read the skipped images' zeros as features; other files stay 1.
+SKIPPED_SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (SCHEMA_VERSION, SKIPPED_SCHEMA_VERSION)
 # The extract setting behind each entry of a plan's `compute` record.
 COMPUTE_SETTINGS = {"precision": "precision", "attention": "fast_teacher"}
 FILE_FORMAT = "samkd-features"
@@ -359,15 +369,6 @@ def planned_bytes(plan: ExtractionPlan) -> int:
     )
     index = plan.num_images * (64 + 16 + 16 + 64)
     return plan.num_images * per_image + index
-
-
-def format_bytes(size: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def parts_dir(output: Path) -> Path:

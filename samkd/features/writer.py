@@ -16,6 +16,10 @@ is deterministic. Under torchrun each rank writes the shards `rank, rank + world
 and leaves; rank 0, out of the process group (so that no rank waits in a collective, whose
 timeout a long wait or copy would hit), waits for every shard on disk and calls `join_shards`.
 A join killed midway leaves only a temporary file, which the rerun deletes before joining.
+One extraction writes an output at a time: rank 0 holds its lock (`samkd.features.lock`), and
+only the holder deletes what killed writers left. The free space is checked against all that
+is left to write (`space_needed`); a disk that fills up anyway gives a one-line
+`StorageError`, and the file being written is deleted.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import shutil
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,12 +42,15 @@ import torch
 from samkd.features.images import checkpoint_paths
 from samkd.features.join import join_shards
 from samkd.features.layout import (
+    STRING,
     create_tap_dataset,
+    discard_hdf5,
     read_index_file,
     utc_now,
     write_index_file,
     write_state_dict_file,
 )
+from samkd.features.lock import output_lock
 from samkd.features.schema import (
     FLOAT16_MAX,
     ExtractionPlan,
@@ -52,16 +60,26 @@ from samkd.features.schema import (
     decoder_path,
     describe_difference,
     first_image_difference,
-    format_bytes,
     parts_dir,
     planned_bytes,
     shard_path,
+    storage_itemsize,
 )
-from samkd.files import atomic_path, publish, remove_temporaries, temporary_path
+from samkd.features.storage import (
+    StorageError,
+    describe_storage_failure,
+    existing_folder,
+    free_bytes,
+    storage_errno,
+    storage_errors,
+)
+from samkd.files import atomic_path, format_bytes, publish, temporary_path
 from samkd.models.registry import DECODER_PREFIXES
 
 ArrayLike = np.ndarray | torch.Tensor
 ProgressCallback = Callable[[str, int], None]
+# (teacher, image indices, features by tap, why each image was skipped or None)
+QueueItem = tuple[str, Sequence[int], dict[str, np.ndarray], Sequence[str] | None]
 
 
 @dataclass(frozen=True)
@@ -141,25 +159,49 @@ class _OpenShard:
         self.path = temporary_path(self.final_path)
         self.images = plan.shard_range(shard)
         self.done = np.zeros(len(self.images), dtype=bool)
-        self.file = h5py.File(self.path, "w")
+        try:
+            self.file = h5py.File(self.path, "w")
+        except BaseException:
+            self.path.unlink(missing_ok=True)  # created, then failing to write its header
+            raise
+        try:
+            self._create_datasets(plan, teacher, shard)
+        except BaseException:
+            self.discard()
+            raise
+
+    def _create_datasets(self, plan: ExtractionPlan, teacher: TeacherSpec, shard: int) -> None:
+        """Create the layout and keep a handle on each dataset: a dataset object dropped
+        after each write would be closed then, flushing its cache; on a full disk that
+        close fails, and HDF5 crashes at exit on the dataset it failed to close."""
         self.file.attrs["teacher"] = teacher.name
         self.file.attrs["shard"] = shard
         self.file.attrs["start"] = self.images.start
         self.file.attrs["stop"] = self.images.stop
         taps, checksums = self.file.create_group("taps"), self.file.create_group("crc32")
-        for tap in teacher.taps:
-            create_tap_dataset(taps, tap, len(self.images), plan.dtype, plan.compression)
-            checksums.create_dataset(tap.name, shape=(len(self.images),), dtype=np.uint32)
-        self.file.create_dataset("done", shape=(len(self.images),), dtype=bool)
+        rows = len(self.images)
+        self.taps = {
+            tap.name: create_tap_dataset(taps, tap, rows, plan.dtype, plan.compression)
+            for tap in teacher.taps
+        }
+        self.checksums = {
+            tap.name: checksums.create_dataset(tap.name, shape=(rows,), dtype=np.uint32)
+            for tap in teacher.taps
+        }
+        self.done_flags = self.file.create_dataset("done", shape=(rows,), dtype=bool)
+        self.skipped = self.file.create_dataset("skipped", shape=(rows,), dtype=STRING)
 
     def write(self, local: int, tap: str, sample: np.ndarray) -> None:
-        self.file["taps"][tap][local] = sample
-        self.file["crc32"][tap][local] = zlib.crc32(np.ascontiguousarray(sample).data)
+        self.taps[tap][local] = sample
+        self.checksums[tap][local] = zlib.crc32(np.ascontiguousarray(sample).data)
+
+    def mark_skipped(self, local: int, reason: str) -> None:
+        self.skipped[local] = reason
 
     def mark_done(self, local_indices: Sequence[int]) -> None:
         """Set the completion flags, after the data of these images was flushed."""
         self.done[list(local_indices)] = True
-        self.file["done"][:] = self.done
+        self.done_flags[:] = self.done
         self.file.flush()
 
     @property
@@ -171,8 +213,8 @@ class _OpenShard:
         publish(self.path, self.final_path)
 
     def discard(self) -> None:
-        self.file.close()
-        self.path.unlink(missing_ok=True)
+        """Close and delete the temporary file, even on a full disk."""
+        discard_hdf5(self.file, self.path)
 
 
 class _ShardSink:
@@ -182,7 +224,13 @@ class _ShardSink:
         self.output, self.plan, self.on_progress = output, plan, on_progress
         self.open: dict[tuple[str, int], _OpenShard] = {}
 
-    def write(self, teacher: str, indices: Sequence[int], features: Mapping[str, np.ndarray]):
+    def write(
+        self,
+        teacher: str,
+        indices: Sequence[int],
+        features: Mapping[str, np.ndarray],
+        skipped: Sequence[str] | None = None,
+    ) -> None:
         spec = self.plan.teacher(teacher)
         touched: dict[tuple[str, int], list[int]] = {}
         for position, index in enumerate(indices):
@@ -193,6 +241,8 @@ class _ShardSink:
                     features[tap.name][position], self.plan, teacher, tap.name, index
                 )
                 shard.write(local, tap.name, sample)
+            if skipped is not None:
+                shard.mark_skipped(local, skipped[position])
             touched.setdefault((teacher, index // self.plan.shard_size), []).append(local)
         for key in touched:
             self.open[key].file.flush()
@@ -238,12 +288,13 @@ class FeatureWriter:
         layout: JoinLayout = "copy",
         queue_size: int = 4,
         on_progress: ProgressCallback | None = None,
+        held: ExitStack | None = None,
     ):
         self.output, self.plan, self.message = output, plan, message
         self.rank, self.world_size, self.layout = rank, world_size, layout
         self._pending = {teacher: dict.fromkeys(indices) for teacher, indices in pending.items()}
-        self._queue: queue.Queue[tuple[str, Sequence[int], dict[str, np.ndarray]] | None]
-        self._queue = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[QueueItem | None] = queue.Queue(maxsize=queue_size)
+        self._held = held or ExitStack()  # the output's lock, released by `close`
         self._sink = _ShardSink(output, plan, on_progress)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="samkd-feature-writer", daemon=True)
@@ -264,7 +315,8 @@ class FeatureWriter:
         self.plan.teacher(teacher)
         path = decoder_path(self.output, teacher)
         if self.rank == 0 and not path.exists() and not self.output.exists():
-            write_state_dict_file(path, decoder_state(state_dict))
+            with storage_errors(self.output):
+                write_state_dict_file(path, decoder_state(state_dict))
 
     def write_batch(
         self, teacher: str, indices: Sequence[int], features: Mapping[str, ArrayLike]
@@ -285,6 +337,26 @@ class FeatureWriter:
                     f"teacher '{teacher}' tap '{tap.name}': got shape "
                     f"{tuple(arrays[tap.name].shape)}, expected {expected}"
                 )
+        self._take_pending(teacher, indices)
+        self._put((teacher, indices, arrays, None))
+
+    def write_skipped(self, teacher: str, indices: Sequence[int], reasons: Sequence[str]) -> None:
+        """Record images that could not be loaded (`data.on_error=skip`) as done, with zero
+        features, and why in the shard's `skipped` (the file's `/images/skipped`): the image
+        index keeps its rows, so that it still matches the dataset's records."""
+        self._raise_if_failed()
+        spec = self.plan.teacher(teacher)
+        indices = [int(index) for index in indices]
+        if len(reasons) != len(indices) or not all(reasons):
+            raise FeatureStoreError(f"teacher '{teacher}': one non-empty reason per skipped image")
+        self._take_pending(teacher, indices)
+        zeros = {
+            tap.name: np.zeros((len(indices), *tap.shape), dtype=self.plan.dtype)
+            for tap in spec.taps
+        }
+        self._put((teacher, indices, zeros, list(reasons)))
+
+    def _take_pending(self, teacher: str, indices: Sequence[int]) -> None:
         pending = self._pending[teacher]
         for index in indices:
             if index not in pending:
@@ -292,8 +364,8 @@ class FeatureWriter:
                     f"teacher '{teacher}': image {index} is not pending on rank {self.rank} "
                     "(already written, or another rank's)"
                 )
+        for index in indices:
             del pending[index]
-        self._put((teacher, indices, arrays))
 
     def drain(self) -> None:
         """Block until every queued batch is on disk (raises the writer thread's error)."""
@@ -319,12 +391,19 @@ class FeatureWriter:
             return self.output
         if join is None:
             join = self.world_size == 1
-        return join_shards(self.output, layout=self.layout) if join else None
+        if not join:
+            return None
+        with storage_errors(self.output):
+            return join_shards(self.output, layout=self.layout)
 
     def close(self) -> None:
-        """Stop the writer thread and drop unfinished shards (complete ones stay)."""
-        self._stop()
-        self._sink.discard()
+        """Stop the writer thread, drop unfinished shards (complete ones stay), and release
+        the output's lock if this writer took it."""
+        try:
+            self._stop()
+            self._sink.discard()
+        finally:
+            self._held.close()
 
     def __enter__(self) -> FeatureWriter:
         return self
@@ -332,7 +411,7 @@ class FeatureWriter:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _put(self, item: tuple[str, Sequence[int], dict[str, np.ndarray]] | None) -> None:
+    def _put(self, item: QueueItem | None) -> None:
         while True:
             try:
                 self._queue.put(item, timeout=0.1)
@@ -347,6 +426,9 @@ class FeatureWriter:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
+            found = storage_errno(self._error, self.output)
+            if found is not None:
+                raise StorageError(describe_storage_failure(self.output, *found)) from self._error
             if isinstance(self._error, FeatureStoreError):
                 raise FeatureStoreError(f"{self.output.name}: {self._error}")
             raise FeatureStoreError(
@@ -379,6 +461,87 @@ def extract_features(batches: Iterable[FeatureBatch], writer: FeatureWriter) -> 
 # --------------------------------------------------------------------------- opening
 
 
+# HDF5's bytes beyond the data, measured and then doubled: per file (superblock, groups,
+# attributes), per dataset (object header) and per chunk (its index entry); plus the last,
+# partly filled block of each file, and an image's entry in a `skipped` list.
+FILE_OVERHEAD = 64 << 10
+DATASET_OVERHEAD = 4 << 10
+CHUNK_OVERHEAD = 128
+BLOCK = 4 << 10
+SKIPPED_BYTES = 32
+
+
+@dataclass(frozen=True)
+class SpaceNeeded:
+    """Bytes an extraction has still to write on the output's disk: the teachers' decoders,
+    the shards not on disk yet, and the joined output, which exists beside every shard
+    until the parts folder is removed (a `virtual` join holds no feature data)."""
+
+    decoders: int = 0
+    shards: int = 0
+    joined: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.decoders + self.shards + self.joined
+
+    def describe(self) -> str:
+        return (
+            f"teacher decoders {format_bytes(self.decoders)}, shards "
+            f"{format_bytes(self.shards)}, joined file {format_bytes(self.joined)}"
+        )
+
+
+def space_needed(
+    output: Path,
+    plan: ExtractionPlan,
+    pending: Mapping[str, Sequence[int]],
+    rank: int = 0,
+    layout: JoinLayout = "copy",
+    decoder_bytes: int = 0,
+) -> SpaceNeeded:
+    """An upper bound of what writing the `pending` images (by teacher) adds to the disk;
+    rank 0 also stores the decoders not on disk yet and writes the joined file.
+    `decoder_bytes`: one teacher's decoder as stored (see `samkd.extract.decoder_bytes`)."""
+    itemsize = storage_itemsize(plan.dtype)
+    shards = 0
+    for teacher in plan.teachers:
+        indices = pending.get(teacher.name, ())
+        per_image = sum(tap.numel * itemsize + 4 + CHUNK_OVERHEAD for tap in teacher.taps)
+        files = len({index // plan.shard_size for index in indices})
+        shards += len(indices) * (per_image + 1 + SKIPPED_BYTES)
+        shards += files * _file_bytes(2 * len(teacher.taps) + 2)
+    if rank != 0:
+        return SpaceNeeded(shards=shards)
+    missing = [t for t in plan.teachers if not decoder_path(output, t.name).exists()]
+    decoders = len(missing) * (decoder_bytes + _file_bytes(0))
+    return SpaceNeeded(decoders, shards, _joined_bytes(plan, layout, decoder_bytes))
+
+
+def _file_bytes(datasets: int) -> int:
+    return FILE_OVERHEAD + datasets * DATASET_OVERHEAD + BLOCK
+
+
+def _joined_bytes(plan: ExtractionPlan, layout: JoinLayout, decoder_bytes: int) -> int:
+    """The joined output: index, attributes, per teacher its checksums, flags, decoder and
+    (copied) features."""
+    itemsize = storage_itemsize(plan.dtype)
+    ids = sum(len(image.id.encode()) for image in plan.images)
+    index = ids + plan.num_images * (160 + SKIPPED_BYTES) + 7 * DATASET_OVERHEAD
+    attributes = 2 * len(plan.settings_yaml.encode()) + len(plan.to_json(created="").encode())
+    total = _file_bytes(0) + index + attributes
+    for teacher in plan.teachers:
+        taps = len(teacher.taps)
+        total += decoder_bytes + (2 * taps + 1) * DATASET_OVERHEAD
+        total += plan.num_images * (4 * taps + 1)  # checksums and flags
+        if layout == "copy":
+            per_image = sum(tap.numel * itemsize + CHUNK_OVERHEAD for tap in teacher.taps)
+            total += plan.num_images * per_image
+        else:
+            total += plan.num_shards * taps * DATASET_OVERHEAD // 8  # the virtual mappings
+    return total
+
+
 def open_for_extraction(
     output: Path,
     plan: ExtractionPlan,
@@ -389,41 +552,74 @@ def open_for_extraction(
     queue_size: int = 4,
     on_progress: ProgressCallback | None = None,
     check_free_space: bool = True,
+    decoder_bytes: int = 0,
 ) -> FeatureWriter:
     """Start or resume writing `plan` to `output`.
 
     Refuses (FeatureStoreError, one line naming the difference) when `output` or its parts
-    folder was written with a different plan, and when the disk is too small. A finished
-    `output` gives a writer with nothing to do. `on_progress(teacher, num_images)` is called
-    on the writer thread after each batch is flushed.
+    folder was written with a different plan, and when the disk is too small for what is
+    left to write (`space_needed`; `decoder_bytes`: one teacher's decoder as stored). A
+    finished `output` gives a writer with nothing to do. `on_progress(teacher, num_images)`
+    is called on the writer thread after each batch is flushed.
+
+    Rank 0 holds the output's lock (`samkd.features.lock`) until the writer is closed, so a
+    second writer of the same output fails with OutputLockedError; the other ranks take
+    none (their job's rank 0 holds it, see `samkd.extract`).
     """
     output = Path(output)
+    held = ExitStack()
+    try:
+        with storage_errors(output):
+            if rank == 0:
+                held.enter_context(output_lock(output))
+            writer = _open(output, plan, rank, world_size, layout, check_free_space, decoder_bytes)
+    except BaseException:
+        held.close()
+        raise
+    pending, message = writer
+    return FeatureWriter(
+        output, plan, pending, message, rank, world_size, layout, queue_size, on_progress, held
+    )
+
+
+def _open(
+    output: Path,
+    plan: ExtractionPlan,
+    rank: int,
+    world_size: int,
+    layout: JoinLayout,
+    check_free_space: bool,
+    decoder_bytes: int,
+) -> tuple[dict[str, list[int]], str]:
+    """The images this rank has left to write, by teacher, and the writer's message."""
     if output.exists():
         _check_same_plan(output, plan, _stored_identity_of_output(output), _output_images)
         if rank == 0 and parts_dir(output).exists() and _output_layout(output) == "copy":
             shutil.rmtree(parts_dir(output))  # a run killed after the join, before the cleanup
-        return FeatureWriter(
-            output, plan, {}, f"{output.name}: already complete, nothing to do", rank, world_size
-        )
+        return {}, f"{output.name}: already complete, nothing to do"
     parts = parts_dir(output)
     parts.mkdir(parents=True, exist_ok=True)
     _write_or_check_plan(output, plan, rank)
     pending: dict[str, list[int]] = {}
+    missing: dict[str, list[int]] = {}  # of every rank: they share the disk
     shards_done = 0
+    mine = set(plan.shards_of_rank(rank, world_size))
     for teacher in plan.teachers:
         (parts / teacher.name).mkdir(exist_ok=True)
-        pending[teacher.name] = []
-        for shard in plan.shards_of_rank(rank, world_size):
-            final = shard_path(output, teacher.name, shard)
-            remove_temporaries(final)
-            if final.exists():
-                shards_done += 1
-            else:
+        pending[teacher.name], missing[teacher.name] = [], []
+        for shard in range(plan.num_shards):
+            if shard_path(output, teacher.name, shard).exists():
+                shards_done += shard in mine
+                continue
+            missing[teacher.name].extend(plan.shard_range(shard))
+            if shard in mine:
                 pending[teacher.name].extend(plan.shard_range(shard))
-    needed = _bytes_needed(plan, pending, rank, layout)
     if check_free_space:
-        ensure_free_space(output, needed)
-    total = len(plan.shards_of_rank(rank, world_size)) * len(plan.teachers)
+        needed = space_needed(
+            output, plan, missing if rank == 0 else pending, rank, layout, decoder_bytes
+        )
+        ensure_free_space(output, needed.total, needed.describe())
+    total = len(mine) * len(plan.teachers)
     state = f"resuming, {shards_done} of {total} shards done" if shards_done else "starting"
     message = (
         f"{output.name}: {state}; planned size {format_bytes(planned_bytes(plan))} "
@@ -431,29 +627,17 @@ def open_for_extraction(
     )
     if not any(pending.values()):
         message = f"{output.name}: all shards of rank {rank} are on disk, nothing to compute"
-    return FeatureWriter(
-        output, plan, pending, message, rank, world_size, layout, queue_size, on_progress
-    )
+    return pending, message
 
 
-def _bytes_needed(
-    plan: ExtractionPlan, pending: Mapping[str, Sequence[int]], rank: int, layout: JoinLayout
-) -> int:
-    left = sum(len(indices) for indices in pending.values())
-    per_image_teacher = planned_bytes(plan) / max(plan.num_images * len(plan.teachers), 1)
-    needed = int(left * per_image_teacher)
-    if rank == 0 and layout == "copy":
-        needed += planned_bytes(plan)
-    return needed
-
-
-def ensure_free_space(output: Path, needed: int) -> None:
+def ensure_free_space(output: Path, needed: int, detail: str = "") -> None:
     """Refuse to start when the output's disk has fewer than `needed` bytes free."""
-    folder = output.resolve().parent
-    free = shutil.disk_usage(folder).free
+    folder = existing_folder(output.parent)
+    free = free_bytes(folder)
     if free < needed:
-        raise FeatureStoreError(
-            f"{output.name}: needs {format_bytes(needed)} free on {folder}, "
+        what = f" ({detail})" if detail else ""
+        raise StorageError(
+            f"{output.name}: needs {format_bytes(needed)} free on {folder}{what}, "
             f"only {format_bytes(free)} available"
         )
 
@@ -472,7 +656,7 @@ def _write_or_check_plan(output: Path, plan: ExtractionPlan, rank: int) -> None:
     if not index_file.exists():
         write_index_file(index_file, plan.images, plan.preprocessing)
     stored = json.loads(plan_file.read_text())
-    _check_same_plan(output, plan, stored, _parts_images)
+    _check_same_plan(output, plan, stored, _parts_images, delete=str(parts_dir(output)))
     if rank == 0:
         if not _stats_match(index_file, plan):
             write_index_file(index_file, plan.images, plan.preprocessing, exclusive=False)
@@ -499,13 +683,16 @@ def _check_same_plan(
     plan: ExtractionPlan,
     stored: Mapping[str, Any],
     stored_images: Callable[[Path], Sequence[Any]],
+    delete: str = "it",
 ) -> None:
+    """Refuse a plan other than the stored one; `delete` names what to delete to start
+    over (the unfinished extraction's parts folder, not the output it never wrote)."""
     difference = describe_difference(stored, plan.identity())
     if difference is not None and "image index" in difference:
         difference = first_image_difference(stored_images(output), plan.images) or difference
     if difference is not None:
         raise FeatureStoreError(
-            f"{output.name}: {difference} (use another output, or delete it to start over)"
+            f"{output.name}: {difference} (use another output, or delete {delete} to start over)"
         )
 
 
