@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import shutil
 import sys
+import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +15,7 @@ import typer
 from loguru import logger
 
 from samkd import __version__
+from samkd.files import format_bytes
 from samkd.settings import Settings, SettingsError, load_settings
 
 TAP_HELP = (
@@ -76,19 +80,45 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 
 @contextmanager
-def one_line_errors() -> Iterator[None]:
-    """Report the errors samkd raises on purpose (its own exception classes, and missing
-    files) as one line and a non-zero exit; anything else is a bug and keeps its traceback."""
+def one_line_errors(debug: bool = False) -> Iterator[None]:
+    """End every error as one line on stderr and a non-zero exit. `debug` (logging level
+    DEBUG) prints the traceback first."""
     try:
         yield
     except SettingsError as error:
         raise _fail(str(error)) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted", code=130) from None
     except Exception as error:
-        own = type(error).__module__.split(".")[0] == "samkd"
-        if not own and not isinstance(error, FileNotFoundError):
-            raise
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        raise _fail(str(message).splitlines()[0], code=1) from None
+        if debug:
+            traceback.print_exc()
+        raise _fail(describe_error(error), code=1) from None
+
+
+def describe_error(error: Exception) -> str:
+    """One line for an error: the message of samkd's own errors (raised on purpose, naming
+    what to fix) and of the system's (a file, the disk); type and message of anything else."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}{_free_space(error)}"
+    message = error.args[0] if isinstance(error, KeyError) and error.args else error
+    lines = str(message).strip().splitlines() or [""]
+    if type(error).__module__.split(".")[0] == "samkd" or isinstance(error, OSError):
+        return lines[0]
+    return (
+        f"{type(error).__name__}: {lines[0]} (unexpected; run with "
+        "--set logging.level=DEBUG for the traceback)"
+    )
+
+
+def _free_space(error: OSError) -> str:
+    """`(N free)` for a full disk, said where it is full."""
+    if error.errno != errno.ENOSPC:
+        return ""
+    folder = Path(error.filename).parent
+    try:
+        return f" ({format_bytes(shutil.disk_usage(folder).free)} free)"
+    except OSError:
+        return ""
 
 
 def resolve_settings(
@@ -151,7 +181,7 @@ def extract(
     settings = resolve_settings(config, assignments, flags, print_config)
     from samkd.extract import run_extract
 
-    with one_line_errors():
+    with one_line_errors(settings.logging.level == "DEBUG"):
         run_extract(settings)
 
 
@@ -183,7 +213,7 @@ def train(
     settings = resolve_settings(config, assignments, flags, print_config)
     from samkd.train import run_train
 
-    with one_line_errors():
+    with one_line_errors(settings.logging.level == "DEBUG"):
         run_train(settings, resume=resume)
 
 
@@ -231,7 +261,7 @@ def evaluate(
     settings = resolve_settings(config, assignments, flags, print_config)
     from samkd.evaluate import run_eval
 
-    with one_line_errors():
+    with one_line_errors(settings.logging.level == "DEBUG"):
         run_eval(
             settings, json_path=json_path, overlays_dir=overlays, teacher=teacher, features=features
         )
@@ -266,9 +296,9 @@ def inspect(
     print_config: PrintConfigOption = False,
 ) -> None:
     """Explain a feature file, a training run or a checkpoint."""
-    resolve_settings(config, assignments, {}, print_config)
+    settings = resolve_settings(config, assignments, {}, print_config)
     from samkd.inspect import run_inspect
 
-    with one_line_errors():
+    with one_line_errors(settings.logging.level == "DEBUG"):
         code = run_inspect(path, as_json=json_output, check=check)
     raise typer.Exit(code)

@@ -101,3 +101,33 @@ def wait_for_paths(
             return
         missing = still
         time.sleep(poll_seconds)
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Raise `OutputNotWritable` unless files can be created in `folder`, or in the folder it
+    would be made in: checked before long work by creating one (`os.access` says yes to root
+    on a read-only file system), leaving nothing behind. `what` names the setting or option."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputNotWritable(f"{what} {folder}: {existing} is a file, not a folder")
+    probe = temporary_path(existing / "write-check")
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise OutputNotWritable(f"{what} {folder} is not writable: {error.strerror}") from None
+
+
+class OutputNotWritable(OSError):
+    """An output folder cannot be written to; the message is one line naming it."""
+
+
+def format_bytes(size: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")

@@ -28,7 +28,11 @@ def run_inspect(
     """Print what `path` is and holds; returns the exit status (non-zero: incomplete/corrupt)."""
     console = console or Console()
     if path.is_dir() and (path / "metrics.jsonl").exists():
-        return _show(summarize_run(path, plot=True), as_json, console, render_run)
+        summary = summarize_run(path, plot=True)
+        _show(summary, as_json, console, render_run)
+        if "plot_error" in summary:
+            raise UsageError(summary["plot_error"])
+        return 0
     if path.suffix in (".h5", ".hdf5") or path.with_name(path.name + ".parts").is_dir():
         report = inspect_feature_file(path, check=check)
         if as_json:
@@ -79,7 +83,11 @@ def summarize_run(run_dir: Path, plot: bool = True) -> dict[str, Any]:
         "exported": str(run_dir / "student.pt") if (run_dir / "student.pt").exists() else None,
     }
     if plot and train:
-        summary["plot"] = str(plot_run(records, run_dir / PLOT_NAME))
+        try:
+            summary["plot"] = str(plot_run(records, run_dir / PLOT_NAME))
+        except OSError as error:
+            # The summary is still worth printing: the run folder may be read-only.
+            summary["plot_error"] = f"{run_dir / PLOT_NAME}: not written: {error.strerror}"
     return summary
 
 
@@ -121,9 +129,11 @@ def plot_run(records: list[dict[str, Any]], path: Path) -> Path:
     for axis in list(axes.flat)[len(panels) :]:
         axis.axis("off")
     figure.tight_layout()
-    with atomic_path(path, suffix=".png") as temporary:
-        figure.savefig(temporary, dpi=90)
-    plt.close(figure)
+    try:
+        with atomic_path(path, suffix=".png") as temporary:
+            figure.savefig(temporary, dpi=90)
+    finally:
+        plt.close(figure)
     return path
 
 

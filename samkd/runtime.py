@@ -42,6 +42,11 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device '{name}' was asked for, but CUDA is not available here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(
+            f"device '{name}' was asked for, but there are {torch.cuda.device_count()} CUDA "
+            "devices here"
+        )
     return device
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -27,6 +28,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from annotated_types import Ge
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -58,7 +60,16 @@ def _on_off(value: Any) -> Any:
     return value
 
 
+def _device_name(value: str) -> str:
+    """A device torch knows (checked here: a typo would otherwise fail after the set-up)."""
+    if not re.fullmatch(DEVICE_PATTERN, value):
+        raise ValueError("not a device: expected auto, cpu, cuda or cuda:N")
+    return value
+
+
 FastTeacher = Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)]
+DEVICE_PATTERN = r"auto|cpu|meta|(cuda|xpu|mps)(:\d+)?"
+Device = Annotated[str, AfterValidator(_device_name)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 
@@ -79,7 +90,8 @@ class SettingsConflict(ValueError):
 class StrictModel(BaseModel):
     """Base of every section: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Infinite or NaN numbers (`--set train.lr=.inf`) pass `gt=0` but cannot train.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- data
@@ -122,6 +134,14 @@ class DataSettings(StrictModel):
     )
     on_error: Literal["raise", "skip"] = Field(
         "raise", description="a bad image or mask stops the run, or is skipped and counted"
+    )
+    mask_threshold: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="a greyscale PNG mask pixel is foreground from this fraction of its format's "
+        "range (0.5: >= 128 of 255, >= 32768 of 65535); 1-bit and 0/1 masks are read as they are",
     )
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes")
     prompts: PromptSettings = Field(PromptSettings(), description="how training prompts are drawn")
@@ -373,7 +393,7 @@ class TrainSettings(StrictModel):
     warmup_steps: int = Field(50, ge=0, description="steps of linear warmup from 0 to lr")
     grad_clip: NonNegativeFloat = Field(1.0, description="max gradient norm; 0 disables")
     precision: Precision = Field("auto", description="auto: bf16 on CUDA, fp32 on the CPU")
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    device: Device = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     compile: bool = Field(False, description="wrap the training step in torch.compile")
     channels_last: bool = Field(
         False, description="put the student's image encoder in channels_last memory format"
@@ -432,7 +452,7 @@ class ExtractSettings(StrictModel):
     precision: Precision = Field(
         "auto", description="teacher autocast dtype; auto: bf16 on CUDA, fp32 on the CPU"
     )
-    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    device: Device = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     fast_teacher: FastTeacher = Field(
         "auto",
         description="fused SDPA attention with the relative position bias as mask "
@@ -462,7 +482,7 @@ class EvalSettings(StrictModel):
     batch_size: int = Field(
         1, ge=1, description="encoder batch of the throughput timing (latency uses batch 1)"
     )
-    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    device: Device = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     seed: int = Field(0, description="torch seed (e.g. random weights when no checkpoint is set)")
 
 
@@ -481,7 +501,7 @@ class LoggingSettings(StrictModel):
 class Settings(BaseSettings):
     """Root of the settings tree."""
 
-    model_config = SettingsConfigDict(extra="forbid", validate_assignment=True)
+    model_config = SettingsConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     data: DataSettings = Field(DataSettings(), description="datasets and prompt sampling")
     teachers: list[TeacherSettings] = Field(

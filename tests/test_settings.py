@@ -81,6 +81,13 @@ def test_set_addresses_list_items(tmp_path: Path) -> None:
         ("student.model_type=vit_q", "student.model_type: Input should be"),
         ("student.checkpoint=/no/such/file.pt", "student.checkpoint: Path does not point"),
         ("data.train=/no/such/folder", "data.train: folder '/no/such/folder' does not exist"),
+        ("train.lr=.inf", "train.lr: Input should be a finite number"),
+        ("train.lr=.nan", "train.lr: Input should be a finite number"),
+        ("distillation.encoder.temperature=.inf", "temperature: Input should be a finite"),
+        ("distillation.rkd.angle_weight=.nan", "angle_weight: Input should be a finite"),
+        ("distillation.dynamic_lambda.factor=-.inf", "factor: Input should be a finite"),
+        ("train.device=tpu9", "train.device: not a device: expected auto, cpu, cuda or cuda:N"),
+        ("extract.device=cuda:x", "extract.device: not a device"),
     ],
 )
 def test_errors_are_one_line_and_name_the_path(assignment: str, expected: str) -> None:

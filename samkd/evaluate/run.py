@@ -24,7 +24,7 @@ from samkd.evaluate.prompts import box_prompts
 from samkd.evaluate.quality import QualityOptions, QualityTables, evaluate_image
 from samkd.evaluate.speed import measure_speed
 from samkd.features import FeatureStore, read_decoder_state_dict
-from samkd.files import atomic_path
+from samkd.files import atomic_path, check_writable
 from samkd.models import ENCODER_EMBED, PromptDecoder, build_sam, build_teacher
 from samkd.runtime import input_image_size, progress_bar, resolve_device
 from samkd.settings import Settings, TeacherSettings
@@ -115,6 +115,7 @@ def load_eval_dataset(settings: Settings, image_size: int) -> SegmentationDatase
         annotation_file=settings.data.annotation_file,
         image_size=image_size,
         on_error=settings.data.on_error,
+        mask_threshold=settings.data.mask_threshold,
         seed=settings.eval.seed,
     )
 
@@ -180,6 +181,11 @@ def run_eval(
     """Evaluate the student and, with `teacher` (built) or `features` (its stored embeddings
     and decoder), a teacher; print tables; return all numbers."""
     console = console or Console()
+    # Before the evaluation, not after it: its results would be lost.
+    if json_path is not None:
+        check_writable(json_path.parent, "--json")
+    if overlays_dir is not None:
+        check_writable(overlays_dir, "--overlays")
     device = resolve_device(settings.eval.device)
     torch.manual_seed(settings.eval.seed)
     student = student_spec(settings)

@@ -8,7 +8,7 @@ are unwrapped.
 
 from __future__ import annotations
 
-import pickle
+import shutil
 from collections.abc import Callable, Mapping
 from os import PathLike
 from pathlib import Path
@@ -19,11 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from samkd.files import atomic_path
+from samkd.files import atomic_path, format_bytes
 
 WRAPPER_KEYS = ("model", "state_dict")
 DATA_PARALLEL_PREFIX = "module."
 WEIGHTS_ONLY_REASON = "WeightsUnpickler error:"
+TORCH_ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_PROTOCOL_MAGIC = b"\x80"
 # How many offending keys an error message names, per kind of mismatch.
 KEYS_SHOWN = 3
 
@@ -70,9 +72,14 @@ def read_torch_file(path: str | PathLike[str]) -> Any:
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+    # Not a weights file fails anywhere in the unpickler (a text file: KeyError or IndexError,
+    # depending on its first bytes), so every error of the load means the same.
+    except Exception as error:
+        reason = _load_failure(error) if _is_torch_file(path) else "neither a zip nor a pickle"
+        if path.stat().st_size == 0:
+            reason = "the file is empty"
         raise CheckpointError(
-            f"checkpoint {path} is not a readable PyTorch weights file: {_load_failure(error)}"
+            f"checkpoint {path} is not a readable PyTorch weights file: {reason}"
         ) from error
 
 
@@ -142,10 +149,41 @@ def describe_mismatch(
 def save_state_dict(
     model: nn.Module | Mapping[str, torch.Tensor], path: str | PathLike[str]
 ) -> None:
-    """Writes `model`'s state dict to `path` atomically: readers never see a partial file."""
+    """Writes `model`'s state dict to `path` atomically: readers never see a partial file.
+    Weights holding NaN or infinity are refused (a `CheckpointError`)."""
     state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
-    with atomic_path(Path(path)) as temporary:
-        torch.save(state, temporary)
+    nonfinite = nonfinite_keys(state)
+    if nonfinite:
+        raise CheckpointError(
+            f"refusing to write {path}: {len(nonfinite)} of {len(state)} tensors hold NaN or "
+            f"infinity ({_first(nonfinite)})"
+        )
+    write_torch_file(state, Path(path))
+
+
+def write_torch_file(content: Any, path: Path) -> None:
+    """`torch.save` under a temporary name, then rename (see `atomic_path`); a write that
+    fails (a full disk) is a `CheckpointError` naming the file and the free space, and
+    leaves no temporary file."""
+    try:
+        with atomic_path(path) as temporary:
+            torch.save(content, temporary)
+    # torch's zip writer reports a failed write as a RuntimeError, the open as an OSError.
+    except (RuntimeError, OSError) as error:
+        free = format_bytes(shutil.disk_usage(path.parent).free) if path.parent.is_dir() else "?"
+        reason = getattr(error, "strerror", None) or "write failed"
+        raise CheckpointError(f"{path}: cannot write: {reason} ({free} free there)") from None
+
+
+def nonfinite_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The keys of the floating-point tensors that hold a NaN or an infinity."""
+    return [
+        key
+        for key, tensor in state.items()
+        if isinstance(tensor, torch.Tensor)
+        and tensor.is_floating_point()
+        and not bool(tensor.isfinite().all())
+    ]
 
 
 def _resize_positions(state: StateDict, expected: Mapping[str, torch.Tensor]) -> StateDict:
@@ -182,6 +220,13 @@ def _first(items: list[str]) -> str:
 
 def _shape(tensor: torch.Tensor) -> str:
     return "x".join(str(size) for size in tensor.shape) or "scalar"
+
+
+def _is_torch_file(path: Path) -> bool:
+    """Whether a file starts as `torch.save` writes (a zip) or as legacy pickles do."""
+    with path.open("rb") as file:
+        start = file.read(4)
+    return start == TORCH_ZIP_MAGIC or start[:1] == PICKLE_PROTOCOL_MAGIC
 
 
 def _load_failure(error: BaseException) -> str:

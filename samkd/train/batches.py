@@ -11,15 +11,16 @@ Augmentation keeps stored teacher features valid:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from samkd.data import Sample, SegmentationDataset
-from samkd.features import FeatureStore
+from samkd.features import FeatureStore, FeatureStoreError
 
 LOW_RES_FACTOR = 4  # SAM's mask logits are 4x the embedding grid: image_size / 4
 
@@ -58,6 +59,11 @@ class TrainingBatch:
     images: torch.Tensor
     samples: list[TrainingSample]
     teacher_images: torch.Tensor | None = None
+
+    @property
+    def skipped(self) -> list[str]:
+        """What was left out of this batch under `on_error="skip"`, as messages."""
+        return [message for item in self.samples for message in item.sample.skipped]
 
     def teacher_inputs(self) -> torch.Tensor:
         return self.images if self.teacher_images is None else self.teacher_images
@@ -134,10 +140,9 @@ class DistillationDataset(Dataset[TrainingSample]):
         self.dataset.seed = self.seed + epoch
 
     def __getitem__(self, index: int) -> TrainingSample:
-        sample = self.dataset[index]
+        sample, features = self._sample_with_features(index)
         rng = np.random.default_rng((self.seed, self.epoch, index, 7))
         flip = bool(rng.random() < self.augmentation.flip_probability)
-        features = {} if self.store is None else self.store.read(sample.image_id)
         if flip:
             image_size = sample.image.shape[-1]
             features = flip_features(features, sample.input_size[1], image_size)
@@ -147,6 +152,21 @@ class DistillationDataset(Dataset[TrainingSample]):
         teacher_image = None if sample.image is clean_image else clean_image
         targets = low_res_targets(sample.masks, sample.input_size, sample.image.shape[-1])
         return TrainingSample(sample, targets, features, flip, teacher_image)
+
+    def _sample_with_features(self, index: int) -> tuple[Sample, dict[str, dict[str, Tensor]]]:
+        """The sample and its stored features. Under `on_error="skip"` the store reads a
+        damaged row as `{}`: the next sample takes its place, as the dataset does for an
+        unreadable image, and the message travels with it (`Sample.skipped`)."""
+        if self.store is None:
+            return self.dataset[index], {}
+        failures: list[str] = []
+        for offset in range(len(self)):
+            sample = self.dataset[(index + offset) % len(self)]
+            features = self.store.read(sample.image_id)
+            if features:
+                return replace(sample, skipped=sample.skipped + tuple(failures)), features
+            failures.append(self.store.skipped_rows[sample.image_id])
+        raise FeatureStoreError(f"{self.store.path.name}: no image has intact features")
 
 
 def photometric(

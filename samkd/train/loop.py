@@ -16,7 +16,9 @@ from rich.table import Table
 from torch.nn.parallel import DistributedDataParallel
 
 from samkd import __version__
+from samkd.data import summarize_skipped
 from samkd.errors import UsageError
+from samkd.files import check_writable
 from samkd.models import save_state_dict
 from samkd.runtime import (
     Distributed,
@@ -35,7 +37,13 @@ from samkd.train.batches import DistillationDataset
 from samkd.train.metrics_log import MetricsLog
 from samkd.train.optim import build_optimizer, build_scheduler
 from samkd.train.progress import Progress, Tallies
-from samkd.train.state import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from samkd.train.state import (
+    check_finite_weights,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from samkd.train.step import DistillationStep, StepParts, train_step
 from samkd.train.validation import validate_and_adapt
 
@@ -83,13 +91,16 @@ def _train(
     checkpoint_path = run_dir / "checkpoints" / "last.pt"
     if not resuming and checkpoint_path.exists():
         raise UsageError(f"{run_dir}: already holds a run; resume it with --resume {run_dir}")
+    if dist.is_main:
+        check_writable(run_dir, "train.output_dir")
 
     # ---- student (first, so its initialisation does not depend on the teacher mode), data,
     # ---- teachers, objective
     student = setup.build_student(settings, device)
     train_data = setup.build_train_dataset(settings)
-    steps_per_epoch = setup.check_batching(settings, len(train_data), dist)
+    # After the feature file's check: it leaves out the images that extraction skipped.
     objective, store, teachers = setup.build_distillation(settings, student, train_data, device)
+    steps_per_epoch = setup.check_batching(settings, len(train_data), dist)
     schema = setup.build_schema(settings, objective).to(device)
     step_module = DistillationStep(student, objective, schema, settings.train.task_loss)
     step_module.to(device)
@@ -133,6 +144,7 @@ def _train(
     frozen_bn = setup.freeze_bn_statistics(settings)
 
     def checkpoint(path: Path) -> None:
+        check_finite_weights(step_module, progress.step, checkpoint_path)  # on every rank
         if dist.is_main:
             state = {
                 "model": step_module.state_dict(),
@@ -160,6 +172,7 @@ def _train(
     stopped_early = False
     last_log_time = time.perf_counter()
     last_record: dict[str, Any] = {}
+    skipped: set[str] = set()  # images, masks and feature rows left out under on_error=skip
     images_since_log = 0
     with progress_bar(unit="step", console=console) as bar:
         task = bar.add_task("training", total=total_steps, completed=progress.step)
@@ -170,6 +183,7 @@ def _train(
                 train_step(parts, micro_batches, progress)
                 scheduler.step()
                 images_since_log += sum(b.images.shape[0] for b in micro_batches) * dist.world_size
+                skipped.update(m for batch in micro_batches for m in batch.skipped)
                 bar.update(task, completed=progress.step)
                 if progress.step % settings.logging.log_every == 0:
                     last_record, tallies = log_training(
@@ -196,8 +210,12 @@ def _train(
                 if progress.step >= total_steps or stopped_early:
                     break
 
+    if skipped:
+        logger.warning(f"data.on_error=skip: {summarize_skipped(skipped)}")
+
     # ---- export
     exported = None
+    check_finite_weights(student, progress.step, checkpoint_path)
     if dist.is_main:
         exported = run_dir / EXPORT_NAME
         save_state_dict(student, exported)

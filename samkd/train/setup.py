@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from loguru import logger
 from segment_anything.modeling import Sam
 from torch import nn
 from torch.utils.data import DataLoader
@@ -17,7 +18,12 @@ from samkd.data import PromptSampler, SegmentationDataset, build_dataset
 from samkd.distill import DistillationObjective, term_weights
 from samkd.distill.adapters import feature_shapes
 from samkd.errors import UsageError
-from samkd.features import FeatureStore, read_decoder_state_dict
+from samkd.features import (
+    FeatureStore,
+    FeatureStoreError,
+    file_sha256,
+    read_decoder_state_dict,
+)
 from samkd.models import DECODER_PREFIXES, build_sam, load_state_dict_file
 from samkd.runtime import Distributed, Precision, input_image_size
 from samkd.settings import Settings, check_micro_batch, load_settings
@@ -34,6 +40,7 @@ from samkd.train.terms import TermSchema
 from samkd.train.validation import Validation
 
 SETTINGS_FILE = "settings.yaml"
+METRICS_FILE = "metrics.jsonl"
 # Parameters that never run in training: TinyViT's ImageNet classifier (kept for strict loading
 # of mobile_sam.pt) and the mask-prompt encoder (training gives no mask prompts). Frozen rather
 # than left without gradients, which DDP rejects.
@@ -111,6 +118,7 @@ def build_train_dataset(settings: Settings) -> SegmentationDataset:
         annotation_file=settings.data.annotation_file,
         image_size=input_image_size(settings),
         on_error=settings.data.on_error,
+        mask_threshold=settings.data.mask_threshold,
         prompts=sampler,
         max_objects=prompts.max_objects,
         seed=settings.train.seed,
@@ -134,6 +142,7 @@ def build_validation(
         annotation_file=settings.data.annotation_file,
         image_size=input_image_size(settings),
         on_error=settings.data.on_error,
+        mask_threshold=settings.data.mask_threshold,
         prompts=PromptSampler(mode="box", box_jitter=0.0),
         seed=settings.train.seed,
     )
@@ -144,7 +153,11 @@ def build_validation(
     elif teachers and distillation.val_features is not None:
         required = {teacher.name: teacher.encoder_taps for teacher in teachers}
         store = FeatureStore(
-            distillation.val_features, teachers=list(required), taps=required, dtype=None
+            distillation.val_features,
+            teachers=list(required),
+            taps=required,
+            dtype=None,
+            on_error=settings.data.on_error,
         )
         store.check_matches(
             image_ids=[record.image_id for record in images.records],
@@ -171,14 +184,64 @@ def open_feature_store(
     names = [teacher.name for teacher in settings.teachers]
     # As stored (float16 by default): half the bytes through the workers and to the device,
     # widened there (`teacher_encoder_features`).
-    store = FeatureStore(path, teachers=names, taps=taps, dtype=None)
-    store.check_matches(
-        image_ids=[record.image_id for record in dataset.records],
-        image_files=[record.image_path for record in dataset.records],
-        image_size=input_image_size(settings),
-        teachers=names,
+    store = FeatureStore(
+        path, teachers=names, taps=taps, dtype=None, on_error=settings.data.on_error
     )
+    try:
+        store.check_matches(
+            image_ids=[record.image_id for record in dataset.records],
+            image_files=[record.image_path for record in dataset.records],
+            image_size=input_image_size(settings),
+            teachers=names,
+        )
+        check_teacher_identity(store, settings)
+    except FeatureStoreError as error:
+        raise FeatureStoreError(
+            f"{error}; rebuild the features for these settings with `samkd extract` (the same "
+            "--config and --set, and a new --output), or train with --online"
+        ) from None
+    leave_out_skipped(dataset, store)
     return store
+
+
+def leave_out_skipped(dataset: SegmentationDataset, store: FeatureStore) -> None:
+    """Drop the images that extraction skipped (their rows hold no features) from `dataset`."""
+    skipped = store.skipped_images
+    if not skipped:
+        return
+    dataset.records = [r for i, r in enumerate(dataset.records) if i not in skipped]
+    first = min(skipped)
+    logger.warning(
+        f"{store.path.name}: {len(skipped)} images were skipped at extraction and are left "
+        f"out; first: '{store.image_ids[first]}' ({skipped[first]})"
+    )
+
+
+def check_teacher_identity(store: FeatureStore, settings: Settings) -> None:
+    """Raise a `FeatureStoreError` when a teacher's stored model type or weights are not the
+    settings' (weights: by sha256, only where the settings name a checkpoint; the stored
+    features and decoders need none)."""
+    stored = {teacher.name: teacher for teacher in store.teachers}
+    for entry in settings.teachers:
+        teacher = stored[entry.name]
+        prefix = f"{store.path.name}: teacher '{entry.name}' was extracted"
+        if teacher.model_type != entry.model_type:
+            raise FeatureStoreError(
+                f"{prefix} as {teacher.model_type}, the settings say {entry.model_type}"
+            )
+        if entry.checkpoint is None:
+            continue
+        sha256 = file_sha256(entry.checkpoint)
+        if sha256 != teacher.checkpoint_sha256:
+            weights = (
+                "random weights"
+                if teacher.checkpoint_sha256 is None
+                else f"{teacher.checkpoint_name} (sha256 {teacher.checkpoint_sha256[:12]}...)"
+            )
+            raise FeatureStoreError(
+                f"{prefix} with {weights}, the settings name {entry.checkpoint} "
+                f"(sha256 {sha256[:12]}...)"
+            )
 
 
 def build_teachers(
@@ -226,8 +289,8 @@ def probe_teacher_shapes(
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     for teacher in teachers:
         if store is not None:
-            first = store.read(0)[teacher.name]
-            shapes[teacher.name] = feature_shapes({tap: t[None] for tap, t in first.items()})
+            (stored,) = [spec for spec in store.teachers if spec.name == teacher.name]
+            shapes[teacher.name] = {tap.name: tuple(tap.shape) for tap in stored.taps}
             continue
         assert teacher.model is not None
         with torch.no_grad():
@@ -289,8 +352,10 @@ def build_schema(settings: Settings, objective: DistillationObjective | None) ->
 
 
 def write_run_files(settings: Settings, run_dir: Path) -> None:
-    """The resolved settings, versions and command line, beside the run's outputs."""
+    """The resolved settings, versions and command line, beside the run's outputs; the log
+    of an earlier run in `run_dir` that failed before its first checkpoint is removed."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / METRICS_FILE).unlink(missing_ok=True)
     (run_dir / SETTINGS_FILE).write_text(settings.to_yaml())
     info = {
         "samkd_version": __version__,

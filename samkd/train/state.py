@@ -10,8 +10,7 @@ import numpy as np
 import torch
 
 from samkd.errors import UsageError
-from samkd.files import atomic_path
-from samkd.models.checkpoint import read_torch_file
+from samkd.models.checkpoint import nonfinite_keys, read_torch_file, write_torch_file
 
 
 def rng_state() -> dict[str, Any]:
@@ -53,8 +52,29 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """`torch.save` under a temporary name, then rename: a crash never leaves half a file."""
-    with atomic_path(path) as temporary:
-        torch.save(state, temporary)
+    write_torch_file(state, path)
+
+
+class NonFiniteWeightsError(UsageError):
+    """The student's weights hold NaN or infinity: nothing more can be learnt or saved."""
+
+
+def check_finite_weights(model: torch.nn.Module, step: int, last_checkpoint: Path) -> None:
+    """Raise `NonFiniteWeightsError` when `model` holds NaN or infinity, before a checkpoint
+    or the export would keep them (a finite loss can still take a step to non-finite weights,
+    e.g. with a huge learning rate)."""
+    nonfinite = nonfinite_keys(model.state_dict())
+    if not nonfinite:
+        return
+    last = (
+        f"the last good checkpoint is {last_checkpoint}"
+        if last_checkpoint.is_file()
+        else "no checkpoint was written before"
+    )
+    raise NonFiniteWeightsError(
+        f"step {step}: {len(nonfinite)} weight tensors hold NaN or infinity "
+        f"({nonfinite[0]}, ...); nothing saved, {last}; lower train.lr or set train.grad_clip"
+    )
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,48 @@ def test_save_replaces_existing_file(tmp_path: Path, mini_student) -> None:
 
 def test_every_model_type_is_covered() -> None:
     assert set(SMALL_TYPES) | set(FULL_TEACHERS) == set(MODEL_TYPES)
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"", "the file is empty"),
+        (b"text\n", "neither a zip nor a pickle"),
+        (b"{'weights': 1}\n", "neither a zip nor a pickle"),
+        (b"PK\x03\x04" + b"\0" * 40, "not a readable PyTorch weights file"),
+    ],
+)
+def test_unreadable_files_are_one_line_errors(tmp_path: Path, content: bytes, reason: str) -> None:
+    path = tmp_path / "weights.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=reason) as error:
+        load_state_dict_file(path)
+    assert str(path) in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_nonfinite_weights_are_not_written(tmp_path: Path, mini_student) -> None:
+    state = mini_student.state_dict()
+    state["mask_decoder.iou_prediction_head.layers.0.weight"][0, 0] = float("nan")
+    state["image_encoder.neck.0.weight"][0] = float("inf")
+    path = tmp_path / "student.pt"
+    with pytest.raises(CheckpointError, match=r"refusing to write .*: 2 of \d+ tensors hold NaN"):
+        save_state_dict(state, path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmpfs, mini_student) -> None:
+    folder = tmpfs("disk", "256k")
+    path = folder / "student.pt"
+    with pytest.raises(CheckpointError, match=r"student\.pt: cannot write: .* free there\)"):
+        save_state_dict(mini_student, path)
+    assert list(folder.iterdir()) == []
+
+
+def test_files_are_written_with_the_umask(tmp_path: Path, mini_student) -> None:
+    previous = os.umask(0o002)
+    try:
+        save_state_dict(mini_student, tmp_path / "student.pt")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "student.pt").stat().st_mode & 0o777 == 0o664
