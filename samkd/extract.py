@@ -59,6 +59,7 @@ from samkd.models import (
     build_sam,
     build_teacher,
     capture_taps,
+    check_weights_file,
 )
 from samkd.models.fast_attention import fast_teacher_enabled
 from samkd.runtime import (
@@ -421,6 +422,7 @@ def _extract(settings: Settings, dist: Distributed, console: Console) -> Path | 
     if not dist.is_main and not rank_images(len(dataset), settings.extract.shard_size, dist):
         console.print(f"rank {dist.rank}: no shard to write ({len(dataset)} images)")
         return None
+    check_teacher_weights(settings, image_size)  # before hashing the images: hours at scale
     images = plan_images(settings, dataset, dist, console)
     plan = make_plan(settings, images, image_size, device)
     decoders = decoder_bytes(image_size)
@@ -444,6 +446,14 @@ def _extract(settings: Settings, dist: Distributed, console: Console) -> Path | 
         for entry in settings.teachers:
             extract_teacher(writer, entry, dataset, settings, image_size, device, console)
         return writer.finish(join=not dist.enabled)
+
+
+def check_teacher_weights(settings: Settings, image_size: int) -> None:
+    """Raise the error that loading each teacher's checkpoint would raise later."""
+    for entry in settings.teachers:
+        if entry.checkpoint is not None:
+            model = build_sam(entry.model_type, image_size=image_size, device="meta")
+            check_weights_file(model, entry.checkpoint, entry.model_type)
 
 
 def join_when_complete(

@@ -30,7 +30,7 @@ from samkd.extract import (
     teacher_batch_features,
 )
 from samkd.features import FeatureStore, FeatureStoreError
-from samkd.models import build_sam, save_state_dict
+from samkd.models import CheckpointError, build_sam, save_state_dict
 from samkd.runtime import input_image_size
 from samkd.settings import load_settings
 
@@ -309,3 +309,15 @@ def test_run_extract_without_teachers_is_an_error(shapes: Path) -> None:
     settings = load_settings(None, [f"data.train={shapes}"], environ={})
     with pytest.raises(ValueError, match="no teacher to extract"):
         run_extract(settings)
+
+
+def test_a_checkpoint_that_cannot_load_fails_before_hashing(
+    tmp_path: Path, shapes: Path, hashed: list[Path]
+) -> None:
+    student_weights = tmp_path / "student.pt"
+    save_state_dict(build_sam("vit_t_mini"), student_weights)
+    config = write_config(tmp_path / "c.yaml", shapes, student_weights, tmp_path / "f.h5")
+    with pytest.raises(CheckpointError, match="does not fit model type 'vit_mini'"):
+        run_extract(load_settings(config, environ={}), console=QUIET)
+    assert hashed == []
+    assert sorted(item.name for item in tmp_path.iterdir()) == ["c.yaml", "student.pt"]

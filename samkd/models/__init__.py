@@ -4,6 +4,7 @@ from samkd.models.attention_capture import AttentionCapture
 from samkd.models.checkpoint import (
     CheckpointError,
     SkippedInit,
+    check_weights_file,
     load_state_dict_file,
     load_weights,
     save_state_dict,
@@ -72,6 +73,7 @@ __all__ = [
     "fast_teacher_enabled",
     "frozen",
     "load_state_dict_file",
+    "check_weights_file",
     "load_weights",
     "model_type_info",
     "optimize_teacher",

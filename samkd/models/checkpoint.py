@@ -117,12 +117,27 @@ def load_weights(
         state = load_state_dict_file(state_dict_or_path)
     expected = model.state_dict()
     state = _resize_positions(state, expected)
+    _check_fits(expected, state, source, model_type)
+    model.load_state_dict(state, strict=True)
+
+
+def check_weights_file(model: nn.Module, path: str | PathLike[str], model_type: str) -> None:
+    """Raise the `CheckpointError` that loading `path` into `model` (of type `model_type`; on
+    the meta device is enough) would raise, without loading it: for jobs that would fail
+    only after hours of other work."""
+    expected = model.state_dict()
+    state = _resize_positions(load_state_dict_file(path), expected)
+    _check_fits(expected, state, str(path), model_type)
+
+
+def _check_fits(
+    expected: Mapping[str, torch.Tensor], state: StateDict, source: str, model_type: str
+) -> None:
     mismatch = describe_mismatch(expected, state)
     if mismatch:
         raise CheckpointError(
             f"checkpoint {source} does not fit model type {model_type!r}: {mismatch}"
         )
-    model.load_state_dict(state, strict=True)
 
 
 def describe_mismatch(
