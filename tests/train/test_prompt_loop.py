@@ -1,6 +1,6 @@
 """Prompt-in-the-loop training (`train.prompt_iters`): one iteration is today's step exactly,
-both teacher modes agree, mixed micro-batches, the mask-prompt encoder trains, no syncs, the
-`meta` device, and two DDP ranks."""
+both teacher modes agree, mixed micro-batches (also under bf16 autocast), the mask-prompt
+encoder trains, no syncs, the `meta` device, and two DDP ranks."""
 
 import dataclasses
 import os
@@ -95,8 +95,16 @@ def test_precomputed_equals_online_with_three_iterations(
 
 @pytest.mark.parametrize(
     "extra",
-    [[], ["train.click_target=teacher", "train.click_mode=random", "train.mask_feedback_p=1"]],
-    ids=["gt, farthest", "teacher, random"],
+    [
+        [],
+        [
+            "train.click_target=teacher",
+            "train.click_mode=random",
+            "train.mask_feedback_p=1",
+            "train.precision=bf16",
+        ],
+    ],
+    ids=["gt, farthest", "teacher, random, bf16"],
 )
 def test_a_micro_batch_mixing_labelled_and_unlabelled_images_loops(
     tmp_path: Path, shapes: Path, teacher_checkpoint: Path, extra: list[str]
