@@ -6,20 +6,29 @@ import dataclasses
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import pytest
 import torch
 
 from samkd.errors import UsageError
+from samkd.models import build_sam
 from samkd.runtime import Distributed
-from samkd.train import run_train, setup
+from samkd.train import prompt_loop, run_train, setup
 from samkd.train.batches import collate_training
-from samkd.train.forward import prompt_groups
-from samkd.train.prompt_loop import PromptLoop
+from samkd.train.forward import PromptGroup, prompt_groups
+from samkd.train.prompt_loop import (
+    PromptLoop,
+    TeacherDecoder,
+    current_logits,
+    next_prompts,
+    run_prompt_loop,
+)
 from samkd.train.step import DistillationStep, micro_step
 from samkd.train.terms import UnitCounts
 
-from .conftest import base_assignments, make_settings
+from .conftest import STUDENT, TEACHER, base_assignments, make_settings
 from .test_conditions import (
     final_weights,
     image_ids,
@@ -231,3 +240,75 @@ def test_two_ranks_run_the_loop(tmp_path: Path, shapes: Path, teacher_checkpoint
     records = train_records(tmp_path / "ddp")
     assert [r["step"] for r in records] == [1, 2]
     assert all(r["task/focal"] > 0 and r["kd/t/decoder_kl"] > 0 for r in records)
+
+
+def square_targets(count: int, grid: int) -> torch.Tensor:
+    """`count x grid x grid` float squares, one per object, in different places."""
+    targets = torch.zeros(count, grid, grid)
+    for index in range(count):
+        start = 2 + 3 * index
+        targets[index, start : start + grid // 3, start : start + grid // 3] = 1.0
+    return targets
+
+
+@pytest.mark.parametrize("feedback_p", [1.0, 0.0])
+def test_each_iteration_adds_one_corrective_click_per_object(feedback_p: float) -> None:
+    torch.manual_seed(0)
+    student = build_sam(STUDENT, image_size=128)
+    teacher = build_sam(TEACHER, image_size=128)
+    with torch.no_grad():
+        embeddings = student.image_encoder(torch.randn(1, 3, 128, 128))
+        teacher_embeddings = teacher.image_encoder(torch.randn(1, 3, 128, 128))
+    groups = [
+        PromptGroup(0, torch.tensor([0, 1]), boxes=torch.tensor([[8.0, 8, 60, 60]] * 2)),
+        PromptGroup(
+            0,
+            torch.tensor([2]),
+            point_coords=torch.tensor([[[30.0, 30.0]]]),
+            point_labels=torch.tensor([[1]]),
+            input_size=(96, 128),
+        ),
+    ]
+    targets = square_targets(3, 32)
+    decoders = [
+        TeacherDecoder("t", teacher.prompt_encoder, teacher.mask_decoder, teacher_embeddings)
+    ]
+    loop = PromptLoop(3, feedback_p, "gt", "farthest")
+    built: list[tuple[list[PromptGroup], dict[str, list[PromptGroup]]]] = []
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        built.append(next_prompts(*args, **kwargs))
+        return built[-1]
+
+    with mock.patch.object(prompt_loop, "next_prompts", recorded):
+        iterations = run_prompt_loop(
+            loop, student.prompt_encoder, student.mask_decoder, embeddings, groups, targets,
+            decoders, record_upscaled=False, seed=3,
+        )  # fmt: skip
+    assert len(iterations) == 3 and len(built) == 2
+    assert iterations[0].student.ambiguous.tolist() == [False, False, True]
+    for index, (student_groups, teacher_groups) in enumerate(built):
+        previous = iterations[index]
+        labels = torch.cat([group.point_labels[:, -1] for group in student_groups])
+        cells = torch.cat([group.point_coords[:, -1] for group in student_groups]) // 4
+        predicted = current_logits(previous.student)[:, 0] > 0
+        for obj, (label, (x, y)) in enumerate(zip(labels, cells.long(), strict=True)):
+            missed = bool(targets[obj, y, x] > 0 and not predicted[obj, y, x])
+            extra = bool(predicted[obj, y, x] and not targets[obj, y, x] > 0)
+            assert int(label) == (1 if missed else 0 if extra else -1), (index, obj)
+        assert student_groups[1].point_coords.shape == (1, 2 + index, 2)
+        assert student_groups[0].point_coords.shape == (2, 1 + index, 2)
+        assert all(group.boxes is not None for group in (student_groups[0], teacher_groups["t"][0]))
+        fed = torch.cat([group.mask_feedback for group in student_groups])
+        assert fed.tolist() == [feedback_p == 1.0] * 3
+        own = torch.cat([group.mask_inputs for group in teacher_groups["t"]])
+        torch.testing.assert_close(own, current_logits(previous.teachers["t"]))
+        mine = torch.cat([group.mask_inputs for group in student_groups])
+        torch.testing.assert_close(mine, current_logits(previous.student).detach())
+        for theirs, ours in zip(teacher_groups["t"], student_groups, strict=True):
+            assert torch.equal(theirs.point_coords, ours.point_coords)
+            assert torch.equal(theirs.point_labels, ours.point_labels)
+    clicked = [int(label) for groups, _ in built for g in groups for label in g.point_labels[:, -1]]
+    assert set(clicked) - {-1}, "no click at all"
+    # The last object's image is 96 px high: its clicks stay in the top 24 of 32 rows.
+    assert all(group[1].point_coords[0, -1, 1] < 96 for group, _ in built)
