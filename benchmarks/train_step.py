@@ -3,7 +3,9 @@
 Three `run_train` runs on the same generated dataset, student and settings: (a) no teachers
 (SAM's task loss only), (b) the default distillation objective (encoder MSE on
 `encoder.embed`) with teacher features read from an HDF5 file written by `run_extract`,
-(c) the same objective with the teacher run online. Step time is read from `metrics.jsonl`
+(c) the same objective with the teacher run online, then (b) plus the decoder terms with
+one-shot prompts and with a 3-iteration prompt loop (`train.prompt_iters`). Step time is read
+from `metrics.jsonl`
 (`images_per_s`, logged every step), dropping the first steps as warm-up; the modes alternate
 over rounds and each reports the median step. Target: (b)/(a) <= 1.10.
 
@@ -42,6 +44,10 @@ TARGET = 1.10
 STUDENT = "vit_t_mini"
 TEACHER = "vit_mini"
 TEACHERS = f"teachers=[{{name: teacher, model_type: {TEACHER}}}]"
+DECODER = "+ decoder terms, precomputed, prompt_iters 1"
+LOOPED = "+ decoder terms, precomputed, prompt_iters 3"
+DECODER_TERMS = ["distillation.decoder.enabled=true"]
+LOOP = ["train.prompt_iters=3"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,8 @@ def mode_assignments(features: Path) -> dict[str, list[str]]:
         "plain fine-tuning (no teacher)": [],
         "distillation, precomputed features": [TEACHERS, f"distillation.features={features}"],
         "distillation, online teacher": [TEACHERS, "distillation.use_precomputed_features=false"],
+        DECODER: [TEACHERS, f"distillation.features={features}", *DECODER_TERMS],
+        LOOPED: [TEACHERS, f"distillation.features={features}", *DECODER_TERMS, *LOOP],
     }
 
 
@@ -234,6 +242,7 @@ def section(config: Config, step_s: dict[str, float], stats: pstats.Stats) -> Se
     precomputed = step_s["distillation, precomputed features"] / baseline
     measured = (config.steps - config.warmup_steps) * config.rounds
     online = step_s["distillation, online teacher"] / baseline
+    looped = step_s[LOOPED] / step_s[DECODER]
     noise = (
         [
             "The online teacher timed faster than stored features, which cannot be real (it "
@@ -245,12 +254,14 @@ def section(config: Config, step_s: dict[str, float], stats: pstats.Stats) -> Se
     )
     return Section(
         name=NAME,
-        title="Training step: plain vs precomputed vs online distillation",
+        title="Training step: plain vs precomputed vs online distillation, prompt loop",
         description=(
             f"`run_train` with student `{STUDENT}` and random-weight teacher `{TEACHER}` at "
             f"{config.image_size} px, batch {config.batch_size}, float32 on the CPU, generated "
             "dataset with masks (so every mode also computes SAM's task loss), default "
-            "objective (encoder MSE on `encoder.embed`), no DataLoader workers (data loading, "
+            "objective (encoder MSE on `encoder.embed`; the last two rows add the decoder "
+            "terms, the stored teacher decoder run on the stored embedding, with one-shot "
+            "prompts or a 3-iteration prompt loop), no DataLoader workers (data loading, "
             "HDF5 reads included, is inside the step time). Median of "
             f"{measured} steps per mode ({config.rounds} alternating rounds of "
             f"{config.steps} steps, the first {config.warmup_steps} of each dropped). "
@@ -260,6 +271,9 @@ def section(config: Config, step_s: dict[str, float], stats: pstats.Stats) -> Se
         notes=[
             f"precomputed / plain = {precomputed:.2f} "
             f"({'meets' if precomputed <= TARGET else 'misses'} the {TARGET:.2f} target).",
+            f"prompt_iters 3 / 1 (decoder terms on) = {looped:.2f}: the student's and the "
+            "stored teacher's decoders run three times, with the click sampling (distance "
+            "transforms) between; the image encoder, the larger cost, runs once.",
             f"Profile: cProfile over the last {config.profile_steps - config.warmup_steps} "
             f"steps of a {config.profile_steps}-step precomputed run (the data loading of "
             "the first profiled step falls before the window); phase shares are of their "

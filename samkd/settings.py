@@ -423,6 +423,29 @@ class TrainSettings(StrictModel):
         default_factory=dict,
         description="part -> first step it trains (-1: frozen for the whole run)",
     )
+    prompt_iters: int = Field(
+        1,
+        ge=1,
+        description="decoder passes per object: each after the first adds one corrective click "
+        "and may feed the previous mask back (1: the sampled prompt only)",
+    )
+    mask_feedback_p: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="chance, per object and iteration after the first, that the previous "
+        "low-resolution logits are given as the mask prompt",
+    )
+    click_target: Literal["gt", "teacher"] = Field(
+        "gt",
+        description="mask the corrective clicks correct towards: the ground truth, or the first "
+        "teacher's current mask (needs distillation.decoder)",
+    )
+    click_mode: Literal["farthest", "random"] = Field(
+        "farthest",
+        description="a click goes to the error pixel farthest from the region's border, or to "
+        "a seeded random pixel of it",
+    )
     augment: AugmentSettings = Field(AugmentSettings(), description="training-time augmentation")
 
 

@@ -238,6 +238,19 @@ class DistillationObjective(nn.Module):
             terms.update({f"kd/{name}/{term}": value for term, value in raw.items()})
         return terms
 
+    def decoder_terms(
+        self, student: Features, teachers: Mapping[str, Features]
+    ) -> dict[str, torch.Tensor]:
+        """The decoder terms alone, `kd/<teacher>/decoder_*` (one decoding of a prompt loop:
+        `forward` with `with_decoder=False` gives the others)."""
+        terms: dict[str, torch.Tensor] = {}
+        if not self._any("decoder_"):
+            return terms
+        for name in self.teachers:
+            raw = self._decoder_terms(name, student, teachers[name])
+            terms.update({f"kd/{name}/{term}": value for term, value in raw.items()})
+        return terms
+
     def weighted(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """`sum_t w_t sum_terms lambda_term L_term` of one batch's `terms` (before
         `lambda_kd`)."""

@@ -25,7 +25,9 @@ class PromptGroup:
 
     boxes: `n x 4`, or point_coords `n x K x 2` with point_labels `n x K`;
     objects: `n` indices into the image's objects (on the training device, so that indexing
-    device tensors with them needs no host-to-device copy).
+    device tensors with them needs no host-to-device copy); input_size: the image's `(h, w)`
+    before padding; mask_inputs: `n x 1 x 4h x 4w` low-resolution logits given as mask prompts
+    where `mask_feedback` (`n` bool) is set (the prompt loop's later iterations).
     """
 
     sample: int
@@ -33,6 +35,9 @@ class PromptGroup:
     boxes: torch.Tensor | None = None
     point_coords: torch.Tensor | None = None
     point_labels: torch.Tensor | None = None
+    input_size: tuple[int, int] | None = None
+    mask_inputs: torch.Tensor | None = None
+    mask_feedback: torch.Tensor | None = None
 
     def ambiguous(self) -> torch.Tensor:
         """`n` bool, on the prompts' device: objects prompted by one point alone, for which SAM
@@ -70,10 +75,11 @@ def prompt_groups(batch: TrainingBatch, device: torch.device) -> list[PromptGrou
         sample = item.sample
         boxed = [i for i, kind in enumerate(sample.prompt_kinds) if kind == "box"]
         pointed = [i for i, kind in enumerate(sample.prompt_kinds) if kind == "points"]
+        size = sample.input_size
         if boxed and sample.prompt_boxes is not None:
             index = torch.tensor(boxed)
             boxes = to_device(sample.prompt_boxes[index])
-            groups.append(PromptGroup(position, to_device(index), boxes=boxes))
+            groups.append(PromptGroup(position, to_device(index), boxes=boxes, input_size=size))
         if pointed and sample.point_coords is not None and sample.point_labels is not None:
             index = torch.tensor(pointed)
             groups.append(
@@ -82,6 +88,7 @@ def prompt_groups(batch: TrainingBatch, device: torch.device) -> list[PromptGrou
                     to_device(index),
                     point_coords=to_device(sample.point_coords[index]),
                     point_labels=to_device(sample.point_labels[index]),
+                    input_size=size,
                 )
             )
     return groups
@@ -120,8 +127,9 @@ def embed_points(
 def encode_prompts(
     prompt_encoder: PromptEncoder, group: PromptGroup
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`PromptEncoder.forward` without mask prompts, free of host-device syncs: sparse
-    embeddings `n x T x C` (points, then box corners) and dense ones `n x C x h x w`."""
+    """`PromptEncoder.forward`, free of host-device syncs: sparse embeddings `n x T x C`
+    (points, then box corners) and dense ones `n x C x h x w` (the mask prompt's where the
+    group feeds one back, else SAM's "no mask" embedding)."""
     sparse = []
     if group.point_coords is not None and group.point_labels is not None:
         pad = group.boxes is None
@@ -130,7 +138,11 @@ def encode_prompts(
         sparse.append(prompt_encoder._embed_boxes(group.boxes))
     dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
     height, width = prompt_encoder.image_embedding_size
-    return torch.cat(sparse, dim=1), dense.expand(len(group.objects), -1, height, width)
+    dense = dense.expand(len(group.objects), -1, height, width)
+    if group.mask_inputs is not None and group.mask_feedback is not None:
+        masks = prompt_encoder.mask_downscaling(group.mask_inputs)
+        dense = torch.where(group.mask_feedback[:, None, None, None], masks, dense)
+    return torch.cat(sparse, dim=1), dense
 
 
 @contextmanager

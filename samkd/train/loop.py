@@ -37,6 +37,7 @@ from samkd.train.batches import DistillationDataset
 from samkd.train.metrics_log import MetricsLog
 from samkd.train.optim import build_optimizer, build_scheduler
 from samkd.train.progress import Progress, Tallies
+from samkd.train.prompt_loop import PromptLoop
 from samkd.train.state import (
     check_finite_weights,
     load_checkpoint,
@@ -102,7 +103,9 @@ def _train(
     objective, store, teachers = setup.build_distillation(settings, student, train_data, device)
     steps_per_epoch = setup.check_batching(settings, len(train_data), dist)
     schema = setup.build_schema(settings, objective).to(device)
-    step_module = DistillationStep(student, objective, schema, settings.train.task_loss)
+    step_module = DistillationStep(
+        student, objective, schema, settings.train.task_loss, PromptLoop.of(settings.train)
+    )
     step_module.to(device)
     if settings.train.channels_last:
         student.image_encoder.to(memory_format=torch.channels_last)

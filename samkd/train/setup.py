@@ -42,13 +42,14 @@ from samkd.train.validation import Validation
 SETTINGS_FILE = "settings.yaml"
 METRICS_FILE = "metrics.jsonl"
 # Parameters that never run in training: TinyViT's ImageNet classifier (kept for strict loading
-# of mobile_sam.pt) and the mask-prompt encoder (training gives no mask prompts). Frozen rather
-# than left without gradients, which DDP rejects.
+# of mobile_sam.pt) and the mask-prompt encoder (only the prompt loop gives mask prompts).
+# Frozen rather than left without gradients, which DDP rejects.
 UNUSED_PREFIXES = (
     "image_encoder.head.",
     "image_encoder.norm_head.",
     "prompt_encoder.mask_downscaling.",
 )
+MASK_PROMPT_PREFIX = "prompt_encoder.mask_downscaling."
 
 
 def build_student(settings: Settings, device: torch.device) -> Sam:
@@ -62,8 +63,11 @@ def build_student(settings: Settings, device: torch.device) -> Sam:
     if settings.student.decoder_from is not None:
         inherited = teacher_decoder_state(settings, settings.student.decoder_from)
         student.load_state_dict({**student.state_dict(), **inherited}, strict=True)
+    unused: tuple[str, ...] = UNUSED_PREFIXES
+    if settings.train.prompt_iters > 1:
+        unused = tuple(prefix for prefix in unused if prefix != MASK_PROMPT_PREFIX)
     for name, parameter in student.named_parameters():
-        if name.startswith(UNUSED_PREFIXES):
+        if name.startswith(unused):
             parameter.requires_grad_(False)
     for part, first_step in settings.train.frozen_until.items():
         if first_step == -1:

@@ -13,10 +13,12 @@ from segment_anything.modeling import Sam
 from torch import nn
 
 from samkd.distill import DistillationObjective
+from samkd.errors import UsageError
 from samkd.models import DECODER_UPSCALED, AttentionCapture
 from samkd.runtime import Distributed, Precision
 from samkd.settings import Settings
 from samkd.train.batches import TrainingBatch
+from samkd.train.clicks import mix_seed
 from samkd.train.forward import (
     PromptGroup,
     decoder_features,
@@ -26,8 +28,9 @@ from samkd.train.forward import (
     run_decoder,
 )
 from samkd.train.progress import Progress
+from samkd.train.prompt_loop import Iteration, PromptLoop, TeacherDecoder, run_prompt_loop
 from samkd.train.task_loss import combine_task_losses, sam_task_loss
-from samkd.train.teachers import Teacher, split_taps, teacher_features
+from samkd.train.teachers import Teacher, split_taps, teacher_decoders, teacher_features
 from samkd.train.terms import KD_WEIGHTED, LOSS_TOTAL, TASK_TOTAL, TermSchema, UnitCounts
 
 TeacherTaps = Mapping[str, Mapping[str, torch.Tensor | AttentionCapture]]
@@ -35,7 +38,10 @@ TeacherTaps = Mapping[str, Mapping[str, torch.Tensor | AttentionCapture]]
 
 class DistillationStep(nn.Module):
     """The student, the objective's adapters and the loss of one micro-batch, as one module, so
-    that DistributedDataParallel synchronises them all with one call of `forward`."""
+    that DistributedDataParallel synchronises them all with one call of `forward`.
+
+    With a prompt loop (`samkd.train.prompt_loop`), each task and decoder term is its mean over
+    the loop's iterations."""
 
     def __init__(
         self,
@@ -43,14 +49,21 @@ class DistillationStep(nn.Module):
         objective: DistillationObjective | None,
         schema: TermSchema,
         task_loss: bool = True,
+        loop: PromptLoop | None = None,
     ) -> None:
         super().__init__()
         self.student = student
         self.objective = objective
         self.schema = schema
         self.task_loss = task_loss
+        self.loop = loop
         taps = objective.required_student_taps() if objective is not None else []
         self.encoder_taps, self.decoder_taps = split_taps(taps)
+        if loop is not None and loop.click_target == "teacher" and not self.decoder_taps:
+            raise UsageError(
+                "train.click_target teacher needs the teachers' decoders: switch on "
+                "distillation.decoder (with a teacher and lambda_kd > 0)"
+            )
 
     def forward(
         self,
@@ -60,16 +73,36 @@ class DistillationStep(nn.Module):
         teachers: TeacherTaps,
         unit_counts: torch.Tensor,
         loss_weights: torch.Tensor,
+        loop_teachers: Sequence[TeacherDecoder] | None = None,
+        seed: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """This micro-step's share of the step's loss, and its term sums (`K`, detached).
 
         images: `B x 3 x S x S`; groups: the prompts of the labelled objects (may be empty);
         targets: their low-resolution masks `N x 4h x 4w`; unit_counts: `K` units of each term
-        in this micro-batch; loss_weights: `2 x K` (`TermSchema.loss_weights`).
+        in this micro-batch; loss_weights: `2 x K` (`TermSchema.loss_weights`);
+        loop_teachers: None for one-shot decoding (validation, `prompt_iters: 1`; `teachers`
+        then hold the teachers' decoder taps), else the teachers' decoders for the prompt loop
+        (every teacher with decoder terms); seed: fixes the loop's random draws.
         """
         embeddings, student_features = encoder_forward(self.student, images, self.encoder_taps)
         means: dict[str, torch.Tensor] = {}
-        if groups:
+        looped = self.loop is not None and loop_teachers is not None
+        if groups and looped:
+            assert self.loop is not None and loop_teachers is not None
+            iterations = run_prompt_loop(
+                self.loop,
+                self.student.prompt_encoder,
+                self.student.mask_decoder,
+                embeddings,
+                groups,
+                targets,
+                loop_teachers,
+                record_upscaled=DECODER_UPSCALED in self.decoder_taps,
+                seed=seed,
+            )
+            means.update(self._loop_means(iterations, targets))
+        elif groups:
             decoded = run_decoder(
                 self.student.prompt_encoder,
                 self.student.mask_decoder,
@@ -83,7 +116,8 @@ class DistillationStep(nn.Module):
                 means.update({f"task/{name}": value for name, value in task.items()})
                 means[TASK_TOTAL] = combine_task_losses(task)
         if self.objective is not None:
-            means.update(self.objective(student_features, teachers, with_decoder=bool(groups)))
+            with_decoder = bool(groups) and not looped
+            means.update(self.objective(student_features, teachers, with_decoder=with_decoder))
         sums = self._term_vector(means, embeddings) * unit_counts
         # Not a matmul: autocast would run that in bf16.
         loss, kd_weighted = (loss_weights * sums).sum(dim=1)
@@ -97,6 +131,31 @@ class DistillationStep(nn.Module):
         if KD_WEIGHTED in self.schema.names:
             sums[self.schema.index(KD_WEIGHTED)] = kd_weighted.detach()
         return loss, sums
+
+    def _loop_means(
+        self, iterations: Sequence[Iteration], targets: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """Each task and decoder term's mean over the prompt loop's iterations."""
+        per_iteration = []
+        for iteration in iterations:
+            terms: dict[str, torch.Tensor] = {}
+            decoded = iteration.student
+            if self.task_loss and targets is not None:
+                task = sam_task_loss(decoded.mask_logits, decoded.iou, targets, decoded.ambiguous)
+                terms.update({f"task/{name}": value for name, value in task.items()})
+                terms[TASK_TOTAL] = combine_task_losses(task)
+            if self.objective is not None:
+                student = decoder_features(decoded, self.decoder_taps)
+                teachers = {
+                    name: decoder_features(outputs, self.decoder_taps)
+                    for name, outputs in iteration.teachers.items()
+                }
+                terms.update(self.objective.decoder_terms(student, teachers))
+            per_iteration.append(terms)
+        return {
+            name: torch.stack([terms[name] for terms in per_iteration]).mean()
+            for name in per_iteration[0]
+        }
 
     def _term_vector(self, means: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         """`K` float32 in schema order; terms this micro-batch lacks (and derived ones) are 0."""
@@ -194,8 +253,9 @@ def train_step(
         unit_counts = schema.unit_counts(counts[index].vector(parts.device), last)
         # Gradients are all-reduced once, in the last micro-step.
         sync = contextlib.nullcontext() if parts.ddp is None or last else parts.ddp.no_sync()
+        seed = mix_seed(parts.settings.train.seed, progress.step, index, parts.dist.rank)
         with sync:
-            loss, sums = micro_step(parts, batch, groups[index], unit_counts, loss_weights)
+            loss, sums = micro_step(parts, batch, groups[index], unit_counts, loss_weights, seed)
             parts.scaler.scale(loss).backward()
         terms.add(sums, unit_counts)
     skip = terms.nonfinite()
@@ -215,14 +275,24 @@ def micro_step(
     groups: Sequence[PromptGroup],
     unit_counts: torch.Tensor,
     loss_weights: torch.Tensor,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss share and term sums of one micro-batch (on the device already): every labelled
-    object gets SAM's task loss, every image the distillation terms."""
+    object gets SAM's task loss, every image the distillation terms. seed: the prompt loop's
+    for this micro-batch (non-negative)."""
     targets = group_targets(batch, groups) if groups else None
-    taps = step_module_of(parts.forward).decoder_taps
+    module = step_module_of(parts.forward)
+    taps = module.decoder_taps
     with parts.precision.autocast(parts.device):
-        features = teacher_features(parts.teachers, batch, groups, taps)
-        return parts.forward(batch.images, groups, targets, features, unit_counts, loss_weights)
+        if module.loop is None:
+            features = teacher_features(parts.teachers, batch, groups, taps)
+            return parts.forward(batch.images, groups, targets, features, unit_counts, loss_weights)
+        # The loop decodes the teachers itself, with the prompts it builds.
+        features = teacher_features(parts.teachers, batch, groups, [])
+        decoders = teacher_decoders(parts.teachers, features) if taps else []
+        return parts.forward(
+            batch.images, groups, targets, features, unit_counts, loss_weights, decoders, seed
+        )
 
 
 def optimizer_step(

@@ -30,6 +30,7 @@ from samkd.train.forward import (
     encoder_forward,
     run_decoder,
 )
+from samkd.train.prompt_loop import TeacherDecoder
 
 TeacherFeatures = dict[str, torch.Tensor | AttentionCapture]
 
@@ -130,6 +131,21 @@ def teacher_features(
             features.update(decoder_features(outputs, decoder_taps))
         result[teacher.name] = features
     return result
+
+
+def teacher_decoders(
+    teachers: Sequence[Teacher], features: dict[str, TeacherFeatures]
+) -> list[TeacherDecoder]:
+    """Each teacher's decoder with its image embeddings from `features` (`teacher_features`),
+    for the prompt loop."""
+    decoders = []
+    for teacher in teachers:
+        embedding = features[teacher.name][ENCODER_EMBED]
+        assert isinstance(embedding, torch.Tensor)
+        decoders.append(
+            TeacherDecoder(teacher.name, teacher.prompt_encoder, teacher.mask_decoder, embedding)
+        )
+    return decoders
 
 
 def split_taps(taps: Sequence[str]) -> tuple[list[str], list[str]]:

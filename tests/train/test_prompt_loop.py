@@ -1,0 +1,314 @@
+"""Prompt-in-the-loop training (`train.prompt_iters`): one iteration is today's step exactly,
+both teacher modes agree, mixed micro-batches (also under bf16 autocast), the mask-prompt
+encoder trains, no syncs, the `meta` device, and two DDP ranks."""
+
+import dataclasses
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pytest
+import torch
+
+from samkd.errors import UsageError
+from samkd.models import build_sam
+from samkd.runtime import Distributed
+from samkd.train import prompt_loop, run_train, setup
+from samkd.train.batches import collate_training
+from samkd.train.forward import PromptGroup, prompt_groups
+from samkd.train.prompt_loop import (
+    PromptLoop,
+    TeacherDecoder,
+    current_logits,
+    next_prompts,
+    run_prompt_loop,
+)
+from samkd.train.step import DistillationStep, micro_step
+from samkd.train.terms import UnitCounts
+
+from .conftest import STUDENT, TEACHER, base_assignments, make_settings
+from .test_conditions import (
+    final_weights,
+    image_ids,
+    meta_parts,
+    partly_labelled,
+    torchrun,
+    train_records,
+)
+from .test_syncs import STEP_ASSIGNMENTS, steps_with_syncs
+
+LOOP = ["train.prompt_iters=3"]
+# Online teachers at 128 px: a fraction of the cost of the feature file's 256 px.
+SMALL_ONLINE = [
+    "distillation.use_precomputed_features=false",
+    "distillation.decoder.enabled=true",
+    "data.image_size=128",
+]
+MASK_PROMPT = "prompt_encoder.mask_downscaling.0.weight"
+
+
+def comparable(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "images_per_s"} for r in train_records(run_dir)]
+
+
+def test_one_iteration_is_todays_step_exactly(
+    tmp_path: Path, shapes: Path, teacher_checkpoint: Path
+) -> None:
+    common = [
+        *base_assignments(shapes, teacher_checkpoint, tmp_path / "unused"),
+        *SMALL_ONLINE,
+        "data.prompts.mode=mixed",
+        "train.steps=2",
+    ]
+    loop_settings = [
+        "train.prompt_iters=1",
+        "train.mask_feedback_p=1",
+        "train.click_mode=random",
+        "train.click_target=teacher",
+    ]
+    for name, extra in (("today", []), ("one", loop_settings)):
+        settings = make_settings(*common, *extra)
+        settings.train.output_dir = tmp_path / name
+        run_train(settings)
+    assert comparable(tmp_path / "one") == comparable(tmp_path / "today")
+    today, one = final_weights(tmp_path / "today"), final_weights(tmp_path / "one")
+    assert all(torch.equal(one[key], value) for key, value in today.items())
+
+
+def test_precomputed_equals_online_with_three_iterations(
+    tmp_path: Path, shapes: Path, teacher_checkpoint: Path, feature_file: Path
+) -> None:
+    common = [*base_assignments(shapes, teacher_checkpoint, tmp_path), *LOOP]
+    common += [
+        "distillation.decoder.enabled=true",
+        "distillation.encoder.kl_weight=1",
+        "train.steps=1",
+        "train.lr=1e-12",
+        "data.prompts.mode=mixed",
+    ]
+    stored = make_settings(*common, f"distillation.features={feature_file}")
+    stored.train.output_dir = tmp_path / "stored"
+    run_train(stored)
+    online = make_settings(*common, "distillation.use_precomputed_features=false")
+    online.train.output_dir = tmp_path / "online"
+    run_train(online)
+    (from_file,) = train_records(tmp_path / "stored")
+    (computed,) = train_records(tmp_path / "online")
+    terms = [name for name in computed if name.startswith(("kd/t/", "task/"))]
+    assert {"task/focal", "kd/t/decoder_kl", "kd/t/decoder_mse", "kd/t/encoder_mse"} <= set(terms)
+    for name in terms:
+        assert from_file[name] == pytest.approx(computed[name], rel=1e-4, abs=1e-6), name
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        [
+            "train.click_target=teacher",
+            "train.click_mode=random",
+            "train.mask_feedback_p=1",
+            "train.precision=bf16",
+        ],
+    ],
+    ids=["gt, farthest", "teacher, random, bf16"],
+)
+def test_a_micro_batch_mixing_labelled_and_unlabelled_images_loops(
+    tmp_path: Path, shapes: Path, teacher_checkpoint: Path, extra: list[str]
+) -> None:
+    assignments = [
+        *base_assignments(shapes, teacher_checkpoint, tmp_path / "run"),
+        *SMALL_ONLINE,
+        *LOOP,
+        *extra,
+        "train.steps=2",
+    ]
+    first_batch = next(setup.step_batches(8, make_settings(*assignments), 0, 0, Distributed()))
+    data = partly_labelled(shapes, tmp_path / "data", [image_ids(shapes)[first_batch[0]]])
+    result = run_train(make_settings(*assignments, f"data.train={data}"))
+    assert result.steps == 2
+    for record in train_records(tmp_path / "run"):
+        assert record["task/focal"] > 0 and record["kd/t/decoder_mse"] > 0
+        assert record["loss/total"] > record["kd/weighted"]
+        assert record["skipped_steps"] == 0
+
+
+def test_the_mask_prompt_encoder_trains_only_in_the_loop(
+    tmp_path: Path, shapes: Path, teacher_checkpoint: Path, feature_file: Path
+) -> None:
+    common = [
+        *base_assignments(shapes, teacher_checkpoint, tmp_path / "unused"),
+        f"distillation.features={feature_file}",
+        "train.mask_feedback_p=1",
+        "train.steps=1",
+    ]
+    for name, iterations in (("one", 1), ("three", 3)):
+        settings = make_settings(*common, f"train.prompt_iters={iterations}")
+        settings.train.output_dir = tmp_path / name
+        student = setup.build_student(settings, torch.device("cpu"))
+        trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+        assert (MASK_PROMPT in trainable) == (iterations > 1)
+        run_train(settings)
+    # The same initial weights: frozen in one run, trained in the other.
+    one, three = final_weights(tmp_path / "one"), final_weights(tmp_path / "three")
+    assert not torch.equal(one[MASK_PROMPT], three[MASK_PROMPT])
+
+
+def test_teacher_clicks_need_the_decoder_terms(
+    tmp_path: Path, shapes: Path, teacher_checkpoint: Path, feature_file: Path
+) -> None:
+    settings = make_settings(
+        *base_assignments(shapes, teacher_checkpoint, tmp_path / "run"),
+        *LOOP,
+        f"distillation.features={feature_file}",
+        "train.click_target=teacher",
+        "train.steps=1",
+    )
+    with pytest.raises(UsageError, match="click_target teacher needs the teachers' decoders"):
+        run_train(settings)
+
+
+def test_looped_steps_do_not_sync(
+    tmp_path: Path, shapes: Path, teacher_checkpoint: Path, feature_file: Path
+) -> None:
+    settings = make_settings(
+        *base_assignments(shapes, teacher_checkpoint, tmp_path / "run"),
+        *STEP_ASSIGNMENTS,
+        *LOOP,
+        f"distillation.features={feature_file}",
+        "distillation.decoder.enabled=true",
+        "train.click_target=teacher",
+        "train.steps=1",
+    )
+    assert steps_with_syncs(settings) == [[]]
+
+
+def test_the_looped_step_makes_every_tensor_on_the_device_of_its_inputs(
+    tmp_path: Path, shapes: Path, teacher_checkpoint: Path
+) -> None:
+    data = partly_labelled(shapes, tmp_path / "data", [image_ids(shapes)[0]])
+    settings = make_settings(
+        *base_assignments(data, teacher_checkpoint, tmp_path / "run"),
+        "distillation.use_precomputed_features=false",
+        "distillation.decoder.enabled=true",
+        "data.prompts.mode=mixed",
+        *LOOP,
+    )
+    parts, dataset = meta_parts(settings, data)
+    old = parts.forward
+    loop = PromptLoop.of(settings.train)
+    looped = DistillationStep(old.student, old.objective, old.schema, True, loop)
+    parts = dataclasses.replace(parts, forward=looped)
+    schema = looped.schema
+    for indices in ([0, 1], [0]):  # labelled and unlabelled together; no prompts at all
+        batch = collate_training([dataset[i] for i in indices]).to(parts.device)
+        groups = prompt_groups(batch, parts.device)
+        counts = UnitCounts(len(indices), sum(len(g.objects) for g in groups))
+        units = schema.unit_counts(counts.vector(parts.device), last_micro_step=True)
+        weights = schema.loss_weights(1.0, counts.vector(parts.device), 1)
+        loss, sums = micro_step(parts, batch, groups, units, weights, 7)
+        loss.backward()
+        assert loss.device.type == "meta" and sums.device.type == "meta"
+    trainable = [p for p in looped.parameters() if p.requires_grad]
+    assert any(p is looped.student.prompt_encoder.mask_downscaling[0].weight for p in trainable)
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in trainable)
+
+
+def test_two_ranks_run_the_loop(tmp_path: Path, shapes: Path, teacher_checkpoint: Path) -> None:
+    """2 gloo ranks x 2 micro-batches, rank 1's first step without labels (no prompts: the
+    mask-prompt encoder takes no part there)."""
+    assignments = [
+        *base_assignments(shapes, teacher_checkpoint, tmp_path / "ddp"),
+        *SMALL_ONLINE,
+        *LOOP,
+        "train.batch_size=4",
+        "train.grad_accumulation=2",
+        "train.steps=2",
+    ]
+    rank_one = list(setup.step_batches(8, make_settings(*assignments), 0, 0, Distributed(1, 1, 2)))
+    unlabelled = [image_ids(shapes)[i] for i in (*rank_one[0], *rank_one[1])]
+    data = partly_labelled(shapes, tmp_path / "data", unlabelled)
+    config = tmp_path / "config.yaml"
+    config.write_text(make_settings(*assignments, f"data.train={data}").to_yaml())
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        torchrun(config, port=29541), capture_output=True, text=True, env=environment, timeout=300
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    records = train_records(tmp_path / "ddp")
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["task/focal"] > 0 and r["kd/t/decoder_kl"] > 0 for r in records)
+
+
+def square_targets(count: int, grid: int) -> torch.Tensor:
+    """`count x grid x grid` float squares, one per object, in different places."""
+    targets = torch.zeros(count, grid, grid)
+    for index in range(count):
+        start = 2 + 3 * index
+        targets[index, start : start + grid // 3, start : start + grid // 3] = 1.0
+    return targets
+
+
+@pytest.mark.parametrize("feedback_p", [1.0, 0.0])
+def test_each_iteration_adds_one_corrective_click_per_object(feedback_p: float) -> None:
+    torch.manual_seed(0)
+    student = build_sam(STUDENT, image_size=128)
+    teacher = build_sam(TEACHER, image_size=128)
+    with torch.no_grad():
+        embeddings = student.image_encoder(torch.randn(1, 3, 128, 128))
+        teacher_embeddings = teacher.image_encoder(torch.randn(1, 3, 128, 128))
+    groups = [
+        PromptGroup(0, torch.tensor([0, 1]), boxes=torch.tensor([[8.0, 8, 60, 60]] * 2)),
+        PromptGroup(
+            0,
+            torch.tensor([2]),
+            point_coords=torch.tensor([[[30.0, 30.0]]]),
+            point_labels=torch.tensor([[1]]),
+            input_size=(96, 128),
+        ),
+    ]
+    targets = square_targets(3, 32)
+    decoders = [
+        TeacherDecoder("t", teacher.prompt_encoder, teacher.mask_decoder, teacher_embeddings)
+    ]
+    loop = PromptLoop(3, feedback_p, "gt", "farthest")
+    built: list[tuple[list[PromptGroup], dict[str, list[PromptGroup]]]] = []
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        built.append(next_prompts(*args, **kwargs))
+        return built[-1]
+
+    with mock.patch.object(prompt_loop, "next_prompts", recorded):
+        iterations = run_prompt_loop(
+            loop, student.prompt_encoder, student.mask_decoder, embeddings, groups, targets,
+            decoders, record_upscaled=False, seed=3,
+        )  # fmt: skip
+    assert len(iterations) == 3 and len(built) == 2
+    assert iterations[0].student.ambiguous.tolist() == [False, False, True]
+    for index, (student_groups, teacher_groups) in enumerate(built):
+        previous = iterations[index]
+        labels = torch.cat([group.point_labels[:, -1] for group in student_groups])
+        cells = torch.cat([group.point_coords[:, -1] for group in student_groups]) // 4
+        predicted = current_logits(previous.student)[:, 0] > 0
+        for obj, (label, (x, y)) in enumerate(zip(labels, cells.long(), strict=True)):
+            missed = bool(targets[obj, y, x] > 0 and not predicted[obj, y, x])
+            extra = bool(predicted[obj, y, x] and not targets[obj, y, x] > 0)
+            assert int(label) == (1 if missed else 0 if extra else -1), (index, obj)
+        assert student_groups[1].point_coords.shape == (1, 2 + index, 2)
+        assert student_groups[0].point_coords.shape == (2, 1 + index, 2)
+        assert all(group.boxes is not None for group in (student_groups[0], teacher_groups["t"][0]))
+        fed = torch.cat([group.mask_feedback for group in student_groups])
+        assert fed.tolist() == [feedback_p == 1.0] * 3
+        own = torch.cat([group.mask_inputs for group in teacher_groups["t"]])
+        torch.testing.assert_close(own, current_logits(previous.teachers["t"]))
+        mine = torch.cat([group.mask_inputs for group in student_groups])
+        torch.testing.assert_close(mine, current_logits(previous.student).detach())
+        for theirs, ours in zip(teacher_groups["t"], student_groups, strict=True):
+            assert torch.equal(theirs.point_coords, ours.point_coords)
+            assert torch.equal(theirs.point_labels, ours.point_labels)
+    clicked = [int(label) for groups, _ in built for g in groups for label in g.point_labels[:, -1]]
+    assert set(clicked) - {-1}, "no click at all"
+    # The last object's image is 96 px high: its clicks stay in the top 24 of 32 rows.
+    assert all(group[1].point_coords[0, -1, 1] < 96 for group, _ in built)
