@@ -444,9 +444,10 @@ def render_report(report: FeatureFileReport, console: Any = None) -> None:
         shown = escape(
             "; ".join(f"{image.id}: {image.reason}" for image in report.skipped_images[:5])
         )
-        more = len(report.skipped_images) - 5
+        count = len(report.skipped_images)
+        more = count - 5
         console.print(
-            f"[yellow]{len(report.skipped_images)} images skipped at extraction "
+            f"[yellow]{count} image{'s' if count > 1 else ''} skipped at extraction "
             f"(data.on_error=skip; their features are zeros): {shown}"
             + (f"; and {more} more" if more > 0 else "")
             + "[/yellow]",

@@ -216,7 +216,7 @@ def leave_out_skipped(dataset: SegmentationDataset, store: FeatureStore) -> None
     dataset.records = [r for i, r in enumerate(dataset.records) if i not in skipped]
     first = min(skipped)
     logger.warning(
-        f"{store.path.name}: {len(skipped)} images were skipped at extraction and are left "
+        f"{store.path.name}: {len(skipped)} image(s) skipped at extraction and are left "
         f"out; first: '{store.image_ids[first]}' ({skipped[first]})"
     )
 
