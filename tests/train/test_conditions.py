@@ -288,6 +288,24 @@ def torchrun(config: Path, *extra: str, port: int) -> list[str]:
     ]  # fmt: skip
 
 
+def run_two_ranks_rank_one_unlabelled(
+    assignments: list[str], shapes: Path, tmp_path: Path, port: int
+) -> Path:
+    """Train under torchrun on 2 ranks, with every image rank 1 sees in the first step
+    unlabelled (a copy of `shapes` under tmp_path/data, returned)."""
+    rank_one = list(setup.step_batches(8, make_settings(*assignments), 0, 0, Distributed(1, 1, 2)))
+    unlabelled = [image_ids(shapes)[i] for i in (*rank_one[0], *rank_one[1])]
+    data = partly_labelled(shapes, tmp_path / "data", unlabelled)
+    config = tmp_path / "config.yaml"
+    config.write_text(make_settings(*assignments, f"data.train={data}").to_yaml())
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        torchrun(config, port=port), capture_output=True, text=True, env=environment, timeout=600
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return data
+
+
 def comparable(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "images_per_s"} for r in records]
 
@@ -321,16 +339,7 @@ def test_two_ranks_with_accumulation_equal_one_batch(
         "train.grad_accumulation=2",
         "train.steps=2",
     ]
-    rank_one = list(setup.step_batches(8, make_settings(*assignments), 0, 0, Distributed(1, 1, 2)))
-    unlabelled = [image_ids(shapes)[i] for i in (*rank_one[0], *rank_one[1])]
-    data = partly_labelled(shapes, tmp_path / "data", unlabelled)
-    config = tmp_path / "config.yaml"
-    config.write_text(make_settings(*assignments, f"data.train={data}").to_yaml())
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(
-        torchrun(config, port=29517), capture_output=True, text=True, env=environment, timeout=600
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    data = run_two_ranks_rank_one_unlabelled(assignments, shapes, tmp_path, port=29517)
     single = make_settings(*assignments, f"data.train={data}", "train.grad_accumulation=1")
     single.train.output_dir = tmp_path / "single"
     run_train(single)

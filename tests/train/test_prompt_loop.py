@@ -3,8 +3,6 @@ both teacher modes agree, mixed micro-batches (also under bf16 autocast), the ma
 encoder trains, no syncs, the `meta` device, and two DDP ranks."""
 
 import dataclasses
-import os
-import subprocess
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -34,7 +32,7 @@ from .test_conditions import (
     image_ids,
     meta_parts,
     partly_labelled,
-    torchrun,
+    run_two_ranks_rank_one_unlabelled,
     train_records,
 )
 from .test_syncs import STEP_ASSIGNMENTS, steps_with_syncs
@@ -227,16 +225,7 @@ def test_two_ranks_run_the_loop(tmp_path: Path, shapes: Path, teacher_checkpoint
         "train.grad_accumulation=2",
         "train.steps=2",
     ]
-    rank_one = list(setup.step_batches(8, make_settings(*assignments), 0, 0, Distributed(1, 1, 2)))
-    unlabelled = [image_ids(shapes)[i] for i in (*rank_one[0], *rank_one[1])]
-    data = partly_labelled(shapes, tmp_path / "data", unlabelled)
-    config = tmp_path / "config.yaml"
-    config.write_text(make_settings(*assignments, f"data.train={data}").to_yaml())
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(
-        torchrun(config, port=29541), capture_output=True, text=True, env=environment, timeout=300
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    run_two_ranks_rank_one_unlabelled(assignments, shapes, tmp_path, port=29541)
     records = train_records(tmp_path / "ddp")
     assert [r["step"] for r in records] == [1, 2]
     assert all(r["task/focal"] > 0 and r["kd/t/decoder_kl"] > 0 for r in records)
