@@ -15,7 +15,7 @@ import typer
 from loguru import logger
 
 from samkd import __version__
-from samkd.files import format_bytes
+from samkd.files import existing_folder, format_bytes
 from samkd.settings import Settings, SettingsError, load_settings
 
 TAP_HELP = (
@@ -114,11 +114,8 @@ def _free_space(error: OSError) -> str:
     """`(N free)` for a full disk, said where it is full."""
     if error.errno != errno.ENOSPC:
         return ""
-    folder = Path(error.filename).parent
-    try:
-        return f" ({format_bytes(shutil.disk_usage(folder).free)} free)"
-    except OSError:
-        return ""
+    free = shutil.disk_usage(existing_folder(Path(error.filename).parent)).free
+    return f" ({format_bytes(free)} free)"
 
 
 def resolve_settings(

@@ -103,13 +103,19 @@ def wait_for_paths(
         time.sleep(poll_seconds)
 
 
+def existing_folder(path: Path) -> Path:
+    """`path` or its nearest existing ancestor, for asking about its file system."""
+    path = path.resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_writable(folder: Path, what: str) -> None:
     """Raise `OutputNotWritable` unless files can be created in `folder`, or in the folder it
     would be made in: checked before long work by creating one (`os.access` says yes to root
     on a read-only file system), leaving nothing behind. `what` names the setting or option."""
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
+    existing = existing_folder(folder)
     if not existing.is_dir():
         raise OutputNotWritable(f"{what} {folder}: {existing} is a file, not a folder")
     probe = temporary_path(existing / "write-check")

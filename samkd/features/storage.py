@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from samkd.features.schema import FeatureStoreError
-from samkd.files import format_bytes
+from samkd.files import existing_folder, format_bytes
 
 FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 NOT_WRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
@@ -32,14 +32,6 @@ class StorageError(FeatureStoreError):
 def free_bytes(folder: Path) -> int:
     """Bytes that an unprivileged writer may still use on `folder`'s file system."""
     return shutil.disk_usage(folder).free
-
-
-def existing_folder(path: Path) -> Path:
-    """`path` or its nearest existing ancestor, for asking about its file system."""
-    path = path.resolve()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
 
 
 def storage_errno(error: BaseException, output: Path) -> tuple[int, str | None] | None:

@@ -68,12 +68,11 @@ from samkd.features.schema import (
 from samkd.features.storage import (
     StorageError,
     describe_storage_failure,
-    existing_folder,
     free_bytes,
     storage_errno,
     storage_errors,
 )
-from samkd.files import atomic_path, format_bytes, publish, temporary_path
+from samkd.files import atomic_path, existing_folder, format_bytes, publish, temporary_path
 from samkd.models.registry import DECODER_PREFIXES
 
 ArrayLike = np.ndarray | torch.Tensor

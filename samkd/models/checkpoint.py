@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from samkd.files import atomic_path, format_bytes
+from samkd.files import atomic_path, existing_folder, format_bytes
 
 WRAPPER_KEYS = ("model", "state_dict")
 DATA_PARALLEL_PREFIX = "module."
@@ -185,7 +185,7 @@ def write_torch_file(content: Any, path: Path) -> None:
             torch.save(content, temporary)
     # torch's zip writer reports a failed write as a RuntimeError, the open as an OSError.
     except (RuntimeError, OSError) as error:
-        free = format_bytes(shutil.disk_usage(path.parent).free) if path.parent.is_dir() else "?"
+        free = format_bytes(shutil.disk_usage(existing_folder(path.parent)).free)
         reason = getattr(error, "strerror", None) or "write failed"
         raise CheckpointError(f"{path}: cannot write: {reason} ({free} free there)") from None
 
