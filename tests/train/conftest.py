@@ -33,16 +33,29 @@ def unlabelled(tmp_path_factory: pytest.TempPathFactory, shapes: Path) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def teacher_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("weights") / "teacher.pt"
+def write_teacher_weights(path: Path, seed: int) -> Path:
+    """Random `TEACHER` weights, the same for the same seed."""
+    torch.manual_seed(seed)
     save_state_dict(build_sam(TEACHER), path)
     return path
 
 
+@pytest.fixture(scope="session")
+def teacher_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_teacher_weights(tmp_path_factory.mktemp("weights") / "teacher.pt", seed=1)
+
+
 def make_settings(*assignments: str) -> Settings:
     return load_settings(None, list(assignments), environ={})
+
+
+def precomputed_settings(
+    data: Path, teacher: Path, run_dir: Path, features: Path, *extra: str
+) -> Settings:
+    """The base settings training from `features`, plus `extra` assignments."""
+    return make_settings(
+        *base_assignments(data, teacher, run_dir), f"distillation.features={features}", *extra
+    )
 
 
 def base_assignments(data: Path, teacher: Path, run_dir: Path) -> list[str]:

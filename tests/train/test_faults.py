@@ -12,32 +12,28 @@ from loguru import logger
 from samkd.extract import run_extract
 from samkd.features import FeatureChecksumError, FeatureStore, FeatureStoreError
 from samkd.files import OutputNotWritable
-from samkd.models import build_sam, save_state_dict
 from samkd.train import run_train, setup
 from samkd.train.metrics_log import read_metrics
 from samkd.train.state import NonFiniteWeightsError, load_checkpoint
 
-from .conftest import TEACHER, base_assignments, make_settings
+from .conftest import (
+    TEACHER,
+    base_assignments,
+    make_settings,
+    precomputed_settings,
+    write_teacher_weights,
+)
 
 
 @pytest.fixture(scope="module")
 def other_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(2)
-    path = tmp_path_factory.mktemp("weights") / "other.pt"
-    save_state_dict(build_sam(TEACHER), path)
-    return path
-
-
-def precomputed(data: Path, teacher: Path, run_dir: Path, features: Path, *extra: str):
-    return make_settings(
-        *base_assignments(data, teacher, run_dir), f"distillation.features={features}", *extra
-    )
+    return write_teacher_weights(tmp_path_factory.mktemp("weights") / "other.pt", seed=2)
 
 
 def test_features_of_other_teacher_weights_are_refused(
     tmp_path: Path, shapes: Path, feature_file: Path, other_checkpoint: Path
 ) -> None:
-    settings = precomputed(shapes, other_checkpoint, tmp_path / "run", feature_file)
+    settings = precomputed_settings(shapes, other_checkpoint, tmp_path / "run", feature_file)
     with pytest.raises(FeatureStoreError) as error:
         run_train(settings)
     message = str(error.value)
@@ -50,7 +46,7 @@ def test_features_of_other_teacher_weights_are_refused(
 def test_features_of_another_model_type_are_refused(
     tmp_path: Path, shapes: Path, feature_file: Path
 ) -> None:
-    settings = precomputed(
+    settings = precomputed_settings(
         shapes, Path("unused"), tmp_path / "run", feature_file,
         "teachers=[{name: t, model_type: vit_t_mini}]",
     )  # fmt: skip
@@ -61,7 +57,7 @@ def test_features_of_another_model_type_are_refused(
 def test_features_without_the_checkpoint_are_used_as_stored(
     tmp_path: Path, shapes: Path, feature_file: Path
 ) -> None:
-    settings = precomputed(
+    settings = precomputed_settings(
         shapes, Path("unused"), tmp_path / "run", feature_file,
         f"teachers=[{{name: t, model_type: {TEACHER}}}]", "train.steps=1",
     )  # fmt: skip
@@ -74,7 +70,7 @@ def test_weights_that_turn_nonfinite_are_never_saved(
     # A finite loss and a huge learning rate: the first update makes the weights infinite,
     # the steps after it are skipped (non-finite loss) until the checkpoint check stops it.
     run_dir = tmp_path / "run"
-    settings = precomputed(
+    settings = precomputed_settings(
         shapes, teacher_checkpoint, run_dir, feature_file,
         "train.lr=1e300", "train.grad_clip=0", "train.steps=4", "train.checkpoint_every=1",
         "train.max_nonfinite_steps=10",
@@ -88,7 +84,9 @@ def test_weights_that_turn_nonfinite_are_never_saved(
     assert list((run_dir / "checkpoints").glob("*")) == []
     assert read_metrics(run_dir / "metrics.jsonl")[0]["lr"] > 1e200
     # Without a checkpoint, the folder takes a new run, whose log starts afresh.
-    settings = precomputed(shapes, teacher_checkpoint, run_dir, feature_file, "train.steps=1")
+    settings = precomputed_settings(
+        shapes, teacher_checkpoint, run_dir, feature_file, "train.steps=1"
+    )
     run_train(settings)
     records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
     assert len(records) == 1 and records[0]["lr"] <= 1e-3
@@ -100,7 +98,7 @@ def test_the_last_good_checkpoint_is_good(
     # Step 1's update is huge but finite; step 2's forward makes the batch-norm statistics
     # infinite.
     run_dir = tmp_path / "run"
-    settings = precomputed(
+    settings = precomputed_settings(
         shapes, teacher_checkpoint, run_dir, feature_file,
         "train.lr=1e30", "train.grad_clip=0", "train.steps=3", "train.checkpoint_every=1",
     )  # fmt: skip
@@ -120,7 +118,7 @@ def test_a_read_only_run_folder_fails_before_training(
     tmpfs, shapes: Path, teacher_checkpoint: Path, feature_file: Path
 ) -> None:
     folder = tmpfs("disk", "64k", read_only=True)
-    settings = precomputed(shapes, teacher_checkpoint, folder / "run", feature_file)
+    settings = precomputed_settings(shapes, teacher_checkpoint, folder / "run", feature_file)
     with pytest.raises(OutputNotWritable, match=f"train.output_dir {folder}/run is not writable"):
         run_train(settings)
 
@@ -139,7 +137,7 @@ def corrupted_features(tmp_path: Path, feature_file: Path) -> Path:
 def test_a_corrupted_feature_row_stops_training(
     tmp_path: Path, shapes: Path, teacher_checkpoint: Path, corrupted_features: Path
 ) -> None:
-    settings = precomputed(
+    settings = precomputed_settings(
         shapes, teacher_checkpoint, tmp_path / "run", corrupted_features,
         "train.batch_size=8", "train.steps=1",
     )  # fmt: skip
@@ -165,7 +163,7 @@ def test_a_corrupted_feature_row_is_skipped_on_request(
         return item
 
     monkeypatch.setattr(setup.DistillationDataset, "__getitem__", recording)
-    settings = precomputed(
+    settings = precomputed_settings(
         shapes, teacher_checkpoint, tmp_path / "run", corrupted_features,
         "train.batch_size=8", "train.steps=1", "data.on_error=skip",
     )  # fmt: skip

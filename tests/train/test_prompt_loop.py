@@ -26,7 +26,7 @@ from samkd.train.prompt_loop import (
 from samkd.train.step import DistillationStep, micro_step
 from samkd.train.terms import UnitCounts
 
-from .conftest import STUDENT, TEACHER, base_assignments, make_settings
+from .conftest import STUDENT, TEACHER, base_assignments, make_settings, precomputed_settings
 from .test_conditions import (
     final_weights,
     image_ids,
@@ -157,13 +157,10 @@ def test_the_mask_prompt_encoder_trains_only_in_the_loop(
 def test_teacher_clicks_need_the_decoder_terms(
     tmp_path: Path, shapes: Path, teacher_checkpoint: Path, feature_file: Path
 ) -> None:
-    settings = make_settings(
-        *base_assignments(shapes, teacher_checkpoint, tmp_path / "run"),
-        *LOOP,
-        f"distillation.features={feature_file}",
-        "train.click_target=teacher",
-        "train.steps=1",
-    )
+    settings = precomputed_settings(
+        shapes, teacher_checkpoint, tmp_path / "run", feature_file,
+        *LOOP, "train.click_target=teacher", "train.steps=1",
+    )  # fmt: skip
     with pytest.raises(UsageError, match="click_target teacher needs the teachers' decoders"):
         run_train(settings)
 
@@ -171,15 +168,11 @@ def test_teacher_clicks_need_the_decoder_terms(
 def test_looped_steps_do_not_sync(
     tmp_path: Path, shapes: Path, teacher_checkpoint: Path, feature_file: Path
 ) -> None:
-    settings = make_settings(
-        *base_assignments(shapes, teacher_checkpoint, tmp_path / "run"),
-        *STEP_ASSIGNMENTS,
-        *LOOP,
-        f"distillation.features={feature_file}",
-        "distillation.decoder.enabled=true",
-        "train.click_target=teacher",
-        "train.steps=1",
-    )
+    settings = precomputed_settings(
+        shapes, teacher_checkpoint, tmp_path / "run", feature_file,
+        *STEP_ASSIGNMENTS, *LOOP, "distillation.decoder.enabled=true",
+        "train.click_target=teacher", "train.steps=1",
+    )  # fmt: skip
     assert steps_with_syncs(settings) == [[]]
 
 
