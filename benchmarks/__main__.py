@@ -1,6 +1,6 @@
 """Run the benchmarks and rewrite BENCHMARKS.md.
 
-python -m benchmarks                          # everything (under 15 minutes on 2 cores)
+python -m benchmarks                          # everything (about 25 minutes on 2 cores)
 python -m benchmarks --only train_step        # one section; the others are kept
 python -m benchmarks --quick --output out.md  # tiny sizes, to check that all of it runs
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from benchmarks import (
+    efficacy,
     extraction,
     feature_store,
     loss_cost,
@@ -32,6 +33,7 @@ BENCHMARKS: dict[str, Callable[[bool], Section]] = {
     train_step.NAME: train_step.run,
     preset_speed.NAME: preset_speed.run,
     teacher_fast_path.NAME: teacher_fast_path.run,
+    efficacy.NAME: efficacy.run,
 }
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 SECTION_PATTERN = re.compile(r"<!-- benchmark:(\S+) -->\n(.*?)<!-- /benchmark:\1 -->", re.S)

@@ -110,6 +110,15 @@ class PromptSettings(StrictModel):
     max_points: int = Field(1, ge=1, description="most positive points per object")
     num_negative_points: int = Field(0, ge=0, description="negative points per object")
     max_objects: int = Field(16, ge=1, description="objects per image at most")
+    unlabelled: Literal["none", "points", "teacher_masks"] = Field(
+        "none",
+        description="prompts for images without masks: none (encoder terms only), points "
+        "(single points on a jittered grid), teacher_masks (boxes or points from the teacher's "
+        "automatic masks, `samkd extract --pseudo-masks`); decoder terms match the teacher",
+    )
+    unlabelled_points: int = Field(
+        8, ge=1, description="point prompts per unlabelled image with unlabelled: points"
+    )
 
     @model_validator(mode="after")
     def _point_range(self) -> PromptSettings:
@@ -446,6 +455,11 @@ class TrainSettings(StrictModel):
         description="a click goes to the error pixel farthest from the region's border, or to "
         "a seeded random pixel of it",
     )
+    pseudo_mask_weight: NonNegativeFloat = Field(
+        0.0,
+        description="weight of SAM's task loss on teacher masks of unlabelled images "
+        "(data.prompts.unlabelled: teacher_masks; ground truth weighs 1; 0: decoder terms only)",
+    )
     augment: AugmentSettings = Field(AugmentSettings(), description="training-time augmentation")
 
 
@@ -725,6 +739,27 @@ class Settings(BaseSettings):
                 "extract.compile",
                 "extract.fast_teacher",
                 "extract.device",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _label_free_consistent(self) -> Settings:
+        unlabelled = self.data.prompts.unlabelled
+        decoder = self.distillation.decoder
+        if unlabelled != "none" and not (self.teachers and decoder.enabled and decoder.weight):
+            raise SettingsConflict(
+                f"data.prompts.unlabelled {unlabelled} needs the teachers' decoders: set "
+                "teachers and distillation.decoder.enabled, or unlabelled: none",
+                "data.prompts.unlabelled",
+                "distillation.decoder.enabled",
+                "teachers",
+            )
+        if self.train.pseudo_mask_weight and unlabelled != "teacher_masks":
+            raise SettingsConflict(
+                f"train.pseudo_mask_weight {self.train.pseudo_mask_weight} weighs teacher masks, "
+                f"but data.prompts.unlabelled is {unlabelled}; expected teacher_masks",
+                "train.pseudo_mask_weight",
+                "data.prompts.unlabelled",
             )
         return self
 

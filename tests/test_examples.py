@@ -15,7 +15,14 @@ from samkd.settings import Settings, load_settings
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SETTINGS_FILES = sorted(EXAMPLES.glob("*/*.yaml"))
-FOLDERS = ["mobilesam_recipe", "finetune_all_terms", "finetune_online", "multi_gpu", "cpu_demo"]
+FOLDERS = [
+    "mobilesam_recipe",
+    "finetune_all_terms",
+    "finetune_online",
+    "multi_gpu",
+    "cpu_demo",
+    "label_free",
+]
 runner = CliRunner()
 
 

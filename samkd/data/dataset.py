@@ -246,16 +246,7 @@ class SegmentationDataset(Dataset[Sample]):
         )
         if self.prompt_sampler is None:
             return sample
-        prompts = self.prompt_sampler.sample(loaded.masks, seed=self.seed, index=index)
-        return replace(
-            sample,
-            prompt_boxes=_float_tensor(resize_boxes(prompts.boxes, original_size, self.image_size)),
-            point_coords=_float_tensor(
-                resize_coords(prompts.point_coords, original_size, self.image_size)
-            ),
-            point_labels=torch.from_numpy(prompts.point_labels),
-            prompt_kinds=prompts.kinds,
-        )
+        return with_prompts(sample, loaded.masks, self.prompt_sampler, self.seed, self.image_size)
 
     def validate(self) -> list[str]:
         """Decode every image and mask once; drop what fails and record it in ``skipped``.
@@ -291,6 +282,24 @@ class SegmentationDataset(Dataset[Sample]):
                 continue
             good.append(source)
         return replace(record, mask_sources=tuple(good))
+
+
+def with_prompts(
+    sample: Sample, masks: np.ndarray, sampler: PromptSampler, seed: int, image_size: int
+) -> Sample:
+    """`sample` with `masks` (`N x H x W` bool, original frame) as its objects, and prompts
+    drawn from them by `sampler`, fixed by `(seed, sample.index)`."""
+    prompts = sampler.sample(masks, seed=seed, index=sample.index)
+    size = sample.original_size
+    return replace(
+        sample,
+        masks=torch.from_numpy(masks),
+        boxes=torch.from_numpy(masks_to_boxes(masks)),
+        prompt_boxes=_float_tensor(resize_boxes(prompts.boxes, size, image_size)),
+        point_coords=_float_tensor(resize_coords(prompts.point_coords, size, image_size)),
+        point_labels=torch.from_numpy(prompts.point_labels),
+        prompt_kinds=prompts.kinds,
+    )
 
 
 def _float_tensor(array: np.ndarray) -> torch.Tensor:

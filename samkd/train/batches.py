@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from samkd.data import Sample, SegmentationDataset
 from samkd.features import FeatureStore, FeatureStoreError
+from samkd.train.label_free import LabelFree
 
 LOW_RES_FACTOR = 4  # SAM's mask logits are 4x the embedding grid: image_size / 4
 
@@ -41,7 +42,9 @@ class TrainingSample:
     low_res_targets: `N x S/4 x S/4` float ground truth in the padded input frame;
     teacher_features: `{teacher: {tap: tensor}}` from the feature file (empty when online);
     teacher_image: `3 x S x S` input of online teachers when photometric changes made the
-    student's differ (None: the same as the student's).
+    student's differ (None: the same as the student's); task_weights: `N` weight of each
+    object in SAM's task loss, set for an image prompted without masks (`LabelFree`; its
+    objects without a target have zero targets and weight 0), None: every object weighs 1.
     """
 
     sample: Sample
@@ -49,6 +52,7 @@ class TrainingSample:
     teacher_features: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     flipped: bool = False
     teacher_image: torch.Tensor | None = None
+    task_weights: torch.Tensor | None = None
 
 
 @dataclass
@@ -65,6 +69,16 @@ class TrainingBatch:
         """What was left out of this batch under `on_error="skip"`, as messages."""
         return [message for item in self.samples for message in item.sample.skipped]
 
+    def num_targets(self) -> int:
+        """Objects with a task-loss target (weight above 0). Reads the weights: call it while
+        they are on the host."""
+        return sum(
+            len(item.sample.prompt_kinds)
+            if item.task_weights is None
+            else int((item.task_weights > 0).sum())
+            for item in self.samples
+        )
+
     def teacher_inputs(self) -> torch.Tensor:
         return self.images if self.teacher_images is None else self.teacher_images
 
@@ -73,6 +87,8 @@ class TrainingBatch:
         copy waits for all the work already queued on the device."""
         for item in self.samples:
             item.low_res_targets = item.low_res_targets.to(device, non_blocking=True)
+            if item.task_weights is not None:
+                item.task_weights = item.task_weights.to(device, non_blocking=True)
             item.teacher_features = {
                 teacher: {tap: t.to(device, non_blocking=True) for tap, t in taps.items()}
                 for teacher, taps in item.teacher_features.items()
@@ -90,6 +106,8 @@ class TrainingBatch:
             self.teacher_images = self.teacher_images.pin_memory()
         for item in self.samples:
             item.low_res_targets = item.low_res_targets.pin_memory()
+            if item.task_weights is not None:
+                item.task_weights = item.task_weights.pin_memory()
             item.teacher_features = {
                 teacher: {tap: tensor.pin_memory() for tap, tensor in taps.items()}
                 for teacher, taps in item.teacher_features.items()
@@ -124,11 +142,13 @@ class DistillationDataset(Dataset[TrainingSample]):
         store: FeatureStore | None,
         augmentation: Augmentation,
         seed: int,
+        label_free: LabelFree | None = None,
     ) -> None:
         self.dataset = dataset
         self.store = store
         self.augmentation = augmentation
         self.seed = seed
+        self.label_free = label_free or LabelFree()
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -141,6 +161,10 @@ class DistillationDataset(Dataset[TrainingSample]):
 
     def __getitem__(self, index: int) -> TrainingSample:
         sample, features = self._sample_with_features(index)
+        task_weights = None
+        if self.label_free.mode != "none" and not sample.prompt_kinds:
+            prompt_rng = np.random.default_rng((self.seed, self.epoch, index, 11))
+            sample, task_weights = self.label_free.prompt(sample, self.dataset, prompt_rng)
         rng = np.random.default_rng((self.seed, self.epoch, index, 7))
         flip = bool(rng.random() < self.augmentation.flip_probability)
         if flip:
@@ -151,7 +175,9 @@ class DistillationDataset(Dataset[TrainingSample]):
         sample.image = photometric(clean_image, sample.input_size, self.augmentation, rng)
         teacher_image = None if sample.image is clean_image else clean_image
         targets = low_res_targets(sample.masks, sample.input_size, sample.image.shape[-1])
-        return TrainingSample(sample, targets, features, flip, teacher_image)
+        if len(targets) < len(sample.prompt_kinds):  # grid points: no target
+            targets = targets.new_zeros(len(sample.prompt_kinds), *targets.shape[1:])
+        return TrainingSample(sample, targets, features, flip, teacher_image, task_weights)
 
     def _sample_with_features(self, index: int) -> tuple[Sample, dict[str, dict[str, Tensor]]]:
         """The sample and its stored features. Under `on_error="skip"` the store reads a

@@ -27,7 +27,8 @@ class PromptGroup:
     objects: `n` indices into the image's objects (on the training device, so that indexing
     device tensors with them needs no host-to-device copy); input_size: the image's `(h, w)`
     before padding; mask_inputs: `n x 1 x 4h x 4w` low-resolution logits given as mask prompts
-    where `mask_feedback` (`n` bool) is set (the prompt loop's later iterations).
+    where `mask_feedback` (`n` bool) is set (the prompt loop's later iterations);
+    task_weights: `n` weights of the objects in SAM's task loss (None: all 1; 0: no target).
     """
 
     sample: int
@@ -38,6 +39,7 @@ class PromptGroup:
     input_size: tuple[int, int] | None = None
     mask_inputs: torch.Tensor | None = None
     mask_feedback: torch.Tensor | None = None
+    task_weights: torch.Tensor | None = None
 
     def ambiguous(self) -> torch.Tensor:
         """`n` bool, on the prompts' device: objects prompted by one point alone, for which SAM
@@ -76,10 +78,18 @@ def prompt_groups(batch: TrainingBatch, device: torch.device) -> list[PromptGrou
         boxed = [i for i, kind in enumerate(sample.prompt_kinds) if kind == "box"]
         pointed = [i for i, kind in enumerate(sample.prompt_kinds) if kind == "points"]
         size = sample.input_size
+        weights = item.task_weights
         if boxed and sample.prompt_boxes is not None:
             index = torch.tensor(boxed)
-            boxes = to_device(sample.prompt_boxes[index])
-            groups.append(PromptGroup(position, to_device(index), boxes=boxes, input_size=size))
+            groups.append(
+                PromptGroup(
+                    position,
+                    to_device(index),
+                    boxes=to_device(sample.prompt_boxes[index]),
+                    input_size=size,
+                    task_weights=None if weights is None else weights[to_device(index)],
+                )
+            )
         if pointed and sample.point_coords is not None and sample.point_labels is not None:
             index = torch.tensor(pointed)
             groups.append(
@@ -89,6 +99,7 @@ def prompt_groups(batch: TrainingBatch, device: torch.device) -> list[PromptGrou
                     point_coords=to_device(sample.point_coords[index]),
                     point_labels=to_device(sample.point_labels[index]),
                     input_size=size,
+                    task_weights=None if weights is None else weights[to_device(index)],
                 )
             )
     return groups
@@ -98,6 +109,21 @@ def group_targets(batch: TrainingBatch, groups: Sequence[PromptGroup]) -> torch.
     """Low-resolution ground truth `N x 4h x 4w` in the order of `groups`' objects."""
     return torch.cat(
         [batch.samples[group.sample].low_res_targets[group.objects] for group in groups]
+    )
+
+
+def group_task_weights(groups: Sequence[PromptGroup]) -> torch.Tensor | None:
+    """`N` task-loss weights in the order of `groups`' objects; None when every object weighs 1
+    (ground truth only)."""
+    if all(group.task_weights is None for group in groups):
+        return None
+    return torch.cat(
+        [
+            torch.ones(len(group.objects), device=group.objects.device)
+            if group.task_weights is None
+            else group.task_weights
+            for group in groups
+        ]
     )
 
 

@@ -46,6 +46,7 @@ from samkd.train.state import (
     set_rng_state,
 )
 from samkd.train.step import DistillationStep, StepParts, train_step
+from samkd.train.teacher_masks import label_free_of
 from samkd.train.validation import validate_and_adapt
 
 EXPORT_NAME = "student.pt"
@@ -117,8 +118,9 @@ def _train(
         logger.info("DDP over {} ranks, find_unused_parameters=False", dist.world_size)
     trained: torch.nn.Module = step_module if ddp is None else ddp
     forward: Any = torch.compile(trained) if settings.train.compile else trained
+    label_free = label_free_of(settings, train_data, store, teachers, precision, console)
     dataset = DistillationDataset(
-        train_data, store, setup.augmentation_of(settings), settings.train.seed
+        train_data, store, setup.augmentation_of(settings), settings.train.seed, label_free
     )
     validation = setup.build_validation(settings, teachers, device, precision, dist)
 

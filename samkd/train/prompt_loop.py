@@ -25,7 +25,7 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder
 
 from samkd.settings import TrainSettings
 from samkd.train.clicks import ClickMode, hash_uniform, mix_seed, sample_clicks
-from samkd.train.forward import DecoderOutputs, PromptGroup, run_decoder
+from samkd.train.forward import DecoderOutputs, PromptGroup, group_task_weights, run_decoder
 
 
 @dataclass(frozen=True)
@@ -128,16 +128,23 @@ def next_prompts(
     """The student's and each teacher's groups of the next iteration (call under `no_grad`):
     the same points, each with its own previous logits as mask prompts.
 
-    targets: ground truth `N x 4h x 4w` (needed with `click_target: gt`); seed: this
+    targets: ground truth `N x 4h x 4w` (needed with `click_target: gt`; objects without a
+    target, task weight 0, are clicked towards the first teacher's mask); seed: this
     iteration's (for random clicks and the feedback draws).
     """
     logits = current_logits(iteration.student)
+    teacher_masks = None
+    if iteration.teachers:
+        teacher_masks = current_logits(next(iter(iteration.teachers.values())))[:, 0] > 0
+    weights = group_task_weights(groups)
     if loop.click_target == "teacher":
-        first = next(iter(iteration.teachers.values()))
-        wanted = current_logits(first)[:, 0] > 0
+        assert teacher_masks is not None
+        wanted = teacher_masks
     else:
         assert targets is not None
         wanted = targets > 0.5
+        if weights is not None and teacher_masks is not None:
+            wanted = torch.where(weights[:, None, None] > 0, wanted, teacher_masks)
     grid = logits.shape[-1]
     valid = valid_region(groups, grid, image_size)
     clicks = sample_clicks(logits[:, 0] > 0, wanted, loop.click_mode, mix_seed(seed, 0), valid)

@@ -20,10 +20,12 @@ from samkd.settings import Settings
 from samkd.train.batches import TrainingBatch
 from samkd.train.clicks import mix_seed
 from samkd.train.forward import (
+    DecoderOutputs,
     PromptGroup,
     decoder_features,
     encoder_forward,
     group_targets,
+    group_task_weights,
     prompt_groups,
     run_decoder,
 )
@@ -101,7 +103,7 @@ class DistillationStep(nn.Module):
                 record_upscaled=DECODER_UPSCALED in self.decoder_taps,
                 seed=seed,
             )
-            means.update(self._loop_means(iterations, targets))
+            means.update(self._loop_means(iterations, targets, group_task_weights(groups)))
         elif groups:
             decoded = run_decoder(
                 self.student.prompt_encoder,
@@ -112,9 +114,7 @@ class DistillationStep(nn.Module):
             )
             student_features.update(decoder_features(decoded, self.decoder_taps))
             if self.task_loss and targets is not None:
-                task = sam_task_loss(decoded.mask_logits, decoded.iou, targets, decoded.ambiguous)
-                means.update({f"task/{name}": value for name, value in task.items()})
-                means[TASK_TOTAL] = combine_task_losses(task)
+                means.update(task_terms(decoded, targets, group_task_weights(groups)))
         if self.objective is not None:
             with_decoder = bool(groups) and not looped
             means.update(self.objective(student_features, teachers, with_decoder=with_decoder))
@@ -133,7 +133,10 @@ class DistillationStep(nn.Module):
         return loss, sums
 
     def _loop_means(
-        self, iterations: Sequence[Iteration], targets: torch.Tensor | None
+        self,
+        iterations: Sequence[Iteration],
+        targets: torch.Tensor | None,
+        task_weights: torch.Tensor | None,
     ) -> dict[str, torch.Tensor]:
         """Each task and decoder term's mean over the prompt loop's iterations."""
         per_iteration = []
@@ -141,9 +144,7 @@ class DistillationStep(nn.Module):
             terms: dict[str, torch.Tensor] = {}
             decoded = iteration.student
             if self.task_loss and targets is not None:
-                task = sam_task_loss(decoded.mask_logits, decoded.iou, targets, decoded.ambiguous)
-                terms.update({f"task/{name}": value for name, value in task.items()})
-                terms[TASK_TOTAL] = combine_task_losses(task)
+                terms.update(task_terms(decoded, targets, task_weights))
             if self.objective is not None:
                 student = decoder_features(decoded, self.decoder_taps)
                 teachers = {
@@ -165,6 +166,17 @@ class DistillationStep(nn.Module):
     def _decoder_parameters(self) -> list[nn.Parameter]:
         parts = (self.student.prompt_encoder, self.student.mask_decoder)
         return [p for part in parts for p in part.parameters() if p.requires_grad]
+
+
+def task_terms(
+    decoded: DecoderOutputs, targets: torch.Tensor, weights: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """SAM's task terms and their total for decoded objects with targets `N x 4h x 4w`
+    (`weights`: `N`, see `sam_task_loss`)."""
+    task = sam_task_loss(decoded.mask_logits, decoded.iou, targets, decoded.ambiguous, weights)
+    terms = {f"task/{name}": value for name, value in task.items()}
+    terms[TASK_TOTAL] = combine_task_losses(task)
+    return terms
 
 
 @dataclass(frozen=True)
@@ -218,6 +230,7 @@ def step_unit_counts(
         images=sum(c.images for c in micro_counts),
         objects=sum(c.objects for c in micro_counts),
         batches=len(micro_counts),
+        targets=sum(c.objects if c.targets is None else c.targets for c in micro_counts),
     ).vector(device)
     if dist.enabled:
         torch.distributed.all_reduce(total)
@@ -237,11 +250,12 @@ def train_step(
     """
     step_module = step_module_of(parts.forward)
     schema = step_module.schema
+    targets = [batch.num_targets() for batch in micro_batches]  # on the host, before the copy
     batches = [batch.to(parts.device) for batch in micro_batches]
     groups = [prompt_groups(batch, parts.device) for batch in batches]
     counts = [
-        UnitCounts(batch.images.shape[0], sum(len(group.objects) for group in batch_groups))
-        for batch, batch_groups in zip(batches, groups, strict=True)
+        UnitCounts(batch.images.shape[0], sum(len(g.objects) for g in batch_groups), targets=n)
+        for batch, batch_groups, n in zip(batches, groups, targets, strict=True)
     ]
     objective = step_module.objective
     lambda_kd = 0.0 if objective is None else objective.kd_weight.value

@@ -60,13 +60,15 @@ def sam_task_loss(
     iou_predictions: torch.Tensor,
     targets: torch.Tensor,
     ambiguous: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Focal, dice and IoU losses of N objects, each averaged over the objects.
 
     mask_logits: `N x M x h x w`; iou_predictions: `N x M`; targets: `N x h x w` in {0, 1}
     (ground truth at the logits' resolution). With SAM's four outputs (`M = 4`) and
     `ambiguous` (`N` bool), ambiguous objects use the best of outputs 1-3 and the others
-    output 0; otherwise every object uses the best of its M outputs.
+    output 0; otherwise every object uses the best of its M outputs. With `weights` (`N`,
+    >= 0), each loss is `sum(w_i * loss_i)` over the number of objects with `w_i > 0`.
     Returns `{"focal", "dice", "iou_mse"}`.
     """
     logits = mask_logits.float()
@@ -83,11 +85,13 @@ def sam_task_loss(
     true_iou = binary_iou(logits.detach(), expanded)
     squared = (iou_predictions.float() - true_iou) ** 2
     iou_mse = (squared * scored).sum(dim=1) / scored.sum(dim=1)
-    return {
-        "focal": focal.gather(1, best).mean(),
-        "dice": dice.gather(1, best).mean(),
-        "iou_mse": iou_mse.mean(),
-    }
+    per_object = {"focal": focal.gather(1, best)[:, 0], "dice": dice.gather(1, best)[:, 0]}
+    per_object["iou_mse"] = iou_mse
+    if weights is None:
+        return {name: values.mean() for name, values in per_object.items()}
+    weights = weights.float()
+    count = (weights > 0).sum().clamp_min(1)
+    return {name: (weights * values).sum() / count for name, values in per_object.items()}
 
 
 def combine_task_losses(terms: dict[str, torch.Tensor]) -> torch.Tensor:

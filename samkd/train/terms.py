@@ -1,8 +1,9 @@
 """The loss terms of a run, fixed at set-up, and how each is normalised.
 
-Every term is a mean over its *units*: SAM's task terms and the decoder terms over prompted
-objects, the encoder, attention and (per-image) RKD terms over images, across-batch RKD over
-micro-batches. A micro-step reports each term as a sum over its units and the number of
+Every term is a mean over its *units*: SAM's task terms over the objects that have a target
+(ground truth, or teacher masks weighed by `train.pseudo_mask_weight`), the decoder terms over
+all prompted objects (label-free prompts included), the encoder, attention and (per-image) RKD
+terms over images, across-batch RKD over micro-batches. A micro-step reports each term as a sum over its units and the number of
 units, `K` values each, in the schema's order: a micro-batch without prompts reports its
 object terms as 0 over 0 objects, so the vector has the same names on every rank and in every
 micro-step, and reducing it over ranks is one collective of fixed size.
@@ -27,22 +28,26 @@ import torch
 
 from samkd.train.task_loss import TASK_WEIGHTS
 
-UNITS = ("image", "object", "batch", "step")
+UNITS = ("image", "object", "batch", "step", "target")
 TASK_TOTAL, KD_WEIGHTED, LOSS_TOTAL = "task/total", "kd/weighted", "loss/total"
 
 
 @dataclass(frozen=True)
 class UnitCounts:
-    """How many of each unit a micro-step covers, or a whole step (on every rank)."""
+    """How many of each unit a micro-step covers, or a whole step (on every rank).
+
+    targets: the objects with a task-loss target (weight above 0); None: all of them."""
 
     images: int
     objects: int
     batches: int = 1
     steps: int = 1
+    targets: int | None = None
 
     def vector(self, device: torch.device) -> torch.Tensor:
-        """float32 `4` in the order of `UNITS`; the copy does not block."""
-        values = [self.images, self.objects, self.batches, self.steps]
+        """float32 `5` in the order of `UNITS`; the copy does not block."""
+        targets = self.objects if self.targets is None else self.targets
+        values = [self.images, self.objects, self.batches, self.steps, targets]
         return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
 
 
@@ -79,8 +84,8 @@ class TermSchema:
         weight, unit, in order), then the derived values."""
         rows: list[tuple[str, str, float, bool]] = []
         if task:
-            rows += [(f"task/{name}", "object", weight, False) for name, weight in TASK_WEIGHTS]
-            rows.append((TASK_TOTAL, "object", 0.0, False))
+            rows += [(f"task/{name}", "target", weight, False) for name, weight in TASK_WEIGHTS]
+            rows.append((TASK_TOTAL, "target", 0.0, False))
         rows += [(name, unit, weight, True) for name, (weight, unit) in distillation.items()]
         if distillation:
             rows.append((KD_WEIGHTED, "step", 0.0, False))

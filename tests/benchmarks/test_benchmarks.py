@@ -14,6 +14,7 @@ SECTIONS = (
     "train_step",
     "preset_speed",
     "teacher_fast_path",
+    "efficacy",
 )
 
 
