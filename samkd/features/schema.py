@@ -81,11 +81,11 @@ PSEUDO_MASKS_SCHEMA_VERSION = 3
 READABLE_SCHEMA_VERSIONS = (SCHEMA_VERSION, SKIPPED_SCHEMA_VERSION, PSEUDO_MASKS_SCHEMA_VERSION)
 # Bytes of one image's pseudo-masks, for the space estimates: per mask, its record (keys and
 # numbers) and RLE_BYTES_PER_SIDE per pixel of H + W of the image. The compressed RLE of a
-# compact mask takes 2 to 4 bytes per column it spans, so this is generous for such masks;
-# a mask of many parts or holes can take more. Per row, a variable-length string reference,
-# a crc32 and a count.
+# compact mask takes 2 to 4 bytes per column it spans (at most W), so this is at least twice
+# that; a mask of many parts or holes can take more. Per row, a variable-length string
+# reference, a crc32 and a count.
 MASK_RECORD_BYTES = 128
-RLE_BYTES_PER_SIDE = 16
+RLE_BYTES_PER_SIDE = 8
 PSEUDO_MASK_ROW_BYTES = 16 + 4 + 4
 # The extract setting behind each entry of a plan's `compute` record.
 COMPUTE_SETTINGS = {"precision": "precision", "attention": "fast_teacher"}

@@ -27,7 +27,9 @@ from samkd.features import (
     FeatureStoreError,
     inspect_feature_file,
     open_for_extraction,
+    planned_bytes,
     render_report,
+    space_needed,
 )
 from samkd.features.layout import read_index_file
 from samkd.features.pseudo_masks import (
@@ -169,6 +171,22 @@ def test_written_masks_read_back_in_both_layouts(tmp_path: Path, layout: str) ->
         assert "pseudo_masks" not in handle["teachers/vit_b"]
 
 
+def test_the_space_estimates_cover_what_the_masks_add(tmp_path: Path) -> None:
+    plain, masks = make_plan(num_images=8), make_plan(num_images=8, pseudo_masks=PSEUDO_MASKS)
+    pending = {teacher: list(range(8)) for teacher in plain.teacher_names}
+    sizes = []
+    for plan in (plain, masks):
+        output = tmp_path / f"{len(sizes)}.h5"
+        needed = space_needed(output, plan, pending)
+        extract(output, plan, layout="virtual")  # keeps the shards
+        shards = sum(path.stat().st_size for path in parts_dir(output).rglob("part-*.h5"))
+        sizes.append((needed, shards, output.stat().st_size))
+    (plain_needed, plain_shards, plain_file), (needed, shards, file) = sizes
+    assert 0 < shards - plain_shards < needed.shards - plain_needed.shards
+    assert 0 < file - plain_file < needed.joined - plain_needed.joined
+    assert planned_bytes(masks) - planned_bytes(plain) > file - plain_file
+
+
 def test_a_damaged_row_fails_its_checksum(tmp_path: Path) -> None:
     output = extract(tmp_path / "features.h5", make_plan(num_images=4, pseudo_masks=PSEUDO_MASKS))
     assert output is not None
@@ -290,6 +308,7 @@ def test_other_generator_options_are_a_different_plan() -> None:
             "extract.pseudo_masks.enabled needs teacher 'a' to store encoder.embed",
         ),
     ],
+    ids=["unknown teacher", "no embedding"],
 )
 def test_settings_name_a_teacher_that_stores_embeddings(
     assignments: list[str], message: str
