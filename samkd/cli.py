@@ -166,6 +166,14 @@ def extract(
     tap: Annotated[
         list[str] | None, typer.Option(help="Feature tap to store (repeatable).")
     ] = None,
+    pseudo_masks: Annotated[
+        bool,
+        typer.Option(
+            "--pseudo-masks",
+            help="Also store a teacher's automatic masks of each image "
+            "(extract.pseudo_masks.enabled; options under extract.pseudo_masks).",
+        ),
+    ] = False,
     print_config: PrintConfigOption = False,
 ) -> None:
     """Run teachers over a dataset and store their features in one HDF5 file."""
@@ -174,6 +182,7 @@ def extract(
         "data.train": str(data) if data else None,
         "extract.output": str(output) if output else None,
         "extract.taps": tap or None,
+        "extract.pseudo_masks.enabled": True if pseudo_masks else None,
     }
     settings = resolve_settings(config, assignments, flags, print_config)
     from samkd.extract import run_extract
@@ -290,6 +299,22 @@ def inspect(
         bool, typer.Option("--json", help="Print JSON instead of tables.")
     ] = False,
     check: Annotated[bool, typer.Option(help="Read everything and verify it.")] = False,
+    overlay: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write a PNG of the pseudo-masks of a few images (a feature file made "
+            "with `samkd extract --pseudo-masks`).",
+            show_default=False,
+        ),
+    ] = None,
+    image: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Image id to draw with --overlay (repeatable; default: the first few with "
+            "pseudo-masks).",
+            show_default=False,
+        ),
+    ] = None,
     print_config: PrintConfigOption = False,
 ) -> None:
     """Explain a feature file, a training run or a checkpoint."""
@@ -297,5 +322,7 @@ def inspect(
     from samkd.inspect import run_inspect
 
     with one_line_errors(settings.logging.level == "DEBUG"):
-        code = run_inspect(path, as_json=json_output, check=check)
+        code = run_inspect(
+            path, as_json=json_output, check=check, overlay=overlay, images=image or ()
+        )
     raise typer.Exit(code)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from segment_anything.modeling import Sam
@@ -47,9 +48,10 @@ from samkd.features import (
 )
 from samkd.features.images import Progress, describe_image_file, first_id_difference
 from samkd.features.lock import job_id, output_lock, wait_for_job
-from samkd.features.schema import JoinLayout, file_sha256, parts_dir
+from samkd.features.pseudo_masks import generate_pseudo_masks
+from samkd.features.schema import JoinLayout, StorageDtype, file_sha256, parts_dir
 from samkd.features.storage import storage_errors
-from samkd.features.writer import DATASET_OVERHEAD
+from samkd.features.writer import DATASET_OVERHEAD, to_numpy
 from samkd.files import wait_for_paths
 from samkd.models import (
     ENCODER_EMBED,
@@ -72,7 +74,7 @@ from samkd.runtime import (
     resolve_precision,
     shutdown,
 )
-from samkd.settings import Settings, TeacherSettings
+from samkd.settings import PseudoMaskSettings, Settings, TeacherSettings
 
 
 def preprocessing_of(image_size: int) -> dict[str, Any]:
@@ -128,6 +130,25 @@ def teacher_batch_features(
     """`{tap: B x ...}` float32 on the CPU, ready for the writer."""
     outputs = teacher_tap_outputs(model, images, taps, grid_size)
     return {tap: value.float().cpu() for tap, value in outputs.items()}
+
+
+def batch_pseudo_masks(
+    model: Sam,
+    embeddings: torch.Tensor,
+    original_sizes: Sequence[tuple[int, int]],
+    dtype: StorageDtype,
+    options: PseudoMaskSettings,
+) -> list[list[dict[str, Any]]]:
+    """Each image's pseudo-masks from its `encoder.embed` (`B x 256 x h x w`) exactly as it
+    is stored: cast to the storage `dtype` and back, so that the masks are those that the
+    stored embedding gives. The teacher's decoder runs on its own device."""
+    with np.errstate(over="ignore"):  # the writer refuses what overflows, unless allowed
+        stored = torch.from_numpy(to_numpy(embeddings).astype(dtype)).float()
+    device = model.device
+    return [
+        generate_pseudo_masks(model, embedding.to(device), size, options)
+        for embedding, size in zip(stored, original_sizes, strict=True)
+    ]
 
 
 def probe_tap_shapes(
@@ -319,7 +340,8 @@ def extract_teacher(
 
     An image that cannot be loaded stops the extraction (`data.on_error=raise`) or is
     recorded in the file as skipped (`skip`), keeping its row so that the index still
-    matches the dataset's records."""
+    matches the dataset's records. The teacher of `extract.pseudo_masks` also computes each
+    image's pseudo-masks, from its embedding as stored (`batch_pseudo_masks`)."""
     todo = writer.todo(entry.name)
     if not todo:
         return
@@ -341,6 +363,7 @@ def extract_teacher(
         collate_fn=collate_extraction,
         pin_memory=device.type == "cuda",
     )
+    pseudo = writer.plan.pseudo_mask_teacher == entry.name
     with progress_bar(console=console) as bar:
         task = bar.add_task(f"teacher {entry.name}", total=len(todo))
         for batch, unreadable in loader:
@@ -355,7 +378,16 @@ def extract_teacher(
                 features = teacher_batch_features(
                     model, images, teacher_taps(settings, entry), settings.extract.attention_grid
                 )
-            writer.write_batch(entry.name, batch.indices, features)
+            masks = None
+            if pseudo:
+                masks = batch_pseudo_masks(
+                    model,
+                    features[ENCODER_EMBED],
+                    batch.original_sizes,
+                    writer.plan.dtype,
+                    settings.extract.pseudo_masks,
+                )
+            writer.write_batch(entry.name, batch.indices, features, pseudo_masks=masks)
             bar.advance(task, len(batch.indices))
 
 
@@ -426,10 +458,12 @@ def _extract(settings: Settings, dist: Distributed, console: Console) -> Path | 
     images = plan_images(settings, dataset, dist, console)
     plan = make_plan(settings, images, image_size, device)
     decoders = decoder_bytes(image_size)
+    masks = plan.pseudo_mask_teacher
     console.print(
         f"extracting {len(settings.teachers)} teacher(s) x {plan.num_images} images at "
         f"{image_size} px into {output} (planned {format_bytes(planned_bytes(plan))} of "
         f"features + {format_bytes(len(settings.teachers) * decoders)} of teacher decoders)"
+        + (f", with the pseudo-masks of teacher '{masks}'" if masks else "")
     )
     if not dist.is_main:
         wait_for_job(output, job_id())  # rank 0 holds the lock and removed stale files

@@ -3,42 +3,68 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from rich.console import Console
 from rich.table import Table
 
+from samkd.data import DataError
+from samkd.data.images import load_rgb_image
+from samkd.data.layouts import read_layout
 from samkd.errors import UsageError
-from samkd.features import inspect_feature_file, render_report
+from samkd.features import FeatureStore, file_sha256, inspect_feature_file, render_report
+from samkd.features.layout import PSEUDO_MASK_COUNTS
+from samkd.features.pseudo_masks import decode_pseudo_masks
+from samkd.features.reader import no_pseudo_masks, open_feature_file
 from samkd.files import atomic_path
 from samkd.models import load_state_dict_file
 from samkd.models.checkpoint import read_torch_file
 from samkd.train.metrics_log import read_metrics
 
 PLOT_NAME = "loss_curves.png"
+OVERLAY_IMAGES = 4
 MODEL_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
 
 
 def run_inspect(
-    path: Path, as_json: bool = False, check: bool = False, console: Console | None = None
+    path: Path,
+    as_json: bool = False,
+    check: bool = False,
+    console: Console | None = None,
+    overlay: Path | None = None,
+    images: Sequence[str] = (),
 ) -> int:
-    """Print what `path` is and holds; returns the exit status (non-zero: incomplete/corrupt)."""
+    """Print what `path` is and holds; returns the exit status (non-zero: incomplete/corrupt).
+
+    `overlay` (a feature file's only): also write a PNG of the pseudo-masks of `images`
+    (ids; default a few that have some), see `plot_pseudo_masks`."""
     console = console or Console()
+    feature_file = path.suffix in (".h5", ".hdf5") or path.with_name(path.name + ".parts").is_dir()
+    if images and overlay is None:
+        raise UsageError("--image picks the images of --overlay; pass --overlay FILE.png too")
+    if overlay is not None and not feature_file:
+        raise UsageError(f"{path}: --overlay draws the pseudo-masks of a feature file (.h5)")
     if path.is_dir() and (path / "metrics.jsonl").exists():
         summary = summarize_run(path, plot=True)
         _show(summary, as_json, console, render_run)
         if "plot_error" in summary:
             raise UsageError(summary["plot_error"])
         return 0
-    if path.suffix in (".h5", ".hdf5") or path.with_name(path.name + ".parts").is_dir():
+    if feature_file:
         report = inspect_feature_file(path, check=check)
         if as_json:
             console.print_json(report.to_json())
         else:
             render_report(report, console)
+        if overlay is not None:
+            written = plot_pseudo_masks(path, overlay, images)
+            if not as_json:
+                console.print(f"pseudo-mask overlay: {written}")
         return report.exit_code
     if path.is_file():
         return _show(summarize_checkpoint(path), as_json, console, render_checkpoint)
@@ -166,6 +192,88 @@ def render_run(summary: dict[str, Any], console: Console) -> None:
     console.print(terms)
     if "plot" in summary:
         console.print(f"loss curves: {summary['plot']}")
+
+
+# --------------------------------------------------------------------------- pseudo-masks
+
+
+def plot_pseudo_masks(
+    features: Path, path: Path, image_ids: Sequence[str] = (), count: int = OVERLAY_IMAGES
+) -> Path:
+    """One panel per image of its stored pseudo-masks, each mask in a colour, saved as a PNG
+    (atomically): the images `image_ids`, default the first `count` that have masks. Masks
+    are drawn over the image when the dataset named in the file's settings still holds it
+    with the same bytes (sha256), else over black."""
+    store = FeatureStore(features, teachers=[])
+    if store.pseudo_mask_teacher is None:
+        raise no_pseudo_masks(features)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if image_ids:
+        rows = [store.index_of(image_id) for image_id in image_ids]
+    else:
+        with open_feature_file(features) as handle:
+            counts = handle["teachers"][store.pseudo_mask_teacher][PSEUDO_MASK_COUNTS][()]
+        rows = [int(row) for row in np.flatnonzero(counts > 0)[:count]]
+        rows = rows or list(range(min(count, len(store))))
+    wanted = {store.image_ids[row]: store.image_hashes[row] for row in rows}
+    images = dataset_images(features, wanted)
+    figure, axes = plt.subplots(1, max(len(rows), 1), figsize=(4 * max(len(rows), 1), 4))
+    colours = matplotlib.colormaps["tab20"]
+    for axis, row in zip(np.atleast_1d(axes), rows, strict=False):
+        image_id = store.image_ids[row]
+        height, width = (int(side) for side in store.image_sizes[row])
+        masks = store.pseudo_masks(row)
+        axis.axis("off")
+        axis.set_title(f"{image_id}: {len(masks)} masks", fontsize=9)
+        if row in store.skipped_images or not height * width:
+            axis.set_title(f"{image_id}: skipped at extraction", fontsize=9)
+            continue
+        image = images.get(image_id)
+        canvas = np.zeros((height, width, 3)) if image is None else image / 255.0
+        decoded = decode_pseudo_masks(masks, (height, width))
+        for index in reversed(range(len(decoded))):  # the highest predicted IoU on top
+            colour = np.array(colours(index % colours.N)[:3])
+            canvas[decoded[index]] = 0.45 * canvas[decoded[index]] + 0.55 * colour
+        axis.imshow(canvas)
+        if image is None:
+            axis.set_xlabel("image not found in the dataset", fontsize=8)
+    figure.tight_layout()
+    try:
+        with atomic_path(path, suffix=".png") as temporary:
+            figure.savefig(temporary, dpi=90)
+    finally:
+        plt.close(figure)
+    return path
+
+
+def dataset_images(features: Path, wanted: dict[str, str]) -> dict[str, np.ndarray]:
+    """`H x W x 3` uint8 images of `wanted` (id -> sha256) from the dataset named in the
+    feature file's settings (`data.train`): those it still holds with the same bytes."""
+    try:
+        with open_feature_file(features) as handle:
+            data = yaml.safe_load(handle.attrs["settings"])["data"]
+        annotation_file = data.get("annotation_file")
+        index = read_layout(
+            Path(data["train"]),
+            layout=data.get("layout", "auto"),
+            annotation_file=Path(annotation_file) if annotation_file else None,
+            on_error="skip",
+        )
+    except (DataError, OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return {}
+    found = {}
+    for record in index.records:
+        digest = wanted.get(record.image_id)
+        if digest is not None and file_sha256(record.image_path) == digest:
+            try:
+                found[record.image_id] = load_rgb_image(record.image_path)
+            except DataError:
+                continue
+    return found
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -463,6 +463,37 @@ class TrainSettings(StrictModel):
     augment: AugmentSettings = Field(AugmentSettings(), description="training-time augmentation")
 
 
+class PseudoMaskSettings(StrictModel):
+    """One teacher's automatic masks of each image, stored with its features (segment-anything's
+    `SamAutomaticMaskGenerator` on the stored embedding, without crops or small-region removal)."""
+
+    enabled: bool = Field(
+        False, description="store pseudo-masks in the feature file (`samkd extract --pseudo-masks`)"
+    )
+    teacher: str | None = Field(
+        None, description="name of the teacher whose masks are stored (default: the first)"
+    )
+    points_per_side: int = Field(
+        16, ge=1, description="side of the point grid: points_per_side² one-point prompts per image"
+    )
+    points_per_batch: int = Field(64, ge=1, description="point prompts decoded at once")
+    pred_iou_thresh: float = Field(
+        0.88, ge=0, description="keep masks whose predicted IoU exceeds this (0: keep all)"
+    )
+    stability_score_thresh: float = Field(
+        0.95, ge=0, le=1, description="keep masks whose stability score reaches this (0: keep all)"
+    )
+    stability_score_offset: float = Field(
+        1.0, ge=0, description="logit offset of the two thresholds the stability score compares"
+    )
+    box_nms_thresh: float = Field(
+        0.7, gt=0, le=1, description="box IoU above which the lower-IoU mask of a pair is dropped"
+    )
+    max_masks: int = Field(
+        32, ge=1, description="masks stored per image at most, highest predicted IoU first"
+    )
+
+
 class ExtractSettings(StrictModel):
     """Writing teacher features to an HDF5 file."""
 
@@ -497,6 +528,9 @@ class ExtractSettings(StrictModel):
     )
     compile: bool = Field(
         False, description="with the fast teacher, torch.compile its attention and MLPs"
+    )
+    pseudo_masks: PseudoMaskSettings = Field(
+        PseudoMaskSettings(), description="teacher automatic masks stored per image"
     )
 
 
@@ -597,6 +631,25 @@ class Settings(BaseSettings):
                     "student.decoder_from",
                     f"teachers.{index}.checkpoint",
                     "distillation.use_precomputed_features",
+                )
+        pseudo = self.extract.pseudo_masks
+        if pseudo.teacher is not None and pseudo.teacher not in names:
+            expected = f"expected one of: {', '.join(names)}" if names else "teachers is empty"
+            raise SettingsConflict(
+                f"extract.pseudo_masks.teacher '{pseudo.teacher}' names no teacher; {expected}",
+                "extract.pseudo_masks.teacher",
+                "teachers",
+            )
+        if pseudo.enabled and self.teachers:
+            index = names.index(pseudo.teacher) if pseudo.teacher else 0
+            taps = self.teachers[index].taps or self.extract.taps
+            if "encoder.embed" not in taps:
+                raise SettingsConflict(
+                    f"extract.pseudo_masks.enabled needs teacher '{names[index]}' to store "
+                    f"encoder.embed, the masks' input; its taps are {taps}",
+                    "extract.pseudo_masks.enabled",
+                    f"teachers.{index}.taps",
+                    "extract.taps",
                 )
         if not self.teachers and not self.train.task_loss:
             raise SettingsConflict(

@@ -4,7 +4,8 @@
     python scripts/gen_docs.py --check   # exit 1 when a committed page differs from the code
 
 docs/cli.md comes from the Typer app, docs/settings.md from the pydantic settings models,
-docs/features.md from the docstrings of `samkd.features.schema` and `samkd.features.writer`.
+docs/features.md from the docstrings of `samkd.features.schema`, `.writer`, `.images` and
+`.pseudo_masks`.
 """
 
 from __future__ import annotations
@@ -292,7 +293,7 @@ def settings_reference() -> str:
 
 def features_reference() -> str:
     """docs/features.md: the HDF5 layout and how extraction resumes and shards its work."""
-    from samkd.features import images, schema, writer
+    from samkd.features import images, pseudo_masks, schema, writer
 
     lines = [HEADER, "# Feature files", ""]
     lines += [
@@ -382,6 +383,48 @@ def features_reference() -> str:
         "- `extract.join: copy` copies every chunk into the output and removes the `.parts`",
         "  folder; `virtual` makes the output's taps virtual datasets over the shards, which",
         "  must then stay next to it (readers refuse a file whose shards are missing).",
+        "",
+        "## Pseudo-masks",
+        "",
+        "From `samkd/features/pseudo_masks.py`:",
+        "",
+        "```text",
+        _docstring(pseudo_masks),
+        "```",
+        "",
+        "- `samkd extract --pseudo-masks` (`extract.pseudo_masks.enabled`) stores the automatic",
+        "  masks of one teacher (`extract.pseudo_masks.teacher`, default the first; it must",
+        "  store `encoder.embed`). Each image's masks are computed right after its features,",
+        "  from its embedding exactly as stored (cast to `extract.dtype` and back), so that",
+        "  the teacher's stored decoder on the stored embedding gives the stored masks. The",
+        "  generator's options (`points_per_side`, `points_per_batch`, `pred_iou_thresh`,",
+        "  `stability_score_thresh`, `stability_score_offset`, `box_nms_thresh`, as",
+        "  segment-anything names them) and `max_masks` (the masks of highest predicted IoU",
+        "  are kept) are in the plan's `pseudo_masks`.",
+        "- They are written in the same shard rows as the features, so a killed extraction",
+        "  resumes them the same way (bitwise, with a deterministic teacher). A rerun with other",
+        "  options, or with `--pseudo-masks` on a file made without (or the reverse), is",
+        "  refused with one line naming the difference, e.g. `was extracted with",
+        "  extract.pseudo_masks.points_per_side 16, now 32`: extract into another output.",
+        "- A file with pseudo-masks is schema version 3 (whether or not it also lists skipped",
+        "  images), which older samkd versions refuse. A skipped image has `[]`.",
+        "- The joined file holds a copy of the rows in both join layouts: compressed RLE is",
+        "  small next to the features. The free-space check counts, per image, `max_masks`",
+        "  masks of `MASK_RECORD_BYTES + RLE_BYTES_PER_SIDE × (H + W)` bytes (128 + 8 × (H + W),",
+        "  `samkd.features.schema`): at least twice what a compact mask takes (its compressed",
+        "  RLE takes 2 to 4 bytes per column it spans); masks of many parts can take more.",
+        "  For a 1500 × 2250 image and the default 32 masks that is 0.9 MiB, about half of its",
+        "  float16 `encoder.embed` at 1024 px.",
+        "- Reading: `FeatureStore.pseudo_masks(image)` (index or id) returns the list of RLE",
+        "  records, checked against its crc32 like a feature row (a mismatch raises",
+        '  `FeatureChecksumError` naming the image and teacher; under `on_error="skip"` the',
+        "  image is left out); `FeatureStore.pseudo_mask_teacher` names their teacher, None for",
+        "  a file without them, whose `pseudo_masks` raises one line saying how to make them.",
+        "  `decode_pseudo_masks` turns a list into `N x H x W` bool masks.",
+        "- `samkd inspect FILE` shows how many images have masks, how many in all and per",
+        "  image (min, mean, max), and how many have none; `--check` also verifies every row.",
+        "  `--overlay OUT.png [--image ID ...]` draws the masks of a few images, over the",
+        "  images when the dataset in the file's settings still holds them unchanged.",
         "",
         "## Image identity",
         "",

@@ -13,6 +13,7 @@ from samkd.features.images import (
 )
 from samkd.features.inspect import (
     FeatureFileReport,
+    PseudoMaskReport,
     TapReport,
     TeacherReport,
     inspect_feature_file,
@@ -61,6 +62,7 @@ __all__ = [
     "FeatureWriter",
     "ImageRecord",
     "OutputLockedError",
+    "PseudoMaskReport",
     "SpaceNeeded",
     "StorageError",
     "TapReport",

@@ -20,7 +20,15 @@ import h5py
 import numpy as np
 
 from samkd.features.join import read_parts_plan, shard_count
-from samkd.features.layout import read_index_file, read_skipped, read_skipped_images
+from samkd.features.layout import (
+    PSEUDO_MASK_COUNTS,
+    PSEUDO_MASKS,
+    PSEUDO_MASKS_CRC32,
+    read_index_file,
+    read_skipped,
+    read_skipped_images,
+)
+from samkd.features.pseudo_masks import decode_rows
 from samkd.features.reader import file_teachers, missing_virtual_sources, open_feature_file
 from samkd.features.schema import (
     FeatureStoreError,
@@ -33,6 +41,8 @@ from samkd.files import format_bytes, is_temporary
 
 Status = Literal["complete", "incomplete", "corrupt"]
 RowReader = Callable[[int], tuple[np.ndarray, int]]
+# One image's stored pseudo-masks: (JSON bytes, stored crc32, stored count).
+MaskRowReader = Callable[[int], tuple[bytes, int, int]]
 
 
 @dataclass
@@ -65,6 +75,26 @@ class SkippedImage:
     index: int
     id: str
     reason: str
+
+
+@dataclass
+class PseudoMaskReport:
+    """The pseudo-masks of one teacher, counted over the finished images not skipped.
+
+    `min`, `mean` and `max` are masks per image; `checksum_errors` (with `check`) counts
+    the rows that fail their crc32 or whose masks are not as many as their stored count.
+    """
+
+    teacher: str
+    options: dict[str, Any]
+    images: int = 0
+    images_with_masks: int = 0
+    images_without_masks: int = 0
+    total: int = 0
+    min: int | None = None
+    mean: float | None = None
+    max: int | None = None
+    checksum_errors: int = 0
 
 
 @dataclass
@@ -101,6 +131,7 @@ class FeatureFileReport:
     bytes_per_image: float = 0.0
     teachers: list[TeacherReport] = field(default_factory=list)
     skipped_images: list[SkippedImage] = field(default_factory=list)
+    pseudo_masks: PseudoMaskReport | None = None
 
     @property
     def exit_code(self) -> int:
@@ -174,7 +205,52 @@ def _inspect_file(path: Path, sample: int, check: bool) -> FeatureFileReport:
                 _add_statistics(tap_report, read, rows, sample, check)
                 teacher_report.taps.append(tap_report)
             report.teachers.append(teacher_report)
+        options = plan.get("pseudo_masks")
+        if options is not None:
+            group = handle["teachers"][options["teacher"]]
+            counts = group[PSEUDO_MASK_COUNTS][()]
+            crc, texts = group[PSEUDO_MASKS_CRC32][()], group[PSEUDO_MASKS]
+
+            def read_masks(row: int) -> tuple[bytes, int, int]:
+                return bytes(texts[row]), int(crc[row]), int(counts[row])
+
+            rows = _rows_with_features(group["done"][()], skipped)
+            report.pseudo_masks = _pseudo_mask_report(
+                options, counts, rows, read_masks if check else None
+            )
     return _finish(report, plan)
+
+
+def _pseudo_mask_report(
+    options: dict[str, Any], counts: np.ndarray, rows: np.ndarray, read: MaskRowReader | None
+) -> PseudoMaskReport:
+    """The counts of pseudo-masks (`counts`: per image) over `rows`; `read` verifies each."""
+    report = PseudoMaskReport(
+        teacher=str(options["teacher"]),
+        options={key: value for key, value in options.items() if key != "teacher"},
+        images=int(rows.size),
+    )
+    per_image = counts[rows]
+    if per_image.size:
+        report.images_with_masks = int((per_image > 0).sum())
+        report.images_without_masks = int((per_image == 0).sum())
+        report.total = int(per_image.sum())
+        report.min, report.max = int(per_image.min()), int(per_image.max())
+        report.mean = report.total / per_image.size
+    if read is not None:
+        for row in rows:
+            data, crc, count = read(int(row))
+            if zlib.crc32(data) != crc or _mask_count(data) != count:
+                report.checksum_errors += 1
+    return report
+
+
+def _mask_count(data: bytes) -> int:
+    """How many masks a stored row holds (-1: it is not a row of masks)."""
+    try:
+        return len(decode_rows([data])[0])
+    except ValueError:
+        return -1
 
 
 def _rows_with_features(done: np.ndarray, skipped: dict[int, str]) -> np.ndarray:
@@ -217,6 +293,12 @@ def _inspect_parts(path: Path, sample: int, check: bool) -> FeatureFileReport:
         report.skipped_images = [
             SkippedImage(index, ids[index], skipped[index]) for index in sorted(skipped)
         ]
+    options = plan.get("pseudo_masks")
+    if options is not None:
+        try:
+            report.pseudo_masks = _parts_pseudo_masks(path, plan, options, skipped, check)
+        except (OSError, KeyError, ValueError, RuntimeError) as error:
+            report.problems.append(f"pseudo-masks: unreadable shard ({error})")
     in_progress = sum(1 for item in parts_dir(path).rglob(".*.tmp") if is_temporary(item))
     if in_progress:
         report.problems.append(f"{in_progress} shard(s) being written")
@@ -273,6 +355,31 @@ def _parts_teacher(
         _add_statistics(tap_report, read, _rows_with_features(done, skipped), sample, check)
         report.taps.append(tap_report)
     return report
+
+
+def _parts_pseudo_masks(
+    path: Path, plan: dict[str, Any], options: dict[str, Any], skipped: dict[int, str], check: bool
+) -> PseudoMaskReport:
+    """The pseudo-masks of the finished shards of their teacher."""
+    num_images, shard_size = int(plan["num_images"]), int(plan["shard_size"])
+    counts = np.zeros(num_images, dtype=np.int64)
+    done = np.zeros(num_images, dtype=bool)
+    rows: dict[int, tuple[bytes, int, int]] = {}
+    for shard in range(shard_count(plan)):
+        file = shard_path(path, options["teacher"], shard)
+        if not file.exists():
+            continue
+        with h5py.File(file, "r") as handle:
+            start = shard * shard_size
+            stop = start + handle["done"].shape[0]
+            done[start:stop] = handle["done"][()]
+            counts[start:stop] = handle[PSEUDO_MASK_COUNTS][()]
+            if check:
+                texts, crc = handle[PSEUDO_MASKS][()], handle[PSEUDO_MASKS_CRC32][()]
+                for local, row in enumerate(range(start, stop)):
+                    rows[row] = bytes(texts[local]), int(crc[local]), int(counts[row])
+    read = rows.__getitem__ if check else None
+    return _pseudo_mask_report(options, counts, _rows_with_features(done, skipped), read)
 
 
 # --------------------------------------------------------------------------- shared
@@ -370,6 +477,12 @@ def _finish(report: FeatureFileReport, plan: dict[str, Any]) -> FeatureFileRepor
                 report.problems.append(f"{where}: {tap.checksum_errors} images fail their crc32")
             if (tap.nan_count or tap.inf_count) and not nonfinite_allowed:
                 report.problems.append(f"{where}: {tap.nan_count} NaN, {tap.inf_count} Inf values")
+    masks = report.pseudo_masks
+    if masks is not None and masks.checksum_errors:
+        report.problems.append(
+            f"teacher '{masks.teacher}' pseudo-masks: {masks.checksum_errors} images fail "
+            "their crc32 or mask count"
+        )
     corrupt = [p for p in report.problems if "being written" not in p]
     if corrupt:
         report.status = "corrupt"
@@ -453,8 +566,24 @@ def render_report(report: FeatureFileReport, console: Any = None) -> None:
             + "[/yellow]",
             soft_wrap=True,
         )
+    if report.pseudo_masks is not None:
+        console.print(describe_pseudo_masks(report.pseudo_masks), soft_wrap=True)
     for problem in report.problems:
         console.print(f"[{colour}]- {problem}[/{colour}]")
+
+
+def describe_pseudo_masks(masks: PseudoMaskReport) -> str:
+    """One line: how many images have pseudo-masks, how many masks in all and per image."""
+    line = (
+        f"pseudo-masks of teacher {masks.teacher}: {masks.images_with_masks} of "
+        f"{masks.images} images have some, {masks.total} masks in all"
+    )
+    if masks.mean is not None:
+        line += f" (per image min {masks.min}, mean {masks.mean:.3g}, max {masks.max})"
+    if masks.images_without_masks:
+        count = masks.images_without_masks
+        line += f"; {count} image{'s have' if count > 1 else ' has'} none"
+    return line + f"; at most {masks.options.get('max_masks')} per image"
 
 
 def _number(value: float | None) -> str:

@@ -13,7 +13,11 @@ import h5py
 import numpy as np
 
 from samkd.features.layout import (
+    PSEUDO_MASK_COUNTS,
+    PSEUDO_MASKS,
+    PSEUDO_MASKS_CRC32,
     copy_state_dict,
+    create_pseudo_mask_datasets,
     create_tap_dataset,
     read_skipped,
     write_skipped_images,
@@ -22,6 +26,7 @@ from samkd.features.layout import (
 )
 from samkd.features.schema import (
     FILE_FORMAT,
+    PSEUDO_MASKS_SCHEMA_VERSION,
     SCHEMA_VERSION,
     SKIPPED_SCHEMA_VERSION,
     FeatureStoreError,
@@ -64,8 +69,9 @@ def join_shards(output: Path, layout: JoinLayout = "copy", keep_parts: bool = Fa
 
     `layout="copy"` copies every chunk as stored (no decompression; the parts folder is
     removed unless `keep_parts`); `"virtual"` makes each tap an HDF5 virtual dataset over
-    the shards by relative path, so the parts folder must stay next to the output. Raises
-    FeatureStoreError naming the missing shards when any is absent.
+    the shards by relative path, so the parts folder must stay next to the output; the
+    pseudo-masks are copied in either layout. Raises FeatureStoreError naming the missing
+    shards when any is absent.
     """
     output = Path(output)
     missing = missing_shards(output)
@@ -89,6 +95,8 @@ def join_shards(output: Path, layout: JoinLayout = "copy", keep_parts: bool = Fa
         if (skipped != "").any():
             write_skipped_images(handle["images"], skipped)
             handle.attrs["schema_version"] = SKIPPED_SCHEMA_VERSION
+        if stored.get("pseudo_masks") is not None:
+            handle.attrs["schema_version"] = PSEUDO_MASKS_SCHEMA_VERSION
     if layout == "copy" and not keep_parts:
         shutil.rmtree(parts_dir(output))
     return output
@@ -129,6 +137,10 @@ def _join_teacher(
             )
     crc = {tap.name: np.zeros(num_images, dtype=np.uint32) for tap in teacher.taps}
     done = np.zeros(num_images, dtype=bool)
+    pseudo = stored.get("pseudo_masks")
+    masks = None
+    if pseudo is not None and pseudo["teacher"] == teacher.name:
+        masks = create_pseudo_mask_datasets(group, num_images)
     for shard, path in enumerate(shards):
         with h5py.File(path, "r") as source:
             rows = slice(shard * shard_size, shard * shard_size + source["done"].shape[0])
@@ -137,6 +149,8 @@ def _join_teacher(
                 values[rows] = source["crc32"][name][()]
                 if name in targets:
                     _copy_chunks(source["taps"][name], targets[name], rows.start)
+            if masks is not None:
+                _copy_pseudo_masks(source, masks, rows)
     if not done.all():
         raise FeatureStoreError(
             f"{output.name}: a shard of teacher '{teacher.name}' has unfinished images "
@@ -165,6 +179,17 @@ def skipped_in_shards(
             rows = slice(shard * shard_size, shard * shard_size + len(reasons))
             skipped[rows] = np.where(skipped[rows] == "", reasons, skipped[rows])
     return skipped
+
+
+def _copy_pseudo_masks(
+    source: h5py.File, targets: tuple[h5py.Dataset, h5py.Dataset, h5py.Dataset], rows: slice
+) -> None:
+    """Copy a shard's pseudo-mask rows, their crc32 and counts (in either layout: they are
+    small next to the features)."""
+    texts, checksums, counts = targets
+    texts[rows] = source[PSEUDO_MASKS].asstr()[()]
+    checksums[rows] = source[PSEUDO_MASKS_CRC32][()]
+    counts[rows] = source[PSEUDO_MASK_COUNTS][()]
 
 
 def _copy_chunks(source: h5py.Dataset, target: h5py.Dataset, first_row: int) -> None:

@@ -25,6 +25,10 @@ from samkd.files import atomic_path
 
 STRING = h5py.string_dtype("utf-8")
 HASH_DTYPE = "S64"
+# A pseudo-mask teacher's datasets, in a shard and in its group of the joined file.
+PSEUDO_MASKS = "pseudo_masks"
+PSEUDO_MASKS_CRC32 = "pseudo_masks_crc32"
+PSEUDO_MASK_COUNTS = "pseudo_mask_counts"
 
 
 def discard_hdf5(handle: h5py.File, path: Path) -> None:
@@ -94,6 +98,17 @@ def create_tap_dataset(
     )
     dataset.attrs["kind"] = str(tap.kind)
     return dataset
+
+
+def create_pseudo_mask_datasets(
+    group: h5py.Group, rows: int
+) -> tuple[h5py.Dataset, h5py.Dataset, h5py.Dataset]:
+    """The `(rows,)` pseudo-mask rows (JSON strings), their crc32 and their mask counts."""
+    return (
+        group.create_dataset(PSEUDO_MASKS, shape=(rows,), dtype=STRING),
+        group.create_dataset(PSEUDO_MASKS_CRC32, shape=(rows,), dtype=np.uint32),
+        group.create_dataset(PSEUDO_MASK_COUNTS, shape=(rows,), dtype=np.int32),
+    )
 
 
 def write_image_index(

@@ -24,7 +24,13 @@ from zlib_ng import zlib_ng
 
 from samkd.data.errors import OnError, check_on_error
 from samkd.features.images import MAX_HASHED, changed_image
-from samkd.features.layout import read_index_file, read_skipped_images
+from samkd.features.layout import (
+    PSEUDO_MASKS,
+    PSEUDO_MASKS_CRC32,
+    read_index_file,
+    read_skipped_images,
+)
+from samkd.features.pseudo_masks import decode_rows
 from samkd.features.schema import (
     FILE_FORMAT,
     READABLE_SCHEMA_VERSIONS,
@@ -63,7 +69,7 @@ def open_feature_file(path: Path) -> h5py.File:
     version = int(handle.attrs.get("schema_version", -1))
     if version not in READABLE_SCHEMA_VERSIONS:
         handle.close()
-        readable = " and ".join(map(str, READABLE_SCHEMA_VERSIONS))
+        readable = ", ".join(map(str, READABLE_SCHEMA_VERSIONS))
         raise FeatureStoreError(
             f"{path.name}: schema_version {version}, this samkd reads {readable}"
         )
@@ -115,6 +121,10 @@ class FeatureStore:
     image reads as `{}` and its message is kept in `skipped_rows` (image id -> message, of
     this process: a DataLoader worker's are its own, so pass them on with the sample).
     `verify=False` skips the check, for files already checked by `samkd inspect --check`.
+
+    `pseudo_masks(i)` reads the teacher automatic masks of an image, when the file has them
+    (`samkd extract --pseudo-masks`; `pseudo_mask_teacher` names their teacher, whichever
+    `teachers` are selected), checked against their crc32 in the same way.
     """
 
     def __init__(
@@ -139,12 +149,14 @@ class FeatureStore:
             self.preprocessing = json.loads(handle["images"].attrs["preprocessing"])
             self._skipped_images = read_skipped_images(handle["images"])
             self._fast = _check_datasets(self.path, handle, self.teachers)
+            self.pseudo_mask_teacher = _pseudo_mask_teacher(self.path, handle)
         self._positions: dict[str, int] | None = None
         # Per process (see `_open_datasets`): never shared across fork, dropped when pickled.
         self._handle: h5py.File | None = None
         self._datasets: dict[tuple[str, str], h5py.Dataset] = {}
         self._checksums: dict[tuple[str, str], np.ndarray] = {}
         self._mapping: mmap.mmap | None = None
+        self._pseudo_masks: tuple[h5py.Dataset, np.ndarray] | None = None
         self._pid: int | None = None
 
     @property
@@ -171,21 +183,73 @@ class FeatureStore:
 
         `{}` for an image whose stored features fail their checksum under `on_error="skip"`.
         """
-        row = self.index_of(index) if isinstance(index, str) else int(index)
-        if not -len(self) <= row < len(self):
-            raise IndexError(f"{self.path.name}: image {index} out of range ({len(self)} images)")
-        row %= len(self)
+        row = self._row(index)
         image_id = self.image_ids[row]
         if image_id in self.skipped_rows:
             return {}
         try:
             return self._read_features(row, flip)
         except FeatureChecksumError as error:
-            if self.on_error == "raise":
-                raise
-            self.skipped_rows[image_id] = str(error)
-            logger.warning("{} (image skipped)", error)
+            self._skip(image_id, error)
             return {}
+
+    def pseudo_masks(self, index: int | str) -> list[dict[str, Any]]:
+        """The teacher automatic masks of one image (see `samkd.features.pseudo_masks`):
+        COCO RLE records at the original image size, highest predicted IoU first; `[]` for
+        an image without any, or skipped at extraction.
+
+        A row that fails its crc32 raises `FeatureChecksumError`; under `on_error="skip"`
+        the image joins `skipped_rows` (its features then read as `{}`) and this is `[]`.
+        """
+        if self.pseudo_mask_teacher is None:
+            raise no_pseudo_masks(self.path)
+        row = self._row(index)
+        image_id = self.image_ids[row]
+        if image_id in self.skipped_rows:
+            return []
+        self._open_datasets()
+        assert self._pseudo_masks is not None
+        dataset, checksums = self._pseudo_masks
+        data = bytes(dataset[row])
+        try:
+            if self.verify:
+                self._check_pseudo_masks(data, int(checksums[row]), row)
+        except FeatureChecksumError as error:
+            self._skip(image_id, error)
+            return []
+        try:
+            return decode_rows([data])[0]
+        except ValueError as error:
+            raise FeatureStoreError(
+                f"{self.path.name}: teacher '{self.pseudo_mask_teacher}' image '{image_id}': "
+                f"{error}"
+            ) from None
+
+    def _row(self, index: int | str) -> int:
+        """The row of an image index (negative from the end) or id."""
+        row = self.index_of(index) if isinstance(index, str) else int(index)
+        if not -len(self) <= row < len(self):
+            raise IndexError(f"{self.path.name}: image {index} out of range ({len(self)} images)")
+        return row % len(self)
+
+    def _skip(self, image_id: str, error: FeatureChecksumError) -> None:
+        """Raise `error`, or under on_error="skip" leave the image out and log why."""
+        if self.on_error == "raise":
+            raise error
+        self.skipped_rows[image_id] = str(error)
+        logger.warning("{} (image skipped)", error)
+
+    def _check_pseudo_masks(self, data: bytes, stored: int, row: int) -> None:
+        read = zlib_ng.crc32(data)
+        if read != stored:
+            name = self.path.name
+            raise FeatureChecksumError(
+                f"{name}: teacher '{self.pseudo_mask_teacher}' pseudo-masks of image "
+                f"'{self.image_ids[row]}': checksum mismatch (stored crc32 {stored:08x}, read "
+                f"{read:08x}): the file is damaged; `samkd inspect --check {name}` lists every "
+                "damaged image; delete it (and its .parts folder) and rerun `samkd extract`, "
+                "or set data.on_error=skip to train without them"
+            )
 
     def _read_features(self, row: int, flip: bool) -> dict[str, dict[str, torch.Tensor]]:
         """Every selected tap of one row, each checked before it is converted."""
@@ -318,6 +382,9 @@ class FeatureStore:
                 for tap in teacher.taps
             }
             self._mapping = map_file(self.path) if any(self._fast.values()) else None
+            if self.pseudo_mask_teacher is not None:
+                group = taps[self.pseudo_mask_teacher]
+                self._pseudo_masks = group[PSEUDO_MASKS], group[PSEUDO_MASKS_CRC32][()]
         return self._datasets
 
     def _read_row(
@@ -337,7 +404,14 @@ class FeatureStore:
 
 def _unopened() -> dict[str, Any]:
     """A FeatureStore's per-process state before it opens its file in a process."""
-    return {"_handle": None, "_datasets": {}, "_checksums": {}, "_mapping": None, "_pid": None}
+    return {
+        "_handle": None,
+        "_datasets": {},
+        "_checksums": {},
+        "_mapping": None,
+        "_pseudo_masks": None,
+        "_pid": None,
+    }
 
 
 def crc32(values: np.ndarray) -> int:
@@ -400,6 +474,32 @@ def _select_teachers(
             )
         selected.append(teacher)
     return selected
+
+
+def no_pseudo_masks(path: Path) -> FeatureStoreError:
+    """The error of reading pseudo-masks from a file that has none."""
+    return FeatureStoreError(
+        f"{path}: holds no pseudo-masks; make them with `samkd extract --pseudo-masks` "
+        "(into a new output, or delete this one)"
+    )
+
+
+def _pseudo_mask_teacher(path: Path, handle: h5py.File) -> str | None:
+    """The teacher whose pseudo-masks the file holds (None: it holds none), once checked that
+    they are there."""
+    record = json.loads(handle.attrs["plan"]).get("pseudo_masks")
+    if record is None:
+        return None
+    teacher = str(record["teacher"])
+    group = handle["teachers"].get(teacher)
+    names = (PSEUDO_MASKS, PSEUDO_MASKS_CRC32)
+    missing = [name for name in names if group is None or name not in group]
+    if missing:
+        raise FeatureStoreError(
+            f"{path.name}: the plan has pseudo-masks of teacher '{teacher}', but "
+            f"/teachers/{teacher}/{missing[0]} is missing"
+        )
+    return teacher
 
 
 def _check_datasets(

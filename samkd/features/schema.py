@@ -3,7 +3,8 @@
 A feature file (`features.h5`) holds, for N images and one or more teachers:
 
     /                                 attrs: format = "samkd-features", schema_version = 1
-                                             (2 when /images/skipped is present),
+                                             (2 when /images/skipped is present, 3 when
+                                             pseudo-masks are, with or without it),
                                              samkd_version, created (ISO 8601, UTC),
                                              dtype, compression, shard_size,
                                              settings (the resolved settings, YAML),
@@ -28,6 +29,14 @@ A feature file (`features.h5`) holds, for N images and one or more teachers:
     /teachers/<name>/done             (N,) bool, per-image completion flag
     /teachers/<name>/decoder/<key>    the teacher's `prompt_encoder.*` and `mask_decoder.*`
                                       weights (state-dict keys, original dtype)
+    /teachers/<name>/pseudo_masks     (N,) utf-8 strings, only for the teacher of
+                                      extract.pseudo_masks: per image, its automatic masks as
+                                      a JSON list of {"size": [H, W], "counts": COCO RLE
+                                      string, "predicted_iou", "stability_score"}, highest
+                                      predicted IoU first ("[]": none, or a skipped image);
+                                      the generator's options are in the plan's pseudo_masks
+    /teachers/<name>/pseudo_masks_crc32  (N,) uint32, zlib.crc32 of each row's utf-8 bytes
+    /teachers/<name>/pseudo_mask_counts  (N,) int32, the number of masks of each row
 
 While an extraction runs, the data lives next to the output in `<output>.parts/`:
 
@@ -36,14 +45,16 @@ While an extraction runs, the data lives next to the output in `<output>.parts/`
     image-hashes-<id>.h5              while rank 0 first indexes the images: the records
                                       hashed so far (/images as above), to resume the indexing
     <teacher>/part-00000.h5           shard 0: images [0, shard_size), with /taps/<tap>,
-                                      /crc32/<tap>, /done and /skipped laid out as above
+                                      /crc32/<tap>, /done and /skipped laid out as above (and
+                                      /pseudo_masks, /pseudo_masks_crc32, /pseudo_mask_counts)
     <teacher>/decoder.h5              the teacher's decoder weights
 
 Every file in the parts folder appears under its final name only once complete (written to a
 temporary name, fsynced, renamed), so the folder is always a consistent, resumable record of
 the work done. `join_shards` turns it into the output file, again via a temporary name: by
 copying the chunks ("copy", the parts folder is removed afterwards) or as HDF5 virtual datasets
-whose sources are the shards, by relative path ("virtual", the parts folder must stay).
+whose sources are the shards, by relative path ("virtual", the parts folder must stay);
+pseudo-masks are copied in both layouts.
 While an extraction runs, `.<output>.lock` beside the output names the process writing it
 (see `samkd.features.lock`).
 """
@@ -64,7 +75,18 @@ SCHEMA_VERSION = 1
 # A file listing skipped images is version 2, so that samkd versions without the list
 # refuse it rather than read the skipped images' zeros as features; other files stay 1.
 SKIPPED_SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (SCHEMA_VERSION, SKIPPED_SCHEMA_VERSION)
+# A file with pseudo-masks is version 3 (whether or not it lists skipped images), and so is
+# the identity of a plan that makes them: samkd versions without them refuse both.
+PSEUDO_MASKS_SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (SCHEMA_VERSION, SKIPPED_SCHEMA_VERSION, PSEUDO_MASKS_SCHEMA_VERSION)
+# Bytes of one image's pseudo-masks, for the space estimates: per mask, its record (keys and
+# numbers) and RLE_BYTES_PER_SIDE per pixel of H + W of the image. The compressed RLE of a
+# compact mask takes 2 to 4 bytes per column it spans (at most W), so this is at least twice
+# that; a mask of many parts or holes can take more. Per row, a variable-length string
+# reference, a crc32 and a count.
+MASK_RECORD_BYTES = 128
+RLE_BYTES_PER_SIDE = 8
+PSEUDO_MASK_ROW_BYTES = 16 + 4 + 4
 # The extract setting behind each entry of a plan's `compute` record.
 COMPUTE_SETTINGS = {"precision": "precision", "attention": "fast_teacher"}
 FILE_FORMAT = "samkd-features"
@@ -163,7 +185,9 @@ class ExtractionPlan:
     Images are split into shards of `shard_size` consecutive images; shard `s` holds images
     `[s * shard_size, (s + 1) * shard_size)`. `compute` says how the teachers ran (e.g.
     `{"precision": "bf16", "attention": "fused"}`), so that a resumed run does not mix
-    features computed two ways. `allow_overflow` / `allow_nonfinite` and `settings_yaml` are
+    features computed two ways. `pseudo_masks`, when set, is the `teacher` whose automatic
+    masks are stored and the generator's options (`samkd.settings.PseudoMaskSettings`'s
+    other fields but `enabled`). `allow_overflow` / `allow_nonfinite` and `settings_yaml` are
     recorded but do not make two plans differ.
     """
 
@@ -177,6 +201,7 @@ class ExtractionPlan:
     allow_nonfinite: bool = False
     settings_yaml: str = ""
     compute: Mapping[str, str] = field(default_factory=dict)
+    pseudo_masks: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "images", tuple(self.images))
@@ -190,6 +215,23 @@ class ExtractionPlan:
         names = [teacher.name for teacher in self.teachers]
         if len(set(names)) != len(names):
             raise ValueError(f"teacher names must be unique, got {names}")
+        if self.pseudo_masks is not None:
+            record = json.loads(json.dumps(dict(self.pseudo_masks), sort_keys=True))
+            if record.get("teacher") not in names:
+                raise ValueError(
+                    f"pseudo_masks teacher must be one of {names}, got {record.get('teacher')!r}"
+                )
+            object.__setattr__(self, "pseudo_masks", record)
+
+    @property
+    def pseudo_mask_teacher(self) -> str | None:
+        """The teacher whose pseudo-masks are stored, or None."""
+        return None if self.pseudo_masks is None else str(self.pseudo_masks["teacher"])
+
+    @property
+    def max_masks(self) -> int:
+        """Pseudo-masks stored per image at most (0 without pseudo-masks)."""
+        return 0 if self.pseudo_masks is None else int(self.pseudo_masks["max_masks"])
 
     @property
     def num_images(self) -> int:
@@ -229,8 +271,10 @@ class ExtractionPlan:
 
     def identity(self) -> dict[str, Any]:
         """The JSON-able fields that decide the data (what a rerun must match)."""
+        pseudo_masks = {} if self.pseudo_masks is None else {"pseudo_masks": self.pseudo_masks}
+        version = SCHEMA_VERSION if self.pseudo_masks is None else PSEUDO_MASKS_SCHEMA_VERSION
         return {
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": version,
             "num_images": self.num_images,
             "images_digest": self.images_digest(),
             "preprocessing": json.loads(json.dumps(dict(self.preprocessing), sort_keys=True)),
@@ -239,6 +283,7 @@ class ExtractionPlan:
             "shard_size": self.shard_size,
             "teachers": [_teacher_to_json(teacher) for teacher in self.teachers],
             "compute": dict(sorted(self.compute.items())),
+            **pseudo_masks,
         }
 
     def to_json(self, created: str) -> str:
@@ -283,6 +328,9 @@ def describe_difference(stored: Mapping[str, Any], planned: Mapping[str, Any]) -
 
     e.g. "teacher 'vit_h' was extracted with image_size 1024, now 512".
     """
+    difference = _pseudo_mask_difference(stored.get("pseudo_masks"), planned.get("pseudo_masks"))
+    if difference is not None:
+        return difference
     if stored.get("schema_version") != planned.get("schema_version"):
         return (
             f"schema_version was {stored.get('schema_version')}, "
@@ -324,6 +372,24 @@ def describe_difference(stored: Mapping[str, Any], planned: Mapping[str, Any]) -
     return _compute_difference(stored.get("compute"), planned.get("compute", {}))
 
 
+def _pseudo_mask_difference(
+    stored: Mapping[str, Any] | None, planned: Mapping[str, Any] | None
+) -> str | None:
+    """How the pseudo-masks of two plans differ (the teacher, then each option)."""
+    if stored is None and planned is None:
+        return None
+    if stored is None or planned is None:
+        was, now = ("without", "with") if stored is None else ("with", "without")
+        return f"was extracted {was} pseudo-masks, now {now} (extract.pseudo_masks.enabled)"
+    for key in ["teacher", *sorted((set(stored) | set(planned)) - {"teacher"})]:
+        if stored.get(key) != planned.get(key):
+            return (
+                f"was extracted with extract.pseudo_masks.{key} {stored.get(key)}, "
+                f"now {planned.get(key)}"
+            )
+    return None
+
+
 def _compute_difference(stored: Mapping[str, str] | None, planned: Mapping[str, str]) -> str | None:
     """Files written before `compute` was recorded resume under any compute."""
     if stored is None:
@@ -362,13 +428,25 @@ def storage_itemsize(dtype: StorageDtype) -> int:
 
 
 def planned_bytes(plan: ExtractionPlan) -> int:
-    """Bytes of the tap data (uncompressed) plus the index: an upper bound for the file size."""
+    """Bytes of the tap data (uncompressed), the pseudo-masks (as `pseudo_mask_bytes`
+    estimates them) and the index: an upper bound for the file size."""
     itemsize = storage_itemsize(plan.dtype)
     per_image = sum(
         tap.numel * itemsize + 4 + 1 for teacher in plan.teachers for tap in teacher.taps
     )
     index = plan.num_images * (64 + 16 + 16 + 64)
-    return plan.num_images * per_image + index
+    masks = sum(pseudo_mask_bytes(plan, image) for image in range(plan.num_images))
+    return plan.num_images * per_image + index + masks
+
+
+def pseudo_mask_bytes(plan: ExtractionPlan, image: int) -> int:
+    """A generous estimate of the bytes of one image's stored pseudo-masks (0 without them):
+    `max_masks` masks of `MASK_RECORD_BYTES + RLE_BYTES_PER_SIDE * (H + W)` bytes each."""
+    if plan.pseudo_masks is None:
+        return 0
+    record = plan.images[image]
+    per_mask = MASK_RECORD_BYTES + RLE_BYTES_PER_SIDE * (record.height + record.width)
+    return PSEUDO_MASK_ROW_BYTES + plan.max_masks * per_mask
 
 
 def parts_dir(output: Path) -> Path:
@@ -398,6 +476,17 @@ def teacher_taps(settings: Any, teacher: Any) -> list[str]:
     return list(teacher.taps or settings.extract.taps)
 
 
+def pseudo_mask_plan(settings: Any) -> dict[str, Any] | None:
+    """The plan's `pseudo_masks` record of `samkd.settings.Settings` (None when disabled):
+    the teacher (`extract.pseudo_masks.teacher`, default the first) and the options."""
+    options = settings.extract.pseudo_masks
+    if not options.enabled:
+        return None
+    record = options.model_dump(mode="json", exclude={"enabled", "teacher"})
+    teacher = options.teacher or (settings.teachers[0].name if settings.teachers else None)
+    return {"teacher": teacher, **record}
+
+
 def plan_from_settings(
     settings: Any,
     images: Sequence[ImageRecord],
@@ -412,7 +501,8 @@ def plan_from_settings(
     `tap_shapes[teacher][tap]` is the per-image shape each teacher produces for each of its
     taps (`teacher_taps`) (attention taps: the coarse G^2 x G^2 map); `preprocessing` is
     whatever decides the teacher's input pixels (resize, pad, normalisation); `image_size`
-    defaults to `settings.data.image_size`; `compute` is how the teachers run.
+    defaults to `settings.data.image_size`; `compute` is how the teachers run. The
+    pseudo-masks are those of `extract.pseudo_masks` (`pseudo_mask_plan`).
     """
     extract = settings.extract
     teachers = []
@@ -442,4 +532,5 @@ def plan_from_settings(
         allow_nonfinite=extract.allow_nonfinite,
         settings_yaml=settings.to_yaml(),
         compute=dict(compute or {}),
+        pseudo_masks=pseudo_mask_plan(settings),
     )

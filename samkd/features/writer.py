@@ -7,6 +7,10 @@
         writer.write_batch("vit_h", indices, {"encoder.embed": embed})   # B x 256 x 64 x 64
     writer.finish()                              # joins the shards into features.h5
 
+The teacher of the plan's pseudo-masks passes each image's masks with its features
+(`write_batch(..., pseudo_masks=[masks of each image])`, see `samkd.features.pseudo_masks`):
+they are written in the same rows of the same shards, and resume the same way.
+
 Each shard (`shard_size` consecutive images of one teacher) is written to a temporary file
 and renamed to `<output>.parts/<teacher>/part-XXXXX.h5` once all its images are on disk, so a
 process killed at any moment (SIGKILL included, during a flush included) leaves only complete
@@ -43,6 +47,7 @@ from samkd.features.images import checkpoint_paths
 from samkd.features.join import join_shards
 from samkd.features.layout import (
     STRING,
+    create_pseudo_mask_datasets,
     create_tap_dataset,
     discard_hdf5,
     read_index_file,
@@ -51,6 +56,7 @@ from samkd.features.layout import (
     write_state_dict_file,
 )
 from samkd.features.lock import output_lock
+from samkd.features.pseudo_masks import encode_rows
 from samkd.features.schema import (
     FLOAT16_MAX,
     ExtractionPlan,
@@ -62,6 +68,7 @@ from samkd.features.schema import (
     first_image_difference,
     parts_dir,
     planned_bytes,
+    pseudo_mask_bytes,
     shard_path,
     storage_itemsize,
 )
@@ -77,17 +84,24 @@ from samkd.models.registry import DECODER_PREFIXES
 
 ArrayLike = np.ndarray | torch.Tensor
 ProgressCallback = Callable[[str, int], None]
-# (teacher, image indices, features by tap, why each image was skipped or None)
-QueueItem = tuple[str, Sequence[int], dict[str, np.ndarray], Sequence[str] | None]
+# One image's pseudo-masks as stored: its JSON string and its number of masks.
+PseudoMaskRow = tuple[str, int]
+# (teacher, image indices, features by tap, why each image was skipped or None, the
+# pseudo-mask row of each image or None)
+QueueItem = tuple[
+    str, Sequence[int], dict[str, np.ndarray], Sequence[str] | None, Sequence[PseudoMaskRow] | None
+]
 
 
 @dataclass(frozen=True)
 class FeatureBatch:
-    """Features of one teacher for a batch: `features[tap]` is `B x *tap_shape`."""
+    """Features of one teacher for a batch: `features[tap]` is `B x *tap_shape`; for the
+    plan's pseudo-mask teacher, `pseudo_masks` holds each image's masks."""
 
     teacher: str
     indices: Sequence[int]
     features: Mapping[str, ArrayLike]
+    pseudo_masks: Sequence[Sequence[Mapping[str, Any]]] | None = None
 
 
 # --------------------------------------------------------------------------- values
@@ -189,10 +203,21 @@ class _OpenShard:
         }
         self.done_flags = self.file.create_dataset("done", shape=(rows,), dtype=bool)
         self.skipped = self.file.create_dataset("skipped", shape=(rows,), dtype=STRING)
+        self.pseudo_masks = None
+        if plan.pseudo_mask_teacher == teacher.name:
+            self.pseudo_masks = create_pseudo_mask_datasets(self.file, rows)
 
     def write(self, local: int, tap: str, sample: np.ndarray) -> None:
         self.taps[tap][local] = sample
         self.checksums[tap][local] = zlib.crc32(np.ascontiguousarray(sample).data)
+
+    def write_pseudo_masks(self, local: int, row: PseudoMaskRow) -> None:
+        assert self.pseudo_masks is not None, "the plan stores no pseudo-masks of this teacher"
+        texts, checksums, counts = self.pseudo_masks
+        text, count = row
+        texts[local] = text
+        checksums[local] = zlib.crc32(text.encode("utf-8"))
+        counts[local] = count
 
     def mark_skipped(self, local: int, reason: str) -> None:
         self.skipped[local] = reason
@@ -229,6 +254,7 @@ class _ShardSink:
         indices: Sequence[int],
         features: Mapping[str, np.ndarray],
         skipped: Sequence[str] | None = None,
+        pseudo_masks: Sequence[PseudoMaskRow] | None = None,
     ) -> None:
         spec = self.plan.teacher(teacher)
         touched: dict[tuple[str, int], list[int]] = {}
@@ -242,6 +268,8 @@ class _ShardSink:
                 shard.write(local, tap.name, sample)
             if skipped is not None:
                 shard.mark_skipped(local, skipped[position])
+            if pseudo_masks is not None:
+                shard.write_pseudo_masks(local, pseudo_masks[position])
             touched.setdefault((teacher, index // self.plan.shard_size), []).append(local)
         for key in touched:
             self.open[key].file.flush()
@@ -318,9 +346,15 @@ class FeatureWriter:
                 write_state_dict_file(path, decoder_state(state_dict))
 
     def write_batch(
-        self, teacher: str, indices: Sequence[int], features: Mapping[str, ArrayLike]
+        self,
+        teacher: str,
+        indices: Sequence[int],
+        features: Mapping[str, ArrayLike],
+        pseudo_masks: Sequence[Sequence[Mapping[str, Any]]] | None = None,
     ) -> None:
-        """Queue `features[tap]` (`len(indices) x *tap_shape`) for the images `indices`."""
+        """Queue `features[tap]` (`len(indices) x *tap_shape`) for the images `indices`, and
+        for the plan's pseudo-mask teacher (only), `pseudo_masks`: each image's list of masks
+        (see `samkd.features.pseudo_masks.generate_pseudo_masks`)."""
         self._raise_if_failed()
         spec = self.plan.teacher(teacher)
         indices = [int(index) for index in indices]
@@ -336,24 +370,69 @@ class FeatureWriter:
                     f"teacher '{teacher}' tap '{tap.name}': got shape "
                     f"{tuple(arrays[tap.name].shape)}, expected {expected}"
                 )
+        rows = self._pseudo_mask_rows(teacher, indices, pseudo_masks)
         self._take_pending(teacher, indices)
-        self._put((teacher, indices, arrays, None))
+        self._put((teacher, indices, arrays, None, rows))
 
     def write_skipped(self, teacher: str, indices: Sequence[int], reasons: Sequence[str]) -> None:
         """Record images that could not be loaded (`data.on_error=skip`) as done, with zero
-        features, and why in the shard's `skipped` (the file's `/images/skipped`): the image
-        index keeps its rows, so that it still matches the dataset's records."""
+        features (and no pseudo-masks), and why in the shard's `skipped` (the file's
+        `/images/skipped`): the image index keeps its rows, so that it still matches the
+        dataset's records."""
         self._raise_if_failed()
         spec = self.plan.teacher(teacher)
         indices = [int(index) for index in indices]
         if len(reasons) != len(indices) or not all(reasons):
             raise FeatureStoreError(f"teacher '{teacher}': one non-empty reason per skipped image")
+        none: list[list[dict[str, Any]]] | None = None
+        if teacher == self.plan.pseudo_mask_teacher:
+            none = [[] for _ in indices]
+        rows = self._pseudo_mask_rows(teacher, indices, none)
         self._take_pending(teacher, indices)
         zeros = {
             tap.name: np.zeros((len(indices), *tap.shape), dtype=self.plan.dtype)
             for tap in spec.taps
         }
-        self._put((teacher, indices, zeros, list(reasons)))
+        self._put((teacher, indices, zeros, list(reasons), rows))
+
+    def _pseudo_mask_rows(
+        self,
+        teacher: str,
+        indices: Sequence[int],
+        masks: Sequence[Sequence[Mapping[str, Any]]] | None,
+    ) -> list[PseudoMaskRow] | None:
+        """The stored rows of `masks` (one list per image), checked against the plan: only
+        its pseudo-mask teacher has them, at most `max_masks` each, at each image's size."""
+        if teacher != self.plan.pseudo_mask_teacher:
+            if masks is not None:
+                raise FeatureStoreError(
+                    f"teacher '{teacher}': the plan stores no pseudo-masks of this teacher"
+                )
+            return None
+        if masks is None or len(masks) != len(indices):
+            got = "none" if masks is None else f"{len(masks)} lists"
+            raise FeatureStoreError(
+                f"teacher '{teacher}': expected one list of pseudo-masks per image "
+                f"({len(indices)}), got {got}"
+            )
+        for index, image_masks in zip(indices, masks, strict=True):
+            image = self.plan.images[index]
+            if len(image_masks) > self.plan.max_masks:
+                raise FeatureStoreError(
+                    f"teacher '{teacher}' image '{image.id}': {len(image_masks)} pseudo-masks, "
+                    f"more than max_masks {self.plan.max_masks}"
+                )
+            for mask in image_masks:
+                if list(mask.get("size", ())) != [image.height, image.width]:
+                    raise FeatureStoreError(
+                        f"teacher '{teacher}' image '{image.id}': pseudo-mask of size "
+                        f"{mask.get('size')}, the image is {[image.height, image.width]}"
+                    )
+        try:
+            texts = encode_rows(masks)
+        except ValueError as error:
+            raise FeatureStoreError(f"teacher '{teacher}': {error}") from None
+        return [(text, len(image_masks)) for text, image_masks in zip(texts, masks, strict=True)]
 
     def _take_pending(self, teacher: str, indices: Sequence[int]) -> None:
         pending = self._pending[teacher]
@@ -453,7 +532,7 @@ def extract_features(batches: Iterable[FeatureBatch], writer: FeatureWriter) -> 
     """Write every batch, then `writer.finish()`; drops unfinished shards on failure."""
     with writer:
         for batch in batches:
-            writer.write_batch(batch.teacher, batch.indices, batch.features)
+            writer.write_batch(batch.teacher, batch.indices, batch.features, batch.pseudo_masks)
         return writer.finish()
 
 
@@ -509,7 +588,10 @@ def space_needed(
         per_image = sum(tap.numel * itemsize + 4 + CHUNK_OVERHEAD for tap in teacher.taps)
         files = len({index // plan.shard_size for index in indices})
         shards += len(indices) * (per_image + 1 + SKIPPED_BYTES)
-        shards += files * _file_bytes(2 * len(teacher.taps) + 2)
+        masks = teacher.name == plan.pseudo_mask_teacher
+        if masks:
+            shards += sum(pseudo_mask_bytes(plan, index) for index in indices)
+        shards += files * _file_bytes(2 * len(teacher.taps) + 2 + 3 * masks)
     if rank != 0:
         return SpaceNeeded(shards=shards)
     missing = [t for t in plan.teachers if not decoder_path(output, t.name).exists()]
@@ -522,8 +604,8 @@ def _file_bytes(datasets: int) -> int:
 
 
 def _joined_bytes(plan: ExtractionPlan, layout: JoinLayout, decoder_bytes: int) -> int:
-    """The joined output: index, attributes, per teacher its checksums, flags, decoder and
-    (copied) features."""
+    """The joined output: index, attributes, per teacher its checksums, flags, decoder,
+    (copied) features and pseudo-masks (copied in either layout)."""
     itemsize = storage_itemsize(plan.dtype)
     ids = sum(len(image.id.encode()) for image in plan.images)
     index = ids + plan.num_images * (160 + SKIPPED_BYTES) + 7 * DATASET_OVERHEAD
@@ -538,6 +620,9 @@ def _joined_bytes(plan: ExtractionPlan, layout: JoinLayout, decoder_bytes: int) 
             total += plan.num_images * per_image
         else:
             total += plan.num_shards * taps * DATASET_OVERHEAD // 8  # the virtual mappings
+        if teacher.name == plan.pseudo_mask_teacher:
+            images = range(plan.num_images)
+            total += 3 * DATASET_OVERHEAD + sum(pseudo_mask_bytes(plan, i) for i in images)
     return total
 
 

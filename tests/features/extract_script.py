@@ -1,7 +1,9 @@
 """A small extraction run as a separate process, so that tests can SIGKILL it.
 
 usage: python extract_script.py OUTPUT [--sleep SECONDS] [--rank R --world-size W --no-join]
+                                [--pseudo-masks]
 Prints "ready" once imports are done, then the writer's message, then "done".
+--pseudo-masks: vit_h also writes pseudo-masks (`feature_helpers.pseudo_masks_for`).
 """
 
 from __future__ import annotations
@@ -12,11 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from feature_helpers import make_plan, write_all  # noqa: E402
+from feature_helpers import KILL_PLAN, PSEUDO_MASKS, make_plan, write_all  # noqa: E402
 
 from samkd.features import open_for_extraction  # noqa: E402
-
-KILL_PLAN = {"num_images": 24, "shard_size": 4}
 
 
 def main() -> None:
@@ -26,9 +26,10 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--world-size", type=int, default=1)
     parser.add_argument("--no-join", action="store_true")
+    parser.add_argument("--pseudo-masks", action="store_true")
     args = parser.parse_args()
     print("ready", flush=True)
-    plan = make_plan(**KILL_PLAN)
+    plan = make_plan(**KILL_PLAN, pseudo_masks=PSEUDO_MASKS if args.pseudo_masks else None)
     with open_for_extraction(
         args.output, plan, rank=args.rank, world_size=args.world_size
     ) as writer:

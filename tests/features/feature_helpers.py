@@ -9,6 +9,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+from pycocotools import mask as mask_utils
 
 from samkd.features import (
     ExtractionPlan,
@@ -26,6 +27,19 @@ TAPS = (
     TapSpec("decoder.iou", (3,)),
 )
 PREPROCESSING = {"resize": "longest_side", "pixel_mean": [123.675, 116.28, 103.53]}
+# The plan of `extract_script.py`, the extraction the kill tests SIGKILL.
+KILL_PLAN = {"num_images": 24, "shard_size": 4}
+# A plan's pseudo-masks: those of vit_h, at most 3 per image (options as extract stores them).
+PSEUDO_MASKS = {
+    "teacher": "vit_h",
+    "points_per_side": 4,
+    "points_per_batch": 64,
+    "pred_iou_thresh": 0.0,
+    "stability_score_thresh": 0.0,
+    "stability_score_offset": 1.0,
+    "box_nms_thresh": 0.7,
+    "max_masks": 3,
+}
 
 
 def make_images(count: int) -> tuple[ImageRecord, ...]:
@@ -71,6 +85,28 @@ def features_for(
     return features
 
 
+def pseudo_masks_for(plan: ExtractionPlan, indices: Sequence[int]) -> list[list[dict[str, Any]]]:
+    """Image i's masks: i % 4 boxes (at most `max_masks`) at its size, as COCO RLE."""
+    rows = []
+    for index in indices:
+        image = plan.images[index]
+        masks = []
+        for number in range(min(index % 4, plan.max_masks)):
+            mask = np.zeros((image.height, image.width), dtype=np.uint8, order="F")
+            mask[10 * number : 10 * number + 40 + index, 5 : 60 + 7 * number] = 1
+            rle = mask_utils.encode(mask)
+            masks.append(
+                {
+                    "size": [image.height, image.width],
+                    "counts": rle["counts"].decode(),
+                    "predicted_iou": 0.9 - 0.1 * number,
+                    "stability_score": 0.5 + index / 100,
+                }
+            )
+        rows.append(masks)
+    return rows
+
+
 def decoder_state_for(teacher: str) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(len(teacher))
     return {
@@ -94,7 +130,11 @@ def write_all(
             if limit is not None and written >= limit:
                 return written
             indices = todo[start : start + batch_size]
-            writer.write_batch(teacher, indices, features_for(writer.plan, teacher, indices))
+            masks = None
+            if teacher == writer.plan.pseudo_mask_teacher:
+                masks = pseudo_masks_for(writer.plan, indices)
+            features = features_for(writer.plan, teacher, indices)
+            writer.write_batch(teacher, indices, features, pseudo_masks=masks)
             written += len(indices)
             if sleep:
                 time.sleep(sleep)

@@ -10,27 +10,27 @@ import sys
 import time
 from pathlib import Path
 
-from samkd.features import inspect_feature_file
+from samkd.features import inspect_feature_file, open_for_extraction
 from samkd.features.schema import parts_dir
 
-from .feature_helpers import read_datasets
+from .feature_helpers import KILL_PLAN, PSEUDO_MASKS, extract, make_plan, read_datasets, write_all
 
 SCRIPT = Path(__file__).with_name("extract_script.py")
 SLEEP_PER_BATCH = 0.03
 
 
-def start(output: Path) -> subprocess.Popen[str]:
+def start(output: Path, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(output), "--sleep", str(SLEEP_PER_BATCH)],
+        [sys.executable, str(SCRIPT), str(output), "--sleep", str(SLEEP_PER_BATCH), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
 
 
-def run_to_end(output: Path) -> tuple[str, float]:
+def run_to_end(output: Path, *extra: str) -> tuple[str, float]:
     """Run the script to completion; its stdout and the seconds after 'ready'."""
-    process = start(output)
+    process = start(output, *extra)
     assert process.stdout is not None
     first = process.stdout.readline()
     assert first.strip() == "ready"
@@ -77,6 +77,28 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_identical(tmp_path: Pat
     assert inspect_feature_file(output, check=True).status == "complete"
     again, _ = run_to_end(output)
     assert "nothing to do" in again
+
+
+def test_pseudo_masks_survive_a_sigkill_bitwise(tmp_path: Path) -> None:
+    plan = make_plan(**KILL_PLAN, pseudo_masks=PSEUDO_MASKS)
+    reference = extract(tmp_path / "reference.h5", plan)
+    assert reference is not None
+    output = tmp_path / "killed" / "features.h5"
+    output.parent.mkdir()
+    process = start(output, "--pseudo-masks")
+    shards = parts_dir(output) / "vit_h"
+    deadline = time.monotonic() + 60
+    while len(list(shards.glob("part-*.h5"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.005)  # half of vit_h's 6 shards on disk, the next one open
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    with open_for_extraction(output, plan) as writer:
+        assert writer.message.startswith("features.h5: resuming")
+        write_all(writer)
+        assert writer.finish() == output
+    expected = read_datasets(reference)
+    assert "teachers/vit_h/pseudo_masks" in expected
+    assert read_datasets(output) == expected
 
 
 def test_half_written_temporary_shard_is_discarded(tmp_path: Path) -> None:
