@@ -3,10 +3,11 @@
 Every term is a mean over its *units*: SAM's task terms over the objects that have a target
 (ground truth, or teacher masks weighed by `train.pseudo_mask_weight`), the decoder terms over
 all prompted objects (label-free prompts included), the encoder, attention and (per-image) RKD
-terms over images, across-batch RKD over micro-batches. A micro-step reports each term as a sum over its units and the number of
-units, `K` values each, in the schema's order: a micro-batch without prompts reports its
-object terms as 0 over 0 objects, so the vector has the same names on every rank and in every
-micro-step, and reducing it over ranks is one collective of fixed size.
+terms over images, across-batch RKD over micro-batches. A micro-step reports each term as a
+sum over its units and the number of units, `K` values each, in the schema's order: a
+micro-batch without prompts reports its object terms as 0 over 0 objects, so the vector has
+the same names on every rank and in every micro-step, and reducing it over ranks is one
+collective of fixed size.
 
 A step's loss is each term's sum over the whole step (all micro-steps and ranks) divided by
 its units in the whole step, weighted and added up. A micro-step back-propagates its share,

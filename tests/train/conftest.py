@@ -95,3 +95,30 @@ def feature_file(
     )
     run_extract(settings)
     return output
+
+
+# A random teacher's predicted IoUs and stability scores are low: keep every mask.
+KEEP_ALL_MASKS = [
+    "extract.pseudo_masks.pred_iou_thresh=0",
+    "extract.pseudo_masks.stability_score_thresh=0",
+    "extract.pseudo_masks.points_per_side=4",
+    "extract.pseudo_masks.max_masks=4",
+]
+
+
+@pytest.fixture(scope="session")
+def pseudo_mask_file(
+    tmp_path_factory: pytest.TempPathFactory, shapes: Path, teacher_checkpoint: Path
+) -> Path:
+    """float32 `encoder.embed` and the teacher's automatic masks of every image."""
+    output = tmp_path_factory.mktemp("features") / "pseudo.h5"
+    settings = make_settings(
+        *base_assignments(shapes, teacher_checkpoint, output.parent / "unused"),
+        f"extract.output={output}",
+        "extract.dtype=float32",
+        "extract.taps=[encoder.embed]",
+        "extract.pseudo_masks.enabled=true",
+        *KEEP_ALL_MASKS,
+    )
+    run_extract(settings)
+    return output

@@ -329,11 +329,14 @@ def test_two_ranks_with_accumulation_equal_one_batch(
     tmp_path: Path, shapes: Path, teacher_checkpoint: Path
 ) -> None:
     """fp32: 2 ranks x 2 micro-batches of 1 image, rank 1 given only unlabelled images in the
-    first step, against one process with one batch of 4."""
+    first step, prompted by grid points (decoder terms without task targets), against one
+    process with one batch of 4."""
     assignments = [
         *base_assignments(shapes, teacher_checkpoint, tmp_path / "ddp"),
         "distillation.use_precomputed_features=false",
         "distillation.decoder.enabled=true",
+        "data.prompts.unlabelled=points",
+        "data.prompts.unlabelled_points=2",
         "student.freeze_bn_stats=true",
         "train.batch_size=4",
         "train.grad_accumulation=2",

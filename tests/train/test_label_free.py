@@ -2,6 +2,7 @@
 prompt the images without masks, with the right task-loss weights and unit counts; the same
 terms precomputed and online; the step on the `meta` device."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,17 +11,19 @@ import torch
 from pycocotools import mask as mask_utils
 
 from samkd.errors import UsageError
+from samkd.features import FeatureStore
 from samkd.runtime import Distributed
-from samkd.settings import SettingsConflict
+from samkd.settings import SettingsError
 from samkd.train import run_train, setup
 from samkd.train.batches import DistillationDataset, collate_training
 from samkd.train.forward import group_task_weights, prompt_groups
 from samkd.train.label_free import LabelFree, grid_points
 from samkd.train.step import micro_step
 from samkd.train.task_loss import sam_task_loss
+from samkd.train.teacher_masks import PSEUDO_MASK_CACHE
 from samkd.train.terms import UnitCounts
 
-from .conftest import base_assignments, make_settings
+from .conftest import KEEP_ALL_MASKS, base_assignments, make_settings
 from .test_conditions import image_ids, meta_parts, partly_labelled, train_records
 
 ONLINE_DECODER = [
@@ -168,9 +171,9 @@ def test_label_free_prompts_add_decoder_terms_and_keep_the_task_loss(
 
 
 def test_label_free_modes_need_the_decoder_terms(tmp_path: Path, shapes: Path) -> None:
-    with pytest.raises(SettingsConflict, match="unlabelled points needs the teachers' decoders"):
+    with pytest.raises(SettingsError, match="unlabelled points needs the teachers' decoders"):
         make_settings(f"data.train={shapes}", "data.prompts.unlabelled=points")
-    with pytest.raises(SettingsConflict, match="pseudo_mask_weight 0.5 weighs teacher masks"):
+    with pytest.raises(SettingsError, match="pseudo_mask_weight 0.5 weighs teacher masks"):
         make_settings("train.pseudo_mask_weight=0.5")
 
 
@@ -186,3 +189,56 @@ def test_teacher_masks_need_them_in_the_feature_file(
     )
     with pytest.raises(UsageError, match="samkd extract --pseudo-masks"):
         run_train(settings)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["data.prompts.unlabelled=points"],
+        [
+            "data.prompts.unlabelled=teacher_masks",
+            "train.pseudo_mask_weight=0.5",
+            "train.prompt_iters=2",
+            "data.prompts.mode=mixed",
+        ],
+    ],
+    ids=["points", "teacher masks, weighted, loop"],
+)
+def test_precomputed_equals_online(
+    tmp_path: Path,
+    shapes: Path,
+    teacher_checkpoint: Path,
+    pseudo_mask_file: Path,
+    extra: list[str],
+) -> None:
+    common = [
+        *base_assignments(shapes, teacher_checkpoint, tmp_path),
+        "distillation.decoder.enabled=true",
+        "train.steps=1",
+        *KEEP_ALL_MASKS,
+        *extra,
+    ]
+    first_batch = next(setup.step_batches(8, make_settings(*common), 0, 0, Distributed()))
+    unlabelled = image_ids(shapes)[first_batch[0]]
+    data = partly_labelled(shapes, tmp_path / "data", [unlabelled])
+    stored = make_settings(
+        *common, f"data.train={data}", f"distillation.features={pseudo_mask_file}"
+    )
+    stored.train.output_dir = tmp_path / "stored"
+    run_train(stored)
+    online = make_settings(
+        *common, f"data.train={data}", "distillation.use_precomputed_features=false"
+    )
+    online.train.output_dir = tmp_path / "online"
+    run_train(online)
+    (from_file,) = train_records(tmp_path / "stored")
+    (computed,) = train_records(tmp_path / "online")
+    terms = [name for name in computed if name.startswith(("kd/t/", "task/"))]
+    assert {"task/focal", "kd/t/decoder_kl", "kd/t/encoder_mse"} <= set(terms)
+    for name in terms:
+        assert from_file[name] == pytest.approx(computed[name], rel=1e-4, abs=1e-6), name
+    if "data.prompts.unlabelled=teacher_masks" in extra:
+        cached = json.loads((tmp_path / "online" / PSEUDO_MASK_CACHE).read_text())["masks"]
+        store = FeatureStore(pseudo_mask_file)
+        assert cached[unlabelled] == store.pseudo_masks(unlabelled) != []
+        store.close()
