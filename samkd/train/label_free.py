@@ -68,12 +68,14 @@ class LabelFree:
         return prompted, torch.full((masks.shape[0],), self.pseudo_mask_weight)
 
     def _teacher_masks(self, sample: Sample, dataset: SegmentationDataset) -> np.ndarray:
+        """The image's non-empty teacher masks (`N x H x W` bool), at most `max_objects`."""
         assert self.pseudo_masks is not None
-        rles = self.pseudo_masks(sample.image_id)
+        masks = decode_pseudo_masks(self.pseudo_masks(sample.image_id), sample.original_size)
+        masks = masks[masks.any(axis=(1, 2))]  # an automatic mask may vanish at full size
         chosen = select_objects(
-            len(rles), dataset.max_objects, seed=dataset.seed, index=sample.index
+            len(masks), dataset.max_objects, seed=dataset.seed, index=sample.index
         )
-        return decode_pseudo_masks([rles[i] for i in chosen], sample.original_size)
+        return masks[chosen]
 
 
 def grid_points(input_size: tuple[int, int], count: int, rng: np.random.Generator) -> np.ndarray:

@@ -352,7 +352,7 @@ def build_distillation(
 def build_schema(settings: Settings, objective: DistillationObjective | None) -> TermSchema:
     """Every term the run logs, the same on every rank and at every step."""
     distillation = {} if objective is None else objective.term_specs()
-    return TermSchema.build(settings.train.task_loss, distillation)
+    return TermSchema.build(settings.train.task_loss, distillation, settings.train.prompt_iters)
 
 
 def write_run_files(settings: Settings, run_dir: Path) -> None:

@@ -33,7 +33,14 @@ from samkd.train.progress import Progress
 from samkd.train.prompt_loop import Iteration, PromptLoop, TeacherDecoder, run_prompt_loop
 from samkd.train.task_loss import combine_task_losses, sam_task_loss
 from samkd.train.teachers import Teacher, split_taps, teacher_decoders, teacher_features
-from samkd.train.terms import KD_WEIGHTED, LOSS_TOTAL, TASK_TOTAL, TermSchema, UnitCounts
+from samkd.train.terms import (
+    KD_WEIGHTED,
+    LOSS_TOTAL,
+    TASK_TOTAL,
+    TermSchema,
+    UnitCounts,
+    iteration_name,
+)
 
 TeacherTaps = Mapping[str, Mapping[str, torch.Tensor | AttentionCapture]]
 
@@ -138,7 +145,8 @@ class DistillationStep(nn.Module):
         targets: torch.Tensor | None,
         task_weights: torch.Tensor | None,
     ) -> dict[str, torch.Tensor]:
-        """Each task and decoder term's mean over the prompt loop's iterations."""
+        """Each task and decoder term's mean over the prompt loop's iterations, and its value
+        in each iteration (`<name>@<i>`, logged only)."""
         per_iteration = []
         for iteration in iterations:
             terms: dict[str, torch.Tensor] = {}
@@ -153,10 +161,13 @@ class DistillationStep(nn.Module):
                 }
                 terms.update(self.objective.decoder_terms(student, teachers))
             per_iteration.append(terms)
-        return {
+        means = {
             name: torch.stack([terms[name] for terms in per_iteration]).mean()
             for name in per_iteration[0]
         }
+        for index, terms in enumerate(per_iteration, start=1):
+            means.update({iteration_name(name, index): value for name, value in terms.items()})
+        return means
 
     def _term_vector(self, means: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         """`K` float32 in schema order; terms this micro-batch lacks (and derived ones) are 0."""

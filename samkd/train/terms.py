@@ -33,6 +33,11 @@ UNITS = ("image", "object", "batch", "step", "target")
 TASK_TOTAL, KD_WEIGHTED, LOSS_TOTAL = "task/total", "kd/weighted", "loss/total"
 
 
+def iteration_name(term: str, index: int) -> str:
+    """The logged name of `term` in the prompt loop's iteration `index` (from 1)."""
+    return f"{term}@{index}"
+
+
 @dataclass(frozen=True)
 class UnitCounts:
     """How many of each unit a micro-step covers, or a whole step (on every rank).
@@ -80,14 +85,25 @@ class TermSchema:
         object.__setattr__(self, "kd_mask", tensor(self.distillation, torch.bool))
 
     @classmethod
-    def build(cls, task: bool, distillation: dict[str, tuple[float, str]]) -> TermSchema:
+    def build(
+        cls, task: bool, distillation: dict[str, tuple[float, str]], prompt_iters: int = 1
+    ) -> TermSchema:
         """The schema of a run: SAM's task terms when `task`, then `distillation` (name ->
-        weight, unit, in order), then the derived values."""
+        weight, unit, in order), then the derived values. With a prompt loop, each task and
+        decoder term (a mean over the iterations) is also logged per iteration, as
+        `<name>@<i>` (derived)."""
         rows: list[tuple[str, str, float, bool]] = []
         if task:
             rows += [(f"task/{name}", "target", weight, False) for name, weight in TASK_WEIGHTS]
             rows.append((TASK_TOTAL, "target", 0.0, False))
         rows += [(name, unit, weight, True) for name, (weight, unit) in distillation.items()]
+        if prompt_iters > 1:
+            rows += [
+                (iteration_name(name, index), unit, 0.0, False)
+                for name, unit, _, _ in list(rows)
+                if unit in ("target", "object")
+                for index in range(1, prompt_iters + 1)
+            ]
         if distillation:
             rows.append((KD_WEIGHTED, "step", 0.0, False))
         rows.append((LOSS_TOTAL, "step", 0.0, False))

@@ -103,8 +103,11 @@ def test_teacher_masks_become_the_objects_of_an_image_without_masks(
 ) -> None:
     size = (96, 128)  # the shapes' images
     boxes = [(10, 20, 40, 50), (60, 5, 120, 30)]
+    empty = mask_utils.encode(np.zeros((*size, 1), dtype=np.uint8, order="F"))[0]
+    empty = {"size": list(size), "counts": empty["counts"].decode()}  # left out
     masks = {
-        image_id: [rectangle_rle(size, box) for box in boxes] for image_id in image_ids(shapes)
+        image_id: [rectangle_rle(size, boxes[0]), empty, rectangle_rle(size, boxes[1])]
+        for image_id in image_ids(shapes)
     }
     label_free = LabelFree("teacher_masks", pseudo_mask_weight=0.25, pseudo_masks=masks.__getitem__)
     dataset, unlabelled = partly_labelled_dataset(tmp_path, shapes, teacher_checkpoint, label_free)

@@ -98,6 +98,10 @@ def test_precomputed_equals_online_with_three_iterations(
     assert {"task/focal", "kd/t/decoder_kl", "kd/t/decoder_mse", "kd/t/encoder_mse"} <= set(terms)
     for name in terms:
         assert from_file[name] == pytest.approx(computed[name], rel=1e-4, abs=1e-6), name
+    for name in ("task/focal", "kd/t/decoder_kl"):  # logged per iteration, and their mean
+        per_iteration = [computed[f"{name}@{index}"] for index in (1, 2, 3)]
+        assert computed[name] == pytest.approx(sum(per_iteration) / 3, rel=1e-5)
+        assert f"{name}@4" not in computed
 
 
 @pytest.mark.parametrize(
