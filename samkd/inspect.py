@@ -154,13 +154,7 @@ def plot_run(records: list[dict[str, Any]], path: Path) -> Path:
         axis.grid(alpha=0.3)
     for axis in list(axes.flat)[len(panels) :]:
         axis.axis("off")
-    figure.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as temporary:
-            figure.savefig(temporary, dpi=90)
-    finally:
-        plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def render_run(summary: dict[str, Any], console: Console) -> None:
@@ -241,13 +235,7 @@ def plot_pseudo_masks(
         axis.imshow(canvas)
         if image is None:
             axis.set_xlabel("image not found in the dataset", fontsize=8)
-    figure.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as temporary:
-            figure.savefig(temporary, dpi=90)
-    finally:
-        plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def dataset_images(features: Path, wanted: dict[str, str]) -> dict[str, np.ndarray]:
@@ -341,3 +329,16 @@ def render_checkpoint(summary: dict[str, Any], console: Console) -> None:
     if summary.get("settings"):
         console.print("[bold]settings it was trained with[/]")
         console.print(yaml.safe_dump(summary["settings"], sort_keys=False))
+
+
+def save_figure(figure: Any, path: Path) -> Path:
+    """Write `figure` to `path` as PNG (temporary name, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    try:
+        with atomic_path(path, suffix=".png") as temporary:
+            figure.savefig(temporary, dpi=90)
+    finally:
+        plt.close(figure)
+    return path

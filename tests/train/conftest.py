@@ -87,11 +87,17 @@ def feature_file(
 ) -> Path:
     """float32 teacher features with every tap that all four terms need."""
     output = tmp_path_factory.mktemp("features") / "features.h5"
+    return extract_float32(shapes, teacher_checkpoint, output, "[encoder.embed, encoder.qk.3]")
+
+
+def extract_float32(data: Path, teacher: Path, output: Path, taps: str, *extra: str) -> Path:
+    """Extract the teacher's `taps` of `data` into `output`, in float32."""
     settings = make_settings(
-        *base_assignments(shapes, teacher_checkpoint, output.parent / "unused"),
+        *base_assignments(data, teacher, output.parent / "unused"),
         f"extract.output={output}",
         "extract.dtype=float32",
-        "extract.taps=[encoder.embed, encoder.qk.3]",
+        f"extract.taps={taps}",
+        *extra,
     )
     run_extract(settings)
     return output
@@ -112,13 +118,5 @@ def pseudo_mask_file(
 ) -> Path:
     """float32 `encoder.embed` and the teacher's automatic masks of every image."""
     output = tmp_path_factory.mktemp("features") / "pseudo.h5"
-    settings = make_settings(
-        *base_assignments(shapes, teacher_checkpoint, output.parent / "unused"),
-        f"extract.output={output}",
-        "extract.dtype=float32",
-        "extract.taps=[encoder.embed]",
-        "extract.pseudo_masks.enabled=true",
-        *KEEP_ALL_MASKS,
-    )
-    run_extract(settings)
-    return output
+    masks = ["extract.pseudo_masks.enabled=true", *KEEP_ALL_MASKS]
+    return extract_float32(shapes, teacher_checkpoint, output, "[encoder.embed]", *masks)
