@@ -287,14 +287,12 @@ class SegmentationDataset(Dataset[Sample]):
 def with_prompts(
     sample: Sample, masks: np.ndarray, sampler: PromptSampler, seed: int, image_size: int
 ) -> Sample:
-    """`sample` with `masks` (`N x H x W` bool, original frame) as its objects, and prompts
-    drawn from them by `sampler`, fixed by `(seed, sample.index)`."""
+    """`sample` with prompts drawn by `sampler` from its objects, `masks` (`N x H x W` bool,
+    original frame; the numpy array behind `sample.masks`), fixed by `(seed, sample.index)`."""
     prompts = sampler.sample(masks, seed=seed, index=sample.index)
     size = sample.original_size
     return replace(
         sample,
-        masks=torch.from_numpy(masks),
-        boxes=torch.from_numpy(masks_to_boxes(masks)),
         prompt_boxes=_float_tensor(resize_boxes(prompts.boxes, size, image_size)),
         point_coords=_float_tensor(resize_coords(prompts.point_coords, size, image_size)),
         point_labels=torch.from_numpy(prompts.point_labels),

@@ -27,6 +27,7 @@ import torch
 
 from samkd.data import Sample, SegmentationDataset
 from samkd.data.dataset import with_prompts
+from samkd.data.masks import masks_to_boxes
 from samkd.data.prompts import select_objects
 from samkd.features.pseudo_masks import decode_pseudo_masks
 
@@ -62,8 +63,11 @@ class LabelFree:
         masks = self._teacher_masks(sample, dataset)
         if masks.shape[0] == 0 or dataset.prompt_sampler is None:
             return sample, torch.zeros(0)
+        objects = replace(
+            sample, masks=torch.from_numpy(masks), boxes=torch.from_numpy(masks_to_boxes(masks))
+        )
         prompted = with_prompts(
-            sample, masks, dataset.prompt_sampler, dataset.seed, dataset.image_size
+            objects, masks, dataset.prompt_sampler, dataset.seed, dataset.image_size
         )
         return prompted, torch.full((masks.shape[0],), self.pseudo_mask_weight)
 
