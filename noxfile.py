@@ -1,5 +1,6 @@
 """Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s typecheck`, `nox -s bench`,
-`nox -s tests_torch211` (the test suite under the GPU machine's Python and torch)."""
+`nox -s slow` (the real-size tests), `nox -s tests_torch211` (the test suite under the GPU
+machine's Python and torch)."""
 
 import nox
 
@@ -24,6 +25,13 @@ def tests(session: nox.Session) -> None:
     """Run the test suite (pass pytest arguments after --)."""
     install_project(session, "test")
     session.run("pytest", *session.posargs)
+
+
+@nox.session(default=False)
+def slow(session: nox.Session) -> None:
+    """Run the real-size tests (minutes on a 2-core CPU), which the default run leaves out."""
+    install_project(session, "test")
+    session.run("pytest", "-m", "slow", *session.posargs)
 
 
 @nox.session(python="3.12", default=False)

@@ -21,6 +21,7 @@ from benchmarks import (
     feature_store,
     loss_cost,
     preset_speed,
+    real_size,
     teacher_fast_path,
     train_step,
 )
@@ -34,6 +35,7 @@ BENCHMARKS: dict[str, Callable[[bool], Section]] = {
     preset_speed.NAME: preset_speed.run,
     teacher_fast_path.NAME: teacher_fast_path.run,
     efficacy.NAME: efficacy.run,
+    real_size.NAME: real_size.run,
 }
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 SECTION_PATTERN = re.compile(r"<!-- benchmark:(\S+) -->\n(.*?)<!-- /benchmark:\1 -->", re.S)

@@ -67,12 +67,16 @@ class Config:
 
 
 FULL_CONFIG = Config(
-    dataclasses.replace(FULL, test_images=50), Path(".samkd-demo/efficacy"), points_per_side=8
+    dataclasses.replace(FULL, test_images=50), Path(".samkd-demo/efficacy"), points_per_side=6
 )
 QUICK_CONFIG = Config(FAST, None, points_per_side=4)
+EVAL_IMAGES = 30  # the first of the test split: every evaluation then takes half a minute
 # Box and point prompts (up to 3 positive points and a negative one), for every model: the
 # 3-click evaluation needs decoders that have seen points.
 PROMPTS_SETTINGS = {"mode": "mixed", "max_points": 3, "num_negative_points": 1}
+# The students prompt at most 3 objects of an image, as many as ground truth has at most:
+# rows c-e then decode as many prompts on an unlabelled image as on a labelled one, not 16.
+STUDENT_PROMPTS = {**PROMPTS_SETTINGS, "max_objects": 3, "unlabelled_points": 3}
 # SAM's filters (predicted IoU > 0.88, stability >= 0.95) keep no mask of the small teacher:
 # its multimask IoU predictions sit near -0.1 and few of its logits pass the stability offset.
 # Every mask is kept instead, de-duplicated by box NMS, the 16 highest-IoU ones per image.
@@ -103,6 +107,17 @@ def few_labelled_copy(train: Path, root: Path) -> Path:
     for position, image_id in enumerate(ids):
         if position % LABELLED_EVERY:
             shutil.rmtree(root / "mask" / image_id, ignore_errors=True)
+    return root
+
+
+def first_images_copy(split: Path, root: Path, count: int) -> Path:
+    """A copy of a folder dataset with its first `count` images (by id) and their masks."""
+    shutil.rmtree(root, ignore_errors=True)
+    for path in sorted((split / "image").glob("*.png"))[:count]:
+        (root / "image").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, root / "image" / path.name)
+        if (split / "mask" / path.stem).is_dir():
+            shutil.copytree(split / "mask" / path.stem, root / "mask" / path.stem)
     return root
 
 
@@ -168,12 +183,14 @@ def train_row(
     return run_dir / "student.pt", time.perf_counter() - start
 
 
-def evaluate_row(paths: Paths, weights: Path, teacher: bool = False) -> dict[str, float]:
+def evaluate_row(
+    paths: Paths, test: Path, weights: Path, teacher: bool = False
+) -> dict[str, float]:
     model = ["student.model_type=vit_mini", "student.decoder_from=null"] if teacher else []
     settings = settings_of(
         paths.student_config,
         *model,
-        f"data.val={paths.split('test')}",
+        f"data.val={test}",
         f"student.checkpoint={weights}",
         "eval.prompts=[box, point, points]",
         "eval.num_points=3",
@@ -187,12 +204,12 @@ def evaluate_row(paths: Paths, weights: Path, teacher: bool = False) -> dict[str
 
 def write_settings(paths: Paths, size: DemoSize) -> None:
     """The demo's teacher and student settings, with mixed prompts and a trainable student
-    decoder."""
+    decoder; the students prompt at most as many objects an image as ground truth has."""
     teacher = teacher_settings(paths, size)
     teacher["data"]["prompts"] = PROMPTS_SETTINGS
     write_yaml(teacher, paths.teacher_config)
     student = student_settings(paths, size)
-    student["data"]["prompts"] = PROMPTS_SETTINGS
+    student["data"]["prompts"] = STUDENT_PROMPTS
     student["train"]["frozen_until"] = {}
     write_yaml(student, paths.student_config)
 
@@ -208,17 +225,18 @@ def run(quick: bool) -> Section:
         write_settings(paths, config.size)
         train_teacher(paths, console, [])
         few = few_labelled_copy(paths.split("train"), paths.root / "train-20pct")
+        test = first_images_copy(paths.split("test"), paths.root / "test-eval", EVAL_IMAGES)
         features = paths.root / "features-with-masks.h5"
         extract_seconds = extract_with_teacher_masks(paths, config, features)
         quality = pseudo_mask_quality(features, paths.split("train"))
         table = ResultTable(
             ["row", "students", "box mIoU", "point mIoU (best of 3)", "3-click mIoU", "train s"]
         )
-        results = {"teacher": evaluate_row(paths, paths.teacher_weights, teacher=True)}
+        results = {"teacher": evaluate_row(paths, test, paths.teacher_weights, teacher=True)}
         for row, (label, extra) in ROWS.items():
             data = paths.split("train") if row == "a" else few
             weights, seconds = train_row(paths, row, extra, data, features)
-            results[row] = evaluate_row(paths, weights)
+            results[row] = evaluate_row(paths, test, weights)
             console.print(f"{row}. {label}: {results[row]}")
             table.add(row, label, *(f"{results[row][p]:.3f}" for p, _ in PROMPTS), f"{seconds:.0f}")
         table.add(
@@ -244,12 +262,15 @@ def description(config: Config, extract_seconds: float | None, quality: tuple[fl
     return (
         f"The CPU demo's data and models: {size.train_images} generated training images "
         f"({size.train_images // LABELLED_EVERY} keep their masks in rows b-e), "
-        f"{size.test_images} held-out test images, {size.image_size} px. Teacher: "
+        f"{min(EVAL_IMAGES, size.test_images)} held-out test images, {size.image_size} px. "
+        "Teacher: "
         f"`vit_mini` trained on every training image with box and point prompts "
         f"({size.teacher_steps} steps). Students: `vit_t_mini`, a random encoder and the "
         f"teacher's prompt encoder and mask decoder, all trained, {size.student_steps} steps "
         f"of batch {size.batch_size} with box and point prompts, seed 0, the same batches in "
-        "every row; encoder MSE in rows b-e, plus the decoder terms (MSE, cosine, KL) in c-e. "
+        "every row; encoder MSE in rows b-e, plus the decoder terms (MSE, cosine, KL) in c-e, "
+        f"on at most {STUDENT_PROMPTS['max_objects']} objects (or "
+        f"{STUDENT_PROMPTS['unlabelled_points']} grid points) an image. "
         "Teacher masks: segment-anything's automatic mask generator on the stored embeddings, "
         f"{config.points_per_side}x{config.points_per_side} points, no predicted-IoU or "
         f"stability filter (SAM's keep none of this teacher's masks), box NMS 0.7, at most 16 "

@@ -4,8 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SECTIONS = (
     "feature_store",
@@ -18,7 +16,6 @@ SECTIONS = (
 )
 
 
-@pytest.mark.slow
 def test_quick_run_writes_every_section(tmp_path: Path) -> None:
     output = tmp_path / "BENCHMARKS.md"
     subprocess.run(

@@ -16,7 +16,6 @@ from benchmarks.gpu_wheels import CARRIED, WheelError, check
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow
 def test_dry_run_writes_every_result(tmp_path: Path) -> None:
     if not any(gpu_wheels.WHEELS.glob("*.whl")):
         pytest.skip("no wheels in gpu-wheels/: run bash benchmarks/gpu_wheels.sh")

@@ -10,8 +10,6 @@ from rich.console import Console
 
 from samkd.demo.run import FAST, Paths, run_demo, teacher_key, train_teacher
 
-pytestmark = pytest.mark.slow
-
 RUNS = ("teacher", "student-no-kd", "student-kd")
 
 

@@ -321,7 +321,6 @@ def test_settings_name_a_teacher_that_stores_embeddings(
 # --------------------------------------------------------------------------- extraction
 
 
-@pytest.mark.slow
 def test_extract_stores_the_masks_that_the_stored_embedding_and_decoder_give(
     tmp_path: Path,
 ) -> None:

@@ -162,7 +162,6 @@ def test_disable_restores_the_reference_module() -> None:
     assert torch.equal(encoder(batch), reference)
 
 
-@pytest.mark.slow
 @torch.inference_mode()
 def test_compiled_fast_path_matches_the_reference() -> None:
     model = windowed_vit(320)

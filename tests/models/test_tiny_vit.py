@@ -45,7 +45,6 @@ def test_attention_bias_index_matches_mobile_sam() -> None:
         assert torch.equal(ours.attention_bias_idxs, official.attention_bias_idxs)
 
 
-@pytest.mark.slow
 def test_matches_mobile_sam_at_1024(mobile_sam: Sam, randomize, predict_masks) -> None:
     ours = randomize(build_sam("vit_t"), seed=3).eval()
     mobile_sam.load_state_dict(ours.state_dict(), strict=True)

@@ -354,7 +354,6 @@ def test_two_ranks_with_accumulation_equal_one_batch(
         )
 
 
-@pytest.mark.slow
 def test_two_ranks_with_uneven_labels_match_one_process_and_resume(
     tmp_path: Path, sixteen: Path, shapes_val: Path, teacher_checkpoint: Path
 ) -> None:
