@@ -12,6 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from samkd.cli import app
+from samkd.data.images import preprocess_image
 from samkd.demo.shapes import write_shapes_dataset
 from samkd.errors import UsageError
 from samkd.evaluate import run_eval
@@ -27,7 +28,7 @@ from samkd.evaluate.amg import (
     pairwise_iou,
     recall,
 )
-from samkd.extract import run_extract
+from samkd.evaluate.predict import encode_images
 from samkd.features.pseudo_masks import decode_pseudo_masks
 from samkd.models import build_sam, save_state_dict
 from samkd.settings import AmgSettings, Settings, load_settings
@@ -193,18 +194,16 @@ def test_agreement_with_itself_is_one(shapes: Path, checkpoint: Path) -> None:
         assert report["teacher_amg"][key] == report["amg"][key]
 
 
-def test_stored_teacher_gives_the_built_teachers_masks(
-    tmp_path: Path, shapes: Path, checkpoint: Path
-) -> None:
-    teacher = f"teachers=[{{name: t, model_type: {MODEL}, checkpoint: {checkpoint}}}]"
-    features = tmp_path / "features.h5"
-    stored = [f"data.train={shapes}", f"extract.output={features}", "extract.dtype=float32"]
-    settings = settings_for(shapes, checkpoint, teacher, *stored)
-    run_extract(settings)
-    report = run_eval(settings, features=features)
-    assert report["amg_agreement"]["matched_fraction"] == 1.0
-    assert report["amg_agreement"]["mean_matched_iou"] == pytest.approx(1.0, abs=1e-3)
-    cropped = settings.eval.amg.model_copy(update={"crop_n_layers": 1})
+def test_stored_embedding_gives_the_masks_of_the_image(checkpoint: Path) -> None:
+    """A teacher stored in a feature file (`--features`) generates from its stored embedding
+    the masks that it generates running its encoder on the image."""
+    model = build_sam(MODEL, image_size=IMAGE_SIZE, checkpoint=checkpoint).eval()
+    image = np.random.default_rng(1).integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
+    options = AmgSettings(**AMG_OPTIONS)
+    embedding = encode_images(model, preprocess_image(image, IMAGE_SIZE)[0][None])
+    stored = generate_masks(model, image, options, embedding)
+    assert stored.rles == generate_masks(model, image, options).rles
+    cropped = options.model_copy(update={"crop_n_layers": 1})
     with pytest.raises(UsageError, match="eval.amg.crop_n_layers 1 needs the teacher's image"):
         check_amg_options(cropped, stored_teacher=True)
 
