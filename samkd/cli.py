@@ -242,6 +242,14 @@ def evaluate(
     overlays: Annotated[
         Path | None, typer.Option(help="Save a few overlay PNGs in this folder.")
     ] = None,
+    amg: Annotated[
+        bool,
+        typer.Option(
+            "--amg",
+            help="Also score automatic mask generation against every object: recall, best "
+            "IoU, masks and time per image (eval.amg.enabled; options under eval.amg).",
+        ),
+    ] = False,
     teacher: Annotated[
         str | None,
         typer.Option(
@@ -263,6 +271,7 @@ def evaluate(
         "student.model_type": model_type,
         "student.checkpoint": str(checkpoint) if checkpoint else None,
         "data.val": str(data) if data else None,
+        "eval.amg.enabled": True if amg else None,
     }
     settings = resolve_settings(config, assignments, flags, print_config)
     from samkd.evaluate import run_eval

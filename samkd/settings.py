@@ -463,18 +463,12 @@ class TrainSettings(StrictModel):
     augment: AugmentSettings = Field(AugmentSettings(), description="training-time augmentation")
 
 
-class PseudoMaskSettings(StrictModel):
-    """One teacher's automatic masks of each image, stored with its features (segment-anything's
-    `SamAutomaticMaskGenerator` on the stored embedding, without crops or small-region removal)."""
+class MaskGeneratorSettings(StrictModel):
+    """Options of segment-anything's `SamAutomaticMaskGenerator` (named as it names them): a
+    grid of one-point prompts, masks kept by predicted IoU and stability, then box NMS."""
 
-    enabled: bool = Field(
-        False, description="store pseudo-masks in the feature file (`samkd extract --pseudo-masks`)"
-    )
-    teacher: str | None = Field(
-        None, description="name of the teacher whose masks are stored (default: the first)"
-    )
     points_per_side: int = Field(
-        16, ge=1, description="side of the point grid: points_per_side² one-point prompts per image"
+        32, ge=1, description="side of the point grid: points_per_side² one-point prompts per image"
     )
     points_per_batch: int = Field(64, ge=1, description="point prompts decoded at once")
     pred_iou_thresh: float = Field(
@@ -488,6 +482,21 @@ class PseudoMaskSettings(StrictModel):
     )
     box_nms_thresh: float = Field(
         0.7, gt=0, le=1, description="box IoU above which the lower-IoU mask of a pair is dropped"
+    )
+
+
+class PseudoMaskSettings(MaskGeneratorSettings):
+    """One teacher's automatic masks of each image, stored with its features (segment-anything's
+    `SamAutomaticMaskGenerator` on the stored embedding, without crops or small-region removal)."""
+
+    enabled: bool = Field(
+        False, description="store pseudo-masks in the feature file (`samkd extract --pseudo-masks`)"
+    )
+    teacher: str | None = Field(
+        None, description="name of the teacher whose masks are stored (default: the first)"
+    )
+    points_per_side: int = Field(
+        16, ge=1, description="side of the point grid: points_per_side² one-point prompts per image"
     )
     max_masks: int = Field(
         32, ge=1, description="masks stored per image at most, highest predicted IoU first"
@@ -534,6 +543,47 @@ class ExtractSettings(StrictModel):
     )
 
 
+class AmgSettings(MaskGeneratorSettings):
+    """Automatic mask generation scored against every ground-truth object (`samkd eval --amg`):
+    segment-anything's `SamAutomaticMaskGenerator` with its defaults, on each image through the
+    model's own image encoder."""
+
+    enabled: bool = Field(
+        False, description="also generate every image's automatic masks and score them (--amg)"
+    )
+    crop_n_layers: int = Field(
+        0, ge=0, description="layers of image crops also run (layer i: (2^i)² crops); 0: none"
+    )
+    crop_nms_thresh: float = Field(
+        0.7,
+        gt=0,
+        le=1,
+        description="box IoU above which two crops' masks are one (the smaller crop's is kept)",
+    )
+    crop_overlap_ratio: float = Field(
+        512 / 1500, ge=0, lt=1, description="overlap of neighbouring crops, a fraction of the side"
+    )
+    crop_n_points_downscale_factor: int = Field(
+        1, ge=1, description="crop layer i's grid has points_per_side / factor^i points per side"
+    )
+    min_mask_region_area: int = Field(
+        0,
+        ge=0,
+        description="remove holes and islands below this many pixels (needs OpenCV); 0: off",
+    )
+
+    @model_validator(mode="after")
+    def _grid_in_every_layer(self) -> AmgSettings:
+        scale = self.crop_n_points_downscale_factor**self.crop_n_layers
+        if self.points_per_side < scale:
+            raise ValueError(
+                f"points_per_side {self.points_per_side} leaves no points in crop layer "
+                f"{self.crop_n_layers} (crop_n_points_downscale_factor "
+                f"{self.crop_n_points_downscale_factor}): expected at least {scale}"
+            )
+        return self
+
+
 class EvalSettings(StrictModel):
     """Mask quality and speed measurement."""
 
@@ -555,6 +605,9 @@ class EvalSettings(StrictModel):
     )
     device: Device = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     seed: int = Field(0, description="torch seed (e.g. random weights when no checkpoint is set)")
+    amg: AmgSettings = Field(
+        AmgSettings(), description="automatic mask generation (`samkd eval --amg`)"
+    )
 
 
 class LoggingSettings(StrictModel):

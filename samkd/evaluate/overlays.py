@@ -12,6 +12,22 @@ from samkd.files import atomic_path
 
 GROUND_TRUTH_COLOUR = np.array([0, 200, 0], dtype=np.float32)
 PREDICTION_COLOUR = np.array([230, 30, 30], dtype=np.float32)
+# Distinct colours for many masks of one image (matplotlib's tab10), used in turn.
+MASK_PALETTE = np.array(
+    [
+        [31, 119, 180],
+        [255, 127, 14],
+        [44, 160, 44],
+        [214, 39, 40],
+        [148, 103, 189],
+        [140, 86, 75],
+        [227, 119, 194],
+        [127, 127, 127],
+        [188, 189, 34],
+        [23, 190, 207],
+    ],
+    dtype=np.float32,
+)
 
 
 def draw_overlay(
@@ -32,6 +48,20 @@ def draw_overlay(
     if box is not None:
         ImageDraw.Draw(picture).rectangle([float(v) for v in box], outline=(255, 220, 0), width=2)
     return picture
+
+
+def draw_masks(image: np.ndarray, masks: np.ndarray) -> Image.Image:
+    """Each mask tinted its own colour, largest first so that small masks stay visible.
+
+    image: `H x W x 3` uint8; masks: `N x H x W` bool.
+    """
+    canvas = image.astype(np.float32)
+    areas = masks.reshape(masks.shape[0], -1).sum(axis=1)
+    for rank, index in enumerate(np.argsort(-areas, kind="stable")):
+        selected = masks[index]
+        colour = MASK_PALETTE[rank % len(MASK_PALETTE)]
+        canvas[selected] = 0.45 * canvas[selected] + 0.55 * colour
+    return Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
 
 
 def save_png(picture: Image.Image, path: Path) -> None:

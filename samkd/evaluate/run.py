@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from samkd import __version__
 from samkd.data import Sample, SegmentationDataset, build_dataset, load_rgb_image, summarize_skipped
 from samkd.errors import UsageError
+from samkd.evaluate.amg import check_amg_options, evaluate_amg, print_amg_report
 from samkd.evaluate.metrics import SIZE_NAMES, IoUTable
 from samkd.evaluate.overlays import draw_overlay, save_png
 from samkd.evaluate.prompts import box_prompts
@@ -186,6 +187,8 @@ def run_eval(
         check_writable(json_path.parent, "--json")
     if overlays_dir is not None:
         check_writable(overlays_dir, "--overlays")
+    if settings.eval.amg.enabled:
+        check_amg_options(settings.eval.amg, stored_teacher=features is not None)
     device = resolve_device(settings.eval.device)
     torch.manual_seed(settings.eval.seed)
     student = student_spec(settings)
@@ -238,12 +241,25 @@ def run_eval(
         report["teacher"] = teacher_model_spec.to_dict()
         report["teacher_quality"] = tables.teacher.summary()
         report["agreement"] = tables.agreement.summary()
+    if settings.eval.amg.enabled:
+        amg = evaluate_amg(
+            dataset,
+            model,
+            settings.eval.amg,
+            teacher_model,
+            store,
+            settings.data.num_workers,
+            overlays_dir,
+        )
+        report.update(amg.to_report())
     if settings.eval.speed:
         report["speed"] = {"model": _speed(model, settings)}
         if teacher_model is not None and store is None:
             report["speed"]["teacher"] = _speed(teacher_model, settings)
     report["settings"] = settings.model_dump(mode="json")
     print_report(report, tables, teacher_model_spec is not None, console)
+    if "amg" in report:
+        print_amg_report(report, console)
     if skipped or dataset.skipped:
         logger.warning(summarize_skipped(list(skipped) + list(dataset.skipped)))
     if json_path is not None:

@@ -13,6 +13,7 @@ stored in a feature file as one JSON string per image (`encode_rows`, `decode_ro
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -26,10 +27,18 @@ from segment_anything.modeling import Sam
 from samkd.data.images import ResizeLongestSide
 
 if TYPE_CHECKING:
-    from samkd.settings import PseudoMaskSettings
+    from samkd.settings import MaskGeneratorSettings, PseudoMaskSettings
 
 # The keys of one stored pseudo-mask, in their stored order.
 MASK_KEYS = ("size", "counts", "predicted_iou", "stability_score")
+
+# The generator's options that settings may give, under the generator's own names; what a
+# settings section leaves out (the pseudo-masks' crops) keeps segment-anything's default.
+GENERATOR_OPTIONS = frozenset(inspect.signature(SamAutomaticMaskGenerator).parameters) - {
+    "model",
+    "output_mode",
+    "point_grids",
+}
 
 
 class EmbeddingPredictor(SamPredictor):
@@ -54,6 +63,42 @@ class EmbeddingPredictor(SamPredictor):
         self.is_image_set = True
 
 
+def build_mask_generator(model: Sam, options: MaskGeneratorSettings) -> SamAutomaticMaskGenerator:
+    """segment-anything's generator over `model` with the options of a settings section
+    (`extract.pseudo_masks`, `eval.amg`), giving COCO RLE masks. Its predictor resizes as
+    `samkd.data` does (`ResizeLongestSide`), so that it sees the images training saw."""
+    chosen = {name: value for name, value in options if name in GENERATOR_OPTIONS}
+    generator = SamAutomaticMaskGenerator(model, output_mode="coco_rle", **chosen)
+    generator.predictor.transform = ResizeLongestSide(model.image_encoder.img_size)
+    return generator
+
+
+def embedding_mask_generator(
+    model: Sam,
+    embedding: torch.Tensor,
+    original_size: tuple[int, int],
+    options: MaskGeneratorSettings,
+) -> SamAutomaticMaskGenerator:
+    """`build_mask_generator` whose predictor installs `embedding` (`256 x h x w` or
+    `1 x 256 x h x w`, on the model's device) for an image of `original_size` `(H, W)`
+    instead of running the image encoder: only whole-image generation (no crops) works."""
+    height, width = (int(side) for side in original_size)
+    if height < 1 or width < 1:
+        raise ValueError(f"original_size must be positive, got {tuple(original_size)}")
+    expected = (model.prompt_encoder.embed_dim, *model.prompt_encoder.image_embedding_size)
+    if tuple(embedding.shape) not in (expected, (1, *expected)):
+        raise ValueError(f"embedding is {tuple(embedding.shape)}, the teacher takes {expected}")
+    embedding = embedding.reshape(1, *expected)
+    if embedding.device != model.device:
+        raise ValueError(f"embedding is on {embedding.device}, the teacher on {model.device}")
+    generator = build_mask_generator(model, options)
+    if generator.crop_n_layers:
+        raise ValueError(f"crop_n_layers {generator.crop_n_layers}: crops need the image encoder")
+    dtype = next(model.mask_decoder.parameters()).dtype
+    generator.predictor = EmbeddingPredictor(model, embedding.to(dtype), (height, width))
+    return generator
+
+
 def generate_pseudo_masks(
     model: Sam,
     embedding: torch.Tensor,
@@ -76,28 +121,7 @@ def generate_pseudo_masks(
         (COCO RLE at the original size). The same inputs give the same list.
     """
     height, width = (int(side) for side in original_size)
-    if height < 1 or width < 1:
-        raise ValueError(f"original_size must be positive, got {tuple(original_size)}")
-    expected = (model.prompt_encoder.embed_dim, *model.prompt_encoder.image_embedding_size)
-    if tuple(embedding.shape) not in (expected, (1, *expected)):
-        raise ValueError(f"embedding is {tuple(embedding.shape)}, the teacher takes {expected}")
-    embedding = embedding.reshape(1, *expected)
-    if embedding.device != model.device:
-        raise ValueError(f"embedding is on {embedding.device}, the teacher on {model.device}")
-    generator = SamAutomaticMaskGenerator(
-        model,
-        points_per_side=options.points_per_side,
-        points_per_batch=options.points_per_batch,
-        pred_iou_thresh=options.pred_iou_thresh,
-        stability_score_thresh=options.stability_score_thresh,
-        stability_score_offset=options.stability_score_offset,
-        box_nms_thresh=options.box_nms_thresh,
-        crop_n_layers=0,
-        min_mask_region_area=0,
-        output_mode="coco_rle",
-    )
-    dtype = next(model.mask_decoder.parameters()).dtype
-    generator.predictor = EmbeddingPredictor(model, embedding.to(dtype), (height, width))
+    generator = embedding_mask_generator(model, embedding, (height, width), options)
     # The pixels are never read: a broadcast view stands in for the image.
     placeholder = np.broadcast_to(np.zeros((1, 1, 3), dtype=np.uint8), (height, width, 3))
     with torch.inference_mode():
