@@ -221,6 +221,8 @@ def write_onnx(
             # The tracing exporter is deprecated, but it is the one segment-anything's decoder
             # and dynamic axes were written for, and it needs no onnxscript.
             warnings.filterwarnings("ignore", category=DeprecationWarning)
+            # About negative indices, which the single-mask choice (arange, argmax) never has.
+            warnings.filterwarnings("ignore", message="Exporting aten::index operator")
             torch.onnx.export(
                 module,
                 example,
@@ -244,12 +246,37 @@ def quantize_int8(source: Path, target: Path) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    proto = onnx.load(str(source))
+    unshare_initializers(proto)
     with atomic_path(target, suffix=".onnx") as temporary, _root_warnings_off():
-        quantize_dynamic(source, temporary, per_channel=False, weight_type=QuantType.QUInt8)
-        proto = onnx.load(str(temporary))
-        metadata = {prop.key: prop.value for prop in proto.metadata_props}
-        onnx.helper.set_model_props(proto, {**metadata, META_PRECISION: INT8})
-        onnx.save(proto, str(temporary))
+        quantize_dynamic(proto, temporary, per_channel=False, weight_type=QuantType.QUInt8)
+        quantized = onnx.load(str(temporary))
+        metadata = {prop.key: prop.value for prop in quantized.metadata_props}
+        onnx.helper.set_model_props(quantized, {**metadata, META_PRECISION: INT8})
+        onnx.save(quantized, str(temporary))
+
+
+def unshare_initializers(proto: Any) -> None:
+    """Give each weight that the exporter shares through an `Identity` node its own copy.
+
+    The exporter stores equal tensors once (zero-initialised weights, for example) and reads
+    the others through `Identity`; onnxruntime's quantiser needs every Conv and MatMul
+    weight to be an initializer itself.
+    """
+    import onnx
+
+    initializers = {tensor.name: tensor for tensor in proto.graph.initializer}
+    kept = []
+    for node in proto.graph.node:
+        if node.op_type == "Identity" and node.input[0] in initializers:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(initializers[node.input[0]])
+            copy.name = node.output[0]
+            proto.graph.initializer.append(copy)
+        else:
+            kept.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(kept)
 
 
 @contextmanager

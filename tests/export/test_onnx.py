@@ -10,7 +10,7 @@ import torch
 from samkd.errors import UsageError
 from samkd.evaluate.predict import ObjectPrompts, predict_masks
 from samkd.export import OnnxFiles, OnnxSam
-from samkd.export.onnx import DECODER_INPUTS, DECODER_OUTPUTS
+from samkd.export.onnx import DECODER_INPUTS, DECODER_OUTPUTS, quantize_int8, write_onnx
 from samkd.models import build_sam
 
 from .conftest import IMAGE_SIZE, MODEL, Export
@@ -93,3 +93,21 @@ def test_point_prompts_match_pytorch(exported: Export, checkpoint: Path) -> None
         theirs = predict_masks(model, embedding, prompts, (96, 128), multimask)
         assert torch.allclose(ours.low_res_logits, theirs.low_res_logits, atol=1e-4)
         assert torch.allclose(ours.iou_predictions, theirs.iou_predictions, atol=1e-5)
+
+
+def test_int8_quantises_weights_the_exporter_shares(tmp_path: Path) -> None:
+    """Equal weights (here zero-initialised, as in a new model) are stored once and read
+    through Identity nodes, which onnxruntime's quantiser refuses unless unshared."""
+    layers = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)).eval()
+    for layer in layers:
+        torch.nn.init.zeros_(layer.weight)
+    fp32, int8 = tmp_path / "model.onnx", tmp_path / "model.int8.onnx"
+    write_onnx(
+        layers, (torch.randn(2, 8),), fp32, 17, ("x",), ("y",), {}, {"samkd.precision": "fp32"}
+    )
+    assert "Identity" in {node.op_type for node in onnx.load(str(fp32)).graph.node}
+    quantize_int8(fp32, int8)
+    quantized = onnx.load(str(int8))
+    metadata = {prop.key: prop.value for prop in quantized.metadata_props}
+    assert metadata["samkd.precision"] == "int8"
+    assert "MatMulInteger" in {node.op_type for node in quantized.graph.node}

@@ -1,15 +1,22 @@
 """The parity check of `samkd export`: fp32 within its tolerances, int8 reported."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
-from samkd.export import ParityError, ParityReport
-from samkd.export.parity import check_tolerances
+from samkd.data import build_dataset
+from samkd.errors import UsageError
+from samkd.evaluate.predict import ObjectPrompts
+from samkd.export import OnnxSam, ParityError, ParityReport
+from samkd.export.onnx import export_decoder
+from samkd.export.parity import check_parity, check_tolerances, pytorch_reference
+from samkd.models import build_sam
 from samkd.settings import ExportSettings
 
-from .conftest import Export
+from .conftest import IMAGE_SIZE, MODEL, Export
 
 pytest.importorskip("onnxruntime")
 
@@ -52,3 +59,20 @@ def test_mIoU_change_is_checked() -> None:
     report = ParityReport("fp32", 1, 1, 0.0, 0.0, 0.0, 0.70, 0.75)
     with pytest.raises(ParityError, match="box mIoU change 0.05 exceeds export.miou_atol 0.005"):
         check_tolerances(report, ExportSettings())
+
+
+def test_single_mask_decoder(
+    exported: Export, checkpoint: Path, shapes: Path, tmp_path: Path
+) -> None:
+    model = build_sam(MODEL, image_size=IMAGE_SIZE, checkpoint=checkpoint)
+    shutil.copy(exported.folder / "image_encoder.onnx", tmp_path)
+    metadata = {"samkd.return_single_mask": "True"}
+    export_decoder(model, tmp_path / "decoder.onnx", 17, True, metadata)
+    single = OnnxSam.load(tmp_path)
+    samples = [build_dataset(shapes, image_size=IMAGE_SIZE)[0]]
+    report = check_parity(pytorch_reference(model, samples, True), single, "fp32")
+    assert report.mask_logits_max_abs_diff < 1e-4
+    assert report.miou_onnx is None and report.miou_delta is None
+    box = ObjectPrompts(boxes=torch.tensor([[10.0, 10.0, 40.0, 30.0]]))
+    with pytest.raises(UsageError, match="returns one mask"):
+        single.predict(torch.zeros(1, 256, 8, 8), box, (96, 128), multimask=False)

@@ -99,14 +99,16 @@ def test_cli_eval_onnx_int8(exported: Export, shapes: Path) -> None:
 
 @pytest.mark.slow
 def test_real_size_mobile_sam(tmp_path: Path) -> None:
-    """MobileSAM (vit_t) at 1024 px with random weights, on one generated image."""
+    """MobileSAM (vit_t) at 1024 px with random weights, fp32 and int8, on one generated
+    image."""
     torch.manual_seed(0)
     checkpoint = tmp_path / "mobile_sam.pt"
     save_state_dict(build_sam("vit_t"), checkpoint)
     settings = load_real_size_settings(checkpoint, tmp_path / "onnx")
     summary = run_export(settings)
-    fp32 = summary["parity"]["fp32"]
+    fp32, int8 = summary["parity"]["fp32"], summary["parity"]["int8"]
     assert summary["model"]["image_size"] == 1024
+    assert int8["miou_delta"] is not None
     assert fp32["embedding_max_abs_diff"] <= settings.export.embedding_atol
     assert fp32["mask_logits_max_abs_diff"] <= settings.export.mask_logits_atol
     assert fp32["miou_onnx"] == pytest.approx(fp32["miou_pytorch"], abs=MIOU_ATOL)
@@ -116,6 +118,7 @@ def load_real_size_settings(checkpoint: Path, output: Path) -> Settings:
     return load_settings(
         None,
         ["student.model_type=vit_t", f"student.checkpoint={checkpoint}",
-         f"export.output={output}", "export.parity_images=1", "data.num_workers=0"],
+         f"export.output={output}", "export.parity_images=1", "export.quantize=int8",
+         "data.num_workers=0"],
         environ={},
     )  # fmt: skip
