@@ -111,6 +111,7 @@ def write_pair(model: Sam, spec: ModelSpec, settings: Settings, console: Console
 
 
 def write_int8_pair(files: OnnxFiles, folder: Path, console: Console) -> OnnxFiles:
+    """Write the `*.int8.onnx` copies of `files` into `folder`."""
     quantized = OnnxFiles.in_folder(folder, INT8)
     with console.status(f"quantising to {quantized.encoder.name} and {quantized.decoder.name}"):
         quantize_int8(files.encoder, quantized.encoder)
@@ -132,17 +133,20 @@ def run_export(
     export = settings.export
     check_writable(export.output, "export.output")
     spec = model_to_export(settings, source)
+    if spec.checkpoint is None:
+        logger.warning("exporting random weights: no checkpoint given (student.checkpoint)")
+    written: list[OnnxFiles] = []
     with parity_samples(settings, spec.image_size) as samples:
         check_exportable(spec.model_type, spec.image_size)
         model = spec.build(CPU)
         files = write_pair(model, spec, settings, console)
+        written.append(files)
         reference = pytorch_reference(model, samples, export.return_single_mask)
         reports = [check_parity(reference, OnnxSam.load(files.encoder), FP32)]
         if export.quantize == INT8:
             quantized = write_int8_pair(files, export.output, console)
+            written.append(quantized)
             reports.append(check_parity(reference, OnnxSam.load(quantized.encoder), INT8))
-    if spec.checkpoint is None:
-        logger.warning("exported random weights: no checkpoint given (student.checkpoint)")
     summary = {
         "samkd_version": __version__,
         "model": spec.to_dict(),
@@ -153,7 +157,7 @@ def run_export(
             key: getattr(export, key) for key in ("embedding_atol", "mask_logits_atol", "miou_atol")
         },
         "parity": {report.precision: report.to_dict() for report in reports},
-        "files": [str(path) for path in sorted(export.output.glob("*.onnx"))],
+        "files": [str(path) for pair in written for path in (pair.encoder, pair.decoder)],
     }
     write_json(summary, export.output / PARITY_FILE)
     console.print(parity_table(reports, export))
@@ -166,7 +170,7 @@ def parity_table(reports: list[ParityReport], tolerances: ExportSettings) -> Tab
     """One column per exported pair, and the fp32 tolerance of each checked quantity."""
     first = reports[0]
     table = Table(
-        title=f"ONNX vs PyTorch ({first.images} images, {first.objects} objects)",
+        title=f"ONNX vs PyTorch (images: {first.images}, objects: {first.objects})",
         title_justify="left",
     )
     table.add_column("quantity")

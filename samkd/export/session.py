@@ -70,13 +70,17 @@ class OnnxSam:
 
         files = OnnxFiles.of(path)
         files.check_exist()
-        options = onnxruntime.SessionOptions()
-        # onnxruntime prints graph-optimisation notes as warnings on every load.
-        options.log_severity_level = 3
-        providers = ["CPUExecutionProvider"]
-        encoder = onnxruntime.InferenceSession(str(files.encoder), options, providers=providers)
-        decoder = onnxruntime.InferenceSession(str(files.decoder), options, providers=providers)
-        return cls(files, encoder, decoder)
+        sessions = []
+        for file in (files.encoder, files.decoder):
+            try:
+                sessions.append(
+                    onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+                )
+            # onnxruntime reports an unreadable or invalid model with its own error types.
+            except Exception as error:
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                raise UsageError(f"{file}: onnxruntime cannot load it: {reason}") from None
+        return cls(files, *sessions)
 
     @property
     def image_size(self) -> int:

@@ -122,3 +122,14 @@ def load_real_size_settings(checkpoint: Path, output: Path) -> Settings:
          "data.num_workers=0"],
         environ={},
     )  # fmt: skip
+
+
+def test_eval_of_a_broken_onnx_file_is_one_line(tmp_path: Path, shapes: Path) -> None:
+    (tmp_path / "image_encoder.onnx").write_text("not a model")
+    (tmp_path / "decoder.onnx").write_text("not a model")
+    result = runner.invoke(app, ["eval", "--onnx", str(tmp_path), "--data", str(shapes)])
+    assert result.exit_code == 1
+    message = one_line_error(result)
+    assert message.startswith(
+        f"error: {tmp_path / 'image_encoder.onnx'}: onnxruntime cannot load it"
+    )
