@@ -23,7 +23,7 @@ def install_project(session: nox.Session, extras: str, torch: list[str] = TORCH)
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite (pass pytest arguments after --)."""
-    install_project(session, "test")
+    install_project(session, "test,export")
     session.run("pytest", *session.posargs)
 
 
@@ -37,7 +37,7 @@ def slow(session: nox.Session) -> None:
 @nox.session(python="3.12", default=False)
 def tests_torch211(session: nox.Session) -> None:
     """Run the test suite under torch 2.11 and Python 3.12, as on the GPU machine."""
-    install_project(session, "test", TORCH_GPU_MACHINE)
+    install_project(session, "test,export", TORCH_GPU_MACHINE)
     session.run("pytest", *session.posargs)
 
 

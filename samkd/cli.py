@@ -233,6 +233,14 @@ def evaluate(
     checkpoint: Annotated[
         Path | None, typer.Option(help="Weights to evaluate.", show_default=False)
     ] = None,
+    onnx: Annotated[
+        Path | None,
+        typer.Option(
+            help="Evaluate an exported pair instead of weights: a `samkd export` folder, or "
+            "one of its image_encoder*.onnx files (the decoder*.onnx of the same name beside).",
+            show_default=False,
+        ),
+    ] = None,
     data: Annotated[
         Path | None, typer.Option(help="Dataset folder with masks.", show_default=False)
     ] = None,
@@ -267,6 +275,8 @@ def evaluate(
     print_config: PrintConfigOption = False,
 ) -> None:
     """Measure mask quality (mIoU with box and point prompts), teacher agreement and speed."""
+    if onnx is not None and (checkpoint is not None or model_type is not None):
+        raise _fail("--onnx evaluates exported files; leave out --checkpoint and --model-type")
     flags = {
         "student.model_type": model_type,
         "student.checkpoint": str(checkpoint) if checkpoint else None,
@@ -278,7 +288,12 @@ def evaluate(
 
     with one_line_errors(settings.logging.level == "DEBUG"):
         run_eval(
-            settings, json_path=json_path, overlays_dir=overlays, teacher=teacher, features=features
+            settings,
+            json_path=json_path,
+            overlays_dir=overlays,
+            teacher=teacher,
+            features=features,
+            onnx=onnx,
         )
 
 
@@ -335,3 +350,62 @@ def inspect(
             path, as_json=json_output, check=check, overlay=overlay, images=image or ()
         )
     raise typer.Exit(code)
+
+
+@app.command()
+def export(
+    source: Annotated[
+        Path | None,
+        typer.Argument(
+            help="A training run folder (its student.pt, model type and image size) or a "
+            "checkpoint (default: --checkpoint / student.checkpoint).",
+            show_default=False,
+        ),
+    ] = None,
+    config: ConfigOption = None,
+    assignments: SetOption = None,
+    model_type: Annotated[
+        str | None, typer.Option(help="Model type of a checkpoint (default: student.model_type).")
+    ] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Weights to export (instead of SOURCE).", show_default=False)
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Dataset folder with masks for the parity check (default: generated shapes).",
+            show_default=False,
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Folder to write (export.output).", show_default=False),
+    ] = None,
+    quantize: Annotated[
+        str | None,
+        typer.Option(help="int8: also write int8-weight copies and report their parity."),
+    ] = None,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (17 or later).")] = None,
+    print_config: PrintConfigOption = False,
+) -> None:
+    """Write the model as ONNX (image encoder and segment-anything's decoder) and check the
+    files against PyTorch."""
+    if source is not None and checkpoint is not None:
+        raise _fail("pass SOURCE or --checkpoint, not both")
+    if source is not None and source.is_dir() and model_type is not None:
+        raise _fail(
+            f"{source} is a run folder, which has its own model type; leave out --model-type"
+        )
+    flags = {
+        "student.model_type": model_type,
+        "student.checkpoint": str(checkpoint) if checkpoint else None,
+        "data.val": str(data) if data else None,
+        "export.output": str(output) if output else None,
+        "export.quantize": quantize,
+        "export.opset": opset,
+    }
+    settings = resolve_settings(config, assignments, flags, print_config)
+    from samkd.export import run_export
+
+    with one_line_errors(settings.logging.level == "DEBUG"):
+        run_export(settings, source)

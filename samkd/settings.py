@@ -622,6 +622,39 @@ class LoggingSettings(StrictModel):
     )
 
 
+class ExportSettings(StrictModel):
+    """ONNX export (`samkd export`) and its parity check against PyTorch."""
+
+    output: Path = Field(
+        Path("onnx"), description="folder for image_encoder.onnx, decoder.onnx and parity.json"
+    )
+    opset: int = Field(17, ge=17, description="ONNX opset of both files")
+    quantize: Literal["none", "int8"] = Field(
+        "none",
+        description="int8: also write image_encoder.int8.onnx and decoder.int8.onnx, weights "
+        "quantised by onnxruntime's dynamic quantisation (reported, never refused)",
+    )
+    return_single_mask: bool = Field(
+        False,
+        description="decoder.onnx returns only the mask segment-anything's ONNX example picks "
+        "(its --return-single-mask) instead of all four; eval --onnx needs all four",
+    )
+    parity_images: int = Field(
+        4, ge=1, le=64, description="images of --data (or generated shapes) the parity check runs"
+    )
+    embedding_atol: NonNegativeFloat = Field(
+        1e-3, description="largest accepted |ONNX - PyTorch| of an fp32 image embedding value"
+    )
+    mask_logits_atol: NonNegativeFloat = Field(
+        1e-2,
+        description="largest accepted |ONNX - PyTorch| of an fp32 low-res mask logit (box "
+        "prompts, both decoders given the PyTorch embedding)",
+    )
+    miou_atol: NonNegativeFloat = Field(
+        0.005, description="largest accepted |ONNX - PyTorch| of the fp32 box-prompt mIoU"
+    )
+
+
 class Settings(BaseSettings):
     """Root of the settings tree."""
 
@@ -639,6 +672,7 @@ class Settings(BaseSettings):
     train: TrainSettings = Field(TrainSettings(), description="the training loop")
     extract: ExtractSettings = Field(ExtractSettings(), description="teacher feature extraction")
     eval: EvalSettings = Field(EvalSettings(), description="mask quality and speed measurement")
+    export: ExportSettings = Field(ExportSettings(), description="ONNX export and its parity check")
     logging: LoggingSettings = Field(LoggingSettings(), description="log level and metric outputs")
 
     @classmethod

@@ -10,7 +10,7 @@ from samkd import __version__
 from samkd.cli import app
 
 runner = CliRunner()
-SUBCOMMANDS = ["extract", "train", "eval", "inspect"]
+SUBCOMMANDS = ["extract", "train", "eval", "inspect", "export"]
 
 
 def test_version() -> None:
@@ -39,7 +39,7 @@ def test_extract_help_names_taps() -> None:
     assert "encoder.qk.<i>" in result.output
 
 
-@pytest.mark.parametrize("name", ["extract", "train", "eval"])
+@pytest.mark.parametrize("name", ["extract", "train", "eval", "export"])
 def test_print_config_round_trips(name: str, tmp_path: Path) -> None:
     result = runner.invoke(app, [name, "--print-config", "--set", "train.lr=0.125"])
     assert result.exit_code == 0, result.output

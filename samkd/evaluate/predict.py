@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, TypeAlias
 
 import torch
 from segment_anything.modeling import Sam
@@ -44,15 +45,39 @@ class MaskPrediction:
     low_res_logits: torch.Tensor
 
 
+class ExportedModel(Protocol):
+    """A model run outside PyTorch (an ONNX pair, `samkd.export.OnnxSam`) that evaluation
+    measures where it measures a `Sam`: `encode` and `predict` stand for `encode_images` and
+    `predict_masks`."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def predict(
+        self,
+        image_embedding: torch.Tensor,
+        prompts: ObjectPrompts,
+        original_size: tuple[int, int],
+        multimask: bool,
+    ) -> MaskPrediction: ...
+
+
+PromptableModel: TypeAlias = Sam | ExportedModel
+
+
 @torch.inference_mode()
-def encode_images(model: Sam, images: torch.Tensor) -> torch.Tensor:
+def encode_images(model: PromptableModel, images: torch.Tensor) -> torch.Tensor:
     """Image embeddings `B x 256 x h x w` of preprocessed images `B x 3 x S x S`."""
+    if not isinstance(model, Sam):
+        return model.encode(images)
     return model.image_encoder(images.to(model.device))
 
 
 @torch.inference_mode()
 def predict_masks(
-    model: Sam,
+    model: PromptableModel,
     image_embedding: torch.Tensor,
     prompts: ObjectPrompts,
     original_size: tuple[int, int],
@@ -65,6 +90,8 @@ def predict_masks(
     `SamPredictor` does; masks are upscaled and cropped as `Sam.postprocess_masks`, then
     thresholded at `model.mask_threshold`.
     """
+    if not isinstance(model, Sam):
+        return model.predict(image_embedding, prompts, original_size, multimask)
     transform = ResizeLongestSide(model.image_encoder.img_size)
     input_size = transform.get_preprocess_shape(*original_size, model.image_encoder.img_size)
     masks, scores, logits = [], [], []

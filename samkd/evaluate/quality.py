@@ -8,7 +8,7 @@ import torch
 from segment_anything.modeling import Sam
 
 from samkd.evaluate.metrics import IoUTable, mask_iou
-from samkd.evaluate.predict import ObjectPrompts, encode_images, predict_masks
+from samkd.evaluate.predict import ObjectPrompts, PromptableModel, encode_images, predict_masks
 from samkd.evaluate.prompts import add_clicks, box_prompts, center_point_prompts
 
 # Output modes: the single-mask output, and the best (against the ground truth) of the three
@@ -52,7 +52,7 @@ def select_output(masks: torch.Tensor, targets: torch.Tensor, mode: str) -> torc
 
 
 def decode(
-    model: Sam,
+    model: PromptableModel,
     embedding: torch.Tensor,
     prompts: ObjectPrompts,
     targets: torch.Tensor,
@@ -66,7 +66,7 @@ def decode(
 
 def make_prompts(
     kind: str,
-    model: Sam,
+    model: PromptableModel,
     embedding: torch.Tensor,
     targets: torch.Tensor,
     original_size: tuple[int, int],
@@ -93,7 +93,7 @@ def evaluate_image(
     image: torch.Tensor,
     targets: torch.Tensor,
     original_size: tuple[int, int],
-    model: Sam,
+    model: PromptableModel,
     teacher: Sam | None = None,
     teacher_embedding: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ from samkd.errors import UsageError
 from samkd.evaluate.amg import check_amg_options, evaluate_amg, print_amg_report
 from samkd.evaluate.metrics import SIZE_NAMES, IoUTable
 from samkd.evaluate.overlays import draw_overlay, save_png
+from samkd.evaluate.predict import PromptableModel
 from samkd.evaluate.prompts import box_prompts
 from samkd.evaluate.quality import QualityOptions, QualityTables, evaluate_image
 from samkd.evaluate.speed import measure_speed
@@ -123,7 +124,7 @@ def load_eval_dataset(settings: Settings, image_size: int) -> SegmentationDatase
 
 def evaluate_quality(
     dataset: SegmentationDataset,
-    model: Sam,
+    model: PromptableModel,
     teacher: Sam | None,
     options: QualityOptions,
     num_workers: int,
@@ -178,9 +179,13 @@ def run_eval(
     teacher: str | None = None,
     features: Path | None = None,
     console: Console | None = None,
+    onnx: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate the student and, with `teacher` (built) or `features` (its stored embeddings
-    and decoder), a teacher; print tables; return all numbers."""
+    and decoder), a teacher; print tables; return all numbers.
+
+    `onnx`: evaluate the pair that `samkd export` wrote there (see `OnnxFiles.of`) instead of
+    the student's weights."""
     console = console or Console()
     # Before the evaluation, not after it: its results would be lost.
     if json_path is not None:
@@ -192,8 +197,15 @@ def run_eval(
     device = resolve_device(settings.eval.device)
     torch.manual_seed(settings.eval.seed)
     student = student_spec(settings)
+    exported = None
+    if onnx is not None:
+        from samkd.export import OnnxSam
+
+        exported = OnnxSam.load(onnx)
+        info = exported.info
+        student = ModelSpec(f"onnx {info.precision}", info.model_type, onnx, info.image_size)
     dataset = load_eval_dataset(settings, student.image_size)
-    model = student.build(device)
+    model: PromptableModel = exported if exported is not None else student.build(device)
     teacher_model_spec, teacher_model, store = None, None, None
     if features is not None:
         teacher_model, feature_store, name, model_type = stored_teacher(features, teacher, device)
@@ -268,7 +280,15 @@ def run_eval(
     return report
 
 
-def _speed(model: Sam, settings: Settings) -> dict[str, object]:
+def _speed(model: PromptableModel, settings: Settings) -> dict[str, object]:
+    if not isinstance(model, Sam):
+        from samkd.export import OnnxSam, measure_onnx_speed
+
+        assert isinstance(model, OnnxSam)
+        eval_settings = settings.eval
+        return measure_onnx_speed(
+            model, eval_settings.batch_size, eval_settings.warmup, eval_settings.repeats
+        ).to_dict()
     return measure_speed(
         model, settings.eval.batch_size, settings.eval.warmup, settings.eval.repeats
     ).to_dict()

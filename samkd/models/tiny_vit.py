@@ -260,7 +260,9 @@ class TinyViTBlock(nn.Module):
         grid = (x.shape[1], x.shape[2])
         windows, padded_grid = window_partition(x, self.window_size)
         out = self.attn(windows.flatten(1, 2))
-        out = out.unflatten(1, (self.window_size, self.window_size))
+        # A view, not `unflatten`: tracing (ONNX export) records unflatten's sizes as
+        # constants, which would fix the batch size of an exported encoder.
+        out = out.view(out.shape[0], self.window_size, self.window_size, -1)
         return window_unpartition(out, self.window_size, padded_grid, grid)
 
 
