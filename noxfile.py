@@ -30,7 +30,7 @@ def tests(session: nox.Session) -> None:
 @nox.session(default=False)
 def slow(session: nox.Session) -> None:
     """Run the real-size tests (minutes on a 2-core CPU), which the default run leaves out."""
-    install_project(session, "test")
+    install_project(session, "test,export")
     session.run("pytest", "-m", "slow", *session.posargs)
 
 
