@@ -16,7 +16,9 @@ from pathlib import Path
 from rich.console import Console
 
 from benchmarks import (
+    amg,
     efficacy,
+    export_speed,
     extraction,
     feature_store,
     loss_cost,
@@ -35,6 +37,8 @@ BENCHMARKS: dict[str, Callable[[bool], Section]] = {
     preset_speed.NAME: preset_speed.run,
     teacher_fast_path.NAME: teacher_fast_path.run,
     efficacy.NAME: efficacy.run,
+    amg.NAME: amg.run,
+    export_speed.NAME: export_speed.run,
     real_size.NAME: real_size.run,
 }
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"

@@ -67,7 +67,9 @@ class Config:
 
 
 FULL_CONFIG = Config(
-    dataclasses.replace(FULL, test_images=50), Path(".samkd-demo/efficacy"), points_per_side=6
+    dataclasses.replace(FULL, test_images=50, student_steps=80),
+    Path(".samkd-demo/efficacy"),
+    points_per_side=6,
 )
 QUICK_CONFIG = Config(FAST, None, points_per_side=4)
 EVAL_IMAGES = 30  # the first of the test split: every evaluation then takes half a minute
