@@ -7,7 +7,8 @@ contour band, the pixels of the mask within ``d`` of its own contour (``G_d`` in
 the score is the IoU of the two bands. As there, distance is measured in a ``(2d + 1)``
 square window (``d`` erosions by a 3 x 3 square) and the image border counts as contour, so
 a mask cut by the border has a band along it. The bands are exact, computed from a
-summed-area table on the masks' device at a cost that does not grow with ``d``.
+summed-area table on the masks' device at a cost that does not grow with ``d``, within the
+box of the two masks.
 """
 
 from __future__ import annotations
@@ -108,10 +109,31 @@ def boundary_iou(
     `boundary_width` (see the module docstring).
 
     predicted, target: `... x H x W` boolean. Returns `...` float32; two empty masks score 1.
+    Each pair is cropped to the box of both masks grown by `d` first: pixels farther from
+    both masks are in neither band and decide none, so the score is exact and its cost
+    follows the objects' size rather than the image's.
     """
     height, width = target.shape[-2:]
     distance = boundary_width(height, width, dilation_ratio)
-    return mask_iou(mask_boundary(predicted, distance), mask_boundary(target, distance))
+    predicted, target = torch.broadcast_tensors(predicted.bool(), target.bool())
+    batch = predicted.shape[:-2]
+    pairs = torch.stack([predicted, target], dim=-3).reshape(math.prod(batch), 2, height, width)
+    scores = [_cropped_boundary_iou(pair, distance) for pair in pairs]
+    stacked = torch.stack(scores) if scores else torch.zeros(0, device=target.device)
+    return stacked.reshape(batch)
+
+
+def _cropped_boundary_iou(pair: torch.Tensor, distance: int) -> torch.Tensor:
+    """Boundary IoU of a `2 x H x W` bool mask pair, as a 0-dim float32 tensor."""
+    either = pair.any(dim=0)
+    rows = torch.nonzero(either.any(dim=1)).flatten()
+    columns = torch.nonzero(either.any(dim=0)).flatten()
+    if rows.numel() == 0:
+        return torch.ones((), device=pair.device)
+    top, bottom = max(int(rows[0]) - distance, 0), int(rows[-1]) + distance + 1
+    left, right = max(int(columns[0]) - distance, 0), int(columns[-1]) + distance + 1
+    bands = mask_boundary(pair[:, top:bottom, left:right], distance)
+    return mask_iou(bands[0], bands[1])
 
 
 def size_bucket(area: int) -> str:
