@@ -274,7 +274,8 @@ def evaluate(
     ] = None,
     print_config: PrintConfigOption = False,
 ) -> None:
-    """Measure mask quality (mIoU with box and point prompts), teacher agreement and speed."""
+    """Measure mask quality (mIoU, Dice and boundary IoU with box and point prompts),
+    teacher agreement and speed."""
     if onnx is not None and (checkpoint is not None or model_type is not None):
         raise _fail("--onnx evaluates exported files; leave out --checkpoint and --model-type")
     flags = {
@@ -299,13 +300,17 @@ def evaluate(
 
 @app.command()
 def inspect(
-    path: Annotated[Path, typer.Argument(help="A feature file (.h5), run folder or checkpoint.")],
+    path: Annotated[
+        Path,
+        typer.Argument(help="A feature file (.h5), run folder, checkpoint or dataset folder."),
+    ],
     config: Annotated[
         Path | None,
         typer.Option(
             "--config",
             "-c",
-            help="YAML settings file; only its logging options (e.g. logging.level) apply.",
+            help="YAML settings file; only its logging options (e.g. logging.level) and, for a "
+            "dataset folder, data.layout, data.annotation_file and data.mask_threshold apply.",
             show_default=False,
         ),
     ] = None,
@@ -314,8 +319,9 @@ def inspect(
         typer.Option(
             "--set",
             "-s",
-            help="Override one setting (repeatable); only logging options apply, "
-            "e.g. --set logging.level=DEBUG.",
+            help="Override one setting (repeatable); only logging options and, for a dataset "
+            "folder, data.layout, data.annotation_file and data.mask_threshold apply, "
+            "e.g. --set data.layout=dsb.",
             show_default=False,
         ),
     ] = None,
@@ -341,13 +347,21 @@ def inspect(
     ] = None,
     print_config: PrintConfigOption = False,
 ) -> None:
-    """Explain a feature file, a training run or a checkpoint."""
+    """Explain a feature file, a training run, a checkpoint or a dataset folder.
+
+    For a dataset folder: its layout, images, objects by size, images without objects and
+    problems found (exit status 1 when there are any)."""
     settings = resolve_settings(config, assignments, {}, print_config)
     from samkd.inspect import run_inspect
 
     with one_line_errors(settings.logging.level == "DEBUG"):
         code = run_inspect(
-            path, as_json=json_output, check=check, overlay=overlay, images=image or ()
+            path,
+            as_json=json_output,
+            check=check,
+            overlay=overlay,
+            images=image or (),
+            data=settings.data,
         )
     raise typer.Exit(code)
 

@@ -1,4 +1,5 @@
-"""`samkd inspect`: explain a feature file, a training run or a checkpoint to a person."""
+"""`samkd inspect`: explain a feature file, a training run, a checkpoint or a dataset folder
+to a person."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ import torch
 import yaml
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from samkd.data import DataError
+from samkd.data import DataError, SegmentationDataset
 from samkd.data.images import load_rgb_image
-from samkd.data.layouts import read_layout
+from samkd.data.layouts import LayoutChoice, read_layout
+from samkd.data.masks import MASK_THRESHOLD
 from samkd.errors import UsageError
+from samkd.evaluate.metrics import LARGE_AREA, SIZE_NAMES, SMALL_AREA, size_bucket
 from samkd.features import FeatureStore, file_sha256, inspect_feature_file, render_report
 from samkd.features.layout import PSEUDO_MASK_COUNTS
 from samkd.features.pseudo_masks import decode_pseudo_masks
@@ -24,11 +28,19 @@ from samkd.features.reader import no_pseudo_masks, open_feature_file
 from samkd.files import atomic_path
 from samkd.models import load_state_dict_file
 from samkd.models.checkpoint import read_torch_file
+from samkd.settings import DataSettings
 from samkd.train.metrics_log import read_metrics
 
 PLOT_NAME = "loss_curves.png"
 OVERLAY_IMAGES = 4
 MODEL_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
+PROBLEMS_SHOWN = 10
+EXAMPLE_IDS = 5
+SIZE_LABELS = {
+    "small": f"small (area < {SMALL_AREA} px)",
+    "medium": f"medium ({SMALL_AREA} to {LARGE_AREA - 1} px)",
+    "large": f"large (area >= {LARGE_AREA} px)",
+}
 
 
 def run_inspect(
@@ -38,11 +50,13 @@ def run_inspect(
     console: Console | None = None,
     overlay: Path | None = None,
     images: Sequence[str] = (),
+    data: DataSettings | None = None,
 ) -> int:
     """Print what `path` is and holds; returns the exit status (non-zero: incomplete/corrupt).
 
     `overlay` (a feature file's only): also write a PNG of the pseudo-masks of `images`
-    (ids; default a few that have some), see `plot_pseudo_masks`."""
+    (ids; default a few that have some), see `plot_pseudo_masks`. `data`: how a dataset
+    folder is read (its layout, annotation_file and mask_threshold)."""
     console = console or Console()
     feature_file = path.suffix in (".h5", ".hdf5") or path.with_name(path.name + ".parts").is_dir()
     if images and overlay is None:
@@ -68,7 +82,12 @@ def run_inspect(
         return report.exit_code
     if path.is_file():
         return _show(summarize_checkpoint(path), as_json, console, render_checkpoint)
-    raise UsageError(f"{path}: not a feature file, run folder or checkpoint")
+    if path.is_dir():
+        data = data or DataSettings()
+        summary = summarize_dataset(path, data.layout, data.annotation_file, data.mask_threshold)
+        _show(summary, as_json, console, render_dataset)
+        return 1 if summary["problems"] else 0
+    raise UsageError(f"{path}: not a feature file, run folder, checkpoint or dataset folder")
 
 
 def _show(summary: dict[str, Any], as_json: bool, console: Console, render: Any) -> int:
@@ -262,6 +281,76 @@ def dataset_images(features: Path, wanted: dict[str, str]) -> dict[str, np.ndarr
             except DataError:
                 continue
     return found
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def summarize_dataset(
+    root: Path,
+    layout: LayoutChoice = "auto",
+    annotation_file: str | None = None,
+    mask_threshold: float = MASK_THRESHOLD,
+) -> dict[str, Any]:
+    """Layout, images, objects by COCO size class, images without objects and every problem
+    the readers report (unreadable files, empty masks, size mismatches, ...), decoding each
+    image and mask once. Bad items are listed, not raised.
+
+    Raises:
+        DataError: the folder is missing or matches no layout, or one ambiguously.
+    """
+    index = read_layout(
+        root,
+        layout=layout,
+        annotation_file=Path(annotation_file) if annotation_file else None,
+        on_error="skip",
+    )
+    dataset = SegmentationDataset(index.records, on_error="skip", mask_threshold=mask_threshold)
+    problems = list(index.skipped)
+    sizes = dict.fromkeys(SIZE_NAMES, 0)
+    without_objects: list[str] = []
+    for position, record in enumerate(dataset.records):
+        try:
+            loaded = dataset.load_objects(position)
+        except DataError as error:
+            problems.append(str(error))
+            continue
+        problems.extend(loaded.skipped)
+        for area in loaded.masks.sum(axis=(1, 2)).tolist():
+            sizes[size_bucket(area)] += 1
+        if not len(loaded.masks):
+            without_objects.append(record.image_id)
+    return {
+        "path": str(root),
+        "layout": index.layout,
+        "images": len(index.records),
+        "objects": sum(sizes.values()),
+        "object_sizes": sizes,
+        "images_without_objects": without_objects,
+        "problems": problems,
+    }
+
+
+def render_dataset(summary: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"dataset {summary['path']}", title_justify="left", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("layout", summary["layout"])
+    table.add_row("images", str(summary["images"]))
+    table.add_row("objects", str(summary["objects"]))
+    for size, count in summary["object_sizes"].items():
+        table.add_row(f"  {SIZE_LABELS[size]}", str(count))
+    without = summary["images_without_objects"]
+    examples = ", ".join(without[:EXAMPLE_IDS]) + (", ..." if len(without) > EXAMPLE_IDS else "")
+    shown = f"{len(without)} ({examples})" if without else "0"
+    table.add_row("images without objects", Text(shown))
+    table.add_row("problems", str(len(summary["problems"])))
+    console.print(table)
+    problems = summary["problems"]
+    for message in problems[:PROBLEMS_SHOWN]:
+        console.print(Text(f"  {message}"), soft_wrap=True)
+    if len(problems) > PROBLEMS_SHOWN:
+        console.print(f"  ... and {len(problems) - PROBLEMS_SHOWN} more (--json lists all)")
 
 
 # --------------------------------------------------------------------------- checkpoints

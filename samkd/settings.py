@@ -132,8 +132,10 @@ class DataSettings(StrictModel):
 
     train: Path | None = Field(None, description="training dataset folder")
     val: Path | None = Field(None, description="validation dataset folder")
-    layout: Literal["auto", "folder", "coco", "sa1b"] = Field(
-        "auto", description="dataset layout; auto detects it"
+    layout: Literal["auto", "folder", "coco", "sa1b", "dsb", "labels"] = Field(
+        "auto",
+        description="dataset layout; auto detects it (dsb: <id>/images + <id>/masks folders; "
+        "labels: one instance label image per image)",
     )
     annotation_file: str | None = Field(
         None, description="COCO JSON name inside each dataset folder (auto when unset)"

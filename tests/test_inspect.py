@@ -1,15 +1,18 @@
-"""`samkd inspect` on a training run and on checkpoints."""
+"""`samkd inspect` on a training run, on checkpoints and on dataset folders."""
 
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from samkd.cli import app
-from samkd.inspect import loss_terms, summarize_checkpoint, summarize_run
+from samkd.inspect import loss_terms, summarize_checkpoint, summarize_dataset, summarize_run
 from samkd.models import build_sam, save_state_dict
+
+from .data.conftest import IMAGE_SIZES, make_dsb_dataset, make_labels_dataset, write_mask_png
 
 TERMS = ["task/focal", "kd/t/encoder_mse", "kd/t/attention_kl", "loss/total"]
 
@@ -66,4 +69,52 @@ def test_checkpoint_summary(tmp_path: Path) -> None:
 def test_unknown_path_is_one_line_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["inspect", str(tmp_path / "nothing")])
     assert result.exit_code == 1
-    assert "not a feature file, run folder or checkpoint" in result.stderr
+    assert "not a feature file, run folder, checkpoint or dataset folder" in result.stderr
+
+
+def dsb_with_problems(root: Path) -> Path:
+    """The generated DSB dataset plus an image-sized (medium) object in ``a``, a mask of the
+    wrong size in ``a`` and an empty mask in ``b``."""
+    make_dsb_dataset(root)
+    write_mask_png(root / "a" / "masks" / "full.png", np.ones(IMAGE_SIZES["a"], bool))
+    write_mask_png(root / "a" / "masks" / "wrong.png", np.ones((8, 8), bool))
+    write_mask_png(root / "b" / "masks" / "empty.png", np.zeros(IMAGE_SIZES["b"], bool))
+    return root
+
+
+def test_dataset_summary(tmp_path: Path) -> None:
+    summary = summarize_dataset(dsb_with_problems(tmp_path))
+    assert summary["layout"] == "dsb"
+    assert (summary["images"], summary["objects"]) == (3, 5)
+    assert summary["object_sizes"] == {"small": 4, "medium": 1, "large": 0}
+    assert summary["images_without_objects"] == ["c"]
+    problems = sorted(summary["problems"])
+    assert len(problems) == 2
+    assert problems[0].startswith(str(tmp_path / "a" / "masks" / "wrong.png"))
+    assert "mask is 8x8 (WxH) but its image is 60x40 (WxH)" in problems[0]
+    assert problems[1].startswith(f"{tmp_path / 'b' / 'masks' / 'empty.png'}: mask is empty")
+
+
+def test_cli_inspects_a_dataset_folder(tmp_path: Path) -> None:
+    root = dsb_with_problems(tmp_path / "dsb")
+    result = CliRunner().invoke(app, ["inspect", str(root)])
+    assert result.exit_code == 1, result.output  # problems were found
+    lines = result.stdout.splitlines()
+    assert any("layout" in line and "dsb" in line for line in lines)
+    assert any("images without objects" in line and "1 (c)" in line for line in lines)
+    assert any("problems" in line and line.rstrip(" │").endswith("2") for line in lines)
+    assert any(line.strip().startswith(str(root / "b" / "masks" / "empty.png")) for line in lines)
+
+
+def test_cli_dataset_json_and_layout_setting(tmp_path: Path) -> None:
+    make_labels_dataset(tmp_path / "labels")
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "labels"), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["layout"], summary["images"], summary["objects"]) == ("labels", 3, 4)
+    assert summary["problems"] == []
+    forced = CliRunner().invoke(
+        app, ["inspect", str(tmp_path / "labels"), "--set", "data.layout=dsb"]
+    )
+    assert forced.exit_code == 1
+    assert forced.stderr.strip().startswith(f"error: {tmp_path / 'labels'}: no <id>/images/")

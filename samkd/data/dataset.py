@@ -19,7 +19,7 @@ Error handling happens in two places:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ from samkd.data.images import load_rgb_image, preprocess_image, resize_boxes, re
 from samkd.data.layouts import (
     AnnotationMask,
     ImageRecord,
+    LabelImage,
     LayoutChoice,
     MaskSource,
     PngMask,
@@ -42,6 +43,8 @@ from samkd.data.masks import (
     MASK_THRESHOLD,
     check_mask_threshold,
     decode_segmentation,
+    label_ids,
+    load_label_image,
     load_png_mask,
     masks_to_boxes,
 )
@@ -127,8 +130,40 @@ def collate_samples(samples: Sequence[Sample]) -> SampleBatch:
     )
 
 
+@dataclass(frozen=True, eq=False)
+class LabelObject:
+    """One object of a decoded label image: the pixels whose id is ``label_id``."""
+
+    path: Path
+    label_id: int
+    # H x W ids, shared by the objects of one label image so that it is read once.
+    labels: np.ndarray = field(repr=False)
+
+
+ObjectSource = PngMask | AnnotationMask | LabelObject
+"""Where one object's mask is, ready to decode with ``decode_mask``."""
+
+
+def label_objects(path: Path, image_size: tuple[int, int]) -> list[LabelObject]:
+    """The objects of the label image ``path`` for an image of size ``(H, W)``, by id.
+
+    Raises:
+        DataError: see ``load_label_image``.
+    """
+    labels = load_label_image(path, image_size)
+    return [LabelObject(path, label_id, labels) for label_id in label_ids(labels)]
+
+
 @dataclass
-class _LoadedObjects:
+class LoadedObjects:
+    """One record decoded without SAM's preprocessing.
+
+    Attributes:
+        image: ``H x W x 3`` uint8 RGB.
+        masks: ``N x H x W`` bool object masks (``N`` may be 0).
+        skipped: messages of masks left out under ``on_error="skip"``.
+    """
+
     image: np.ndarray
     masks: np.ndarray
     skipped: list[str]
@@ -201,11 +236,21 @@ class SegmentationDataset(Dataset[Sample]):
             return self._make_sample(record_index, loaded, failures)
         raise DataError(self.records[index].image_path, "no loadable image in the dataset")
 
-    def _load_objects(self, record: ImageRecord, index: int) -> _LoadedObjects:
+    def load_objects(self, index: int) -> LoadedObjects:
+        """Decode record ``index``'s image and masks (at most ``max_objects``) as they are
+        stored, without SAM's preprocessing; a bad mask raises or is skipped per
+        ``on_error``.
+
+        Raises:
+            DataError: the image cannot be used (whatever ``on_error``).
+        """
+        return self._load_objects(self.records[index], index)
+
+    def _load_objects(self, record: ImageRecord, index: int) -> LoadedObjects:
         image = load_record_image(record, exif_transpose=self.exif_transpose)
         size = (image.shape[0], image.shape[1])
         skipped: list[str] = []
-        sources = self._expand_sources(record.mask_sources, skipped)
+        sources = self._expand_sources(record.mask_sources, size, skipped)
         chosen = select_objects(len(sources), self.max_objects, seed=self.seed, index=index)
         masks = []
         for position in chosen:
@@ -214,23 +259,26 @@ class SegmentationDataset(Dataset[Sample]):
             except DataError as error:
                 skipped.append(handle_error(error, self.on_error, "mask skipped"))
         stacked = np.stack(masks) if masks else np.zeros((0, *size), dtype=bool)
-        return _LoadedObjects(image, stacked, skipped)
+        return LoadedObjects(image, stacked, skipped)
 
     def _expand_sources(
-        self, sources: Sequence[MaskSource], skipped: list[str]
-    ) -> list[PngMask | AnnotationMask]:
-        expanded: list[PngMask | AnnotationMask] = []
+        self, sources: Sequence[MaskSource], image_size: tuple[int, int], skipped: list[str]
+    ) -> list[ObjectSource]:
+        """One source per object: SA-1B files and label images are read here."""
+        expanded: list[ObjectSource] = []
         for source in sources:
-            if not isinstance(source, Sa1bAnnotationFile):
-                expanded.append(source)
-                continue
             try:
-                expanded.extend(read_sa1b_annotation_file(source.path))
+                if isinstance(source, Sa1bAnnotationFile):
+                    expanded.extend(read_sa1b_annotation_file(source.path))
+                elif isinstance(source, LabelImage):
+                    expanded.extend(label_objects(source.path, image_size))
+                else:
+                    expanded.append(source)
             except DataError as error:
                 skipped.append(handle_error(error, self.on_error, "masks skipped"))
         return expanded
 
-    def _make_sample(self, index: int, loaded: _LoadedObjects, failures: list[str]) -> Sample:
+    def _make_sample(self, index: int, loaded: LoadedObjects, failures: list[str]) -> Sample:
         record = self.records[index]
         original_size = (loaded.image.shape[0], loaded.image.shape[1])
         image, input_size = preprocess_image(loaded.image, self.image_size)
@@ -274,14 +322,25 @@ class SegmentationDataset(Dataset[Sample]):
             return None
         size = (image.shape[0], image.shape[1])
         good: list[MaskSource] = []
-        for source in self._expand_sources(record.mask_sources, found):
-            try:
-                decode_mask(source, size, self.mask_threshold)
-            except DataError as error:
-                found.append(handle_error(error, self.on_error, "mask skipped"))
-                continue
-            good.append(source)
+        for source in record.mask_sources:
+            objects = self._expand_sources([source], size, found)
+            checked = [item for item in objects if self._decodes(item, size, found)]
+            if isinstance(source, LabelImage):
+                # A label image is kept whole, not as its decoded ids, so records stay small;
+                # its objects pass or fail together (reading it checks the size).
+                if checked:
+                    good.append(source)
+            else:
+                good.extend(item for item in checked if not isinstance(item, LabelObject))
         return replace(record, mask_sources=tuple(good))
+
+    def _decodes(self, source: ObjectSource, size: tuple[int, int], found: list[str]) -> bool:
+        try:
+            decode_mask(source, size, self.mask_threshold)
+        except DataError as error:
+            found.append(handle_error(error, self.on_error, "mask skipped"))
+            return False
+        return True
 
 
 def with_prompts(
@@ -323,7 +382,7 @@ def load_record_image(record: ImageRecord, *, exif_transpose: bool = False) -> n
 
 
 def decode_mask(
-    source: PngMask | AnnotationMask,
+    source: ObjectSource,
     image_size: tuple[int, int],
     mask_threshold: float = MASK_THRESHOLD,
 ) -> np.ndarray:
@@ -336,6 +395,8 @@ def decode_mask(
     """
     if isinstance(source, PngMask):
         return load_png_mask(source.path, image_size, mask_threshold)
+    if isinstance(source, LabelObject):
+        return source.labels == source.label_id
     return decode_segmentation(source.segmentation, image_size, source.source, source.label)
 
 
@@ -357,7 +418,8 @@ def build_dataset(
 
     Args:
         root: the dataset folder.
-        layout: ``"folder"``, ``"coco"``, ``"sa1b"``, or ``"auto"`` to detect it.
+        layout: ``"folder"``, ``"coco"``, ``"sa1b"``, ``"dsb"``, ``"labels"``, or ``"auto"``
+            to detect it.
         annotation_file: COCO annotation JSON (implies ``layout="coco"`` under auto).
         image_dir: folder COCO ``file_name``s are relative to (default: the JSON's folder,
             then ``root``).

@@ -1,6 +1,6 @@
 """Readers that index a dataset folder into ``ImageRecord``s, one per image.
 
-Three layouts are understood:
+Five layouts are understood:
 
 * ``folder``: ``<root>/image/<id>.<ext>`` and ``<root>/mask/<id>/*.png``, one PNG per object
   at image size: binary, or greyscale / anti-aliased and thresholded at ``mask_threshold``
@@ -12,6 +12,16 @@ Three layouts are understood:
 * ``sa1b``: ``<id>.jpg`` and ``<id>.json`` pairs as in SA-1B, with RLE masks. The per-image
   JSON files are parsed when the image is loaded, not when indexing. Their ``bbox`` and
   ``point_coords`` are not used: boxes come from the masks, prompts from ``PromptSampler``.
+* ``dsb``: one folder per image as in the 2018 Data Science Bowl, ``<root>/<id>/images/<id>.<ext>``
+  and ``<root>/<id>/masks/*.png`` (one PNG per object, read as in ``folder``). A folder
+  without ``masks/`` has no objects; plain files in ``root`` are ignored.
+* ``labels``: one instance label image per image, as cellpose and micro-sam store them: an
+  ``H x W`` image of integer ids, 0 for background and each id > 0 one object (objects are
+  ordered by id; see ``samkd.data.masks.load_label_image`` for the formats). Either
+  ``<root>/images/<id>.<ext>`` with ``<root>/labels/<id>.<png|tif|tiff>``, or one folder
+  with ``<id>.<ext>`` (or cellpose's ``<id>_img.<ext>``) beside ``<id>_masks.<png|tif|tiff>``
+  (also ``_labels``, ``_label``). An image without a label image has no objects. The label
+  image is read when its image is loaded.
 
 Indexing only does cheap checks (files exist, JSON parses, segmentation structure);
 decoding images and masks happens when a sample is loaded.
@@ -21,7 +31,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,13 +40,22 @@ from samkd.data.errors import DataError, OnError, check_on_error, handle_error
 from samkd.data.images import is_image_file
 from samkd.data.masks import segmentation_problem
 
-Layout = Literal["folder", "coco", "sa1b"]
-LayoutChoice = Literal["auto", "folder", "coco", "sa1b"]
-LAYOUTS: tuple[Layout, ...] = ("folder", "coco", "sa1b")
+Layout = Literal["folder", "coco", "sa1b", "dsb", "labels"]
+LayoutChoice = Literal["auto", "folder", "coco", "sa1b", "dsb", "labels"]
+LAYOUTS: tuple[Layout, ...] = ("folder", "coco", "sa1b", "dsb", "labels")
 
+LABEL_EXTENSIONS: frozenset[str] = frozenset({".png", ".tif", ".tiff"})
+LABEL_SUFFIXES: tuple[str, ...] = ("_masks", "_labels", "_label")
+"""Endings of a label image's name beside its image: ``<id>_masks.png`` (cellpose)."""
+IMAGE_SUFFIX_BESIDE_LABELS = "_img"
+"""Ending cellpose gives an image beside its label image: ``<id>_img.png``."""
+
+_DSB_EXPECTED = "<id>/images/<id>.png with <id>/masks/*.png"
+_LABELS_EXPECTED = "images/<id>.<ext> with labels/<id>.png, or <id>.<ext> beside <id>_masks.png"
 _LOOKED_FOR = (
     "image/ and mask/ folders (folder layout), a COCO *.json beside the images or in "
-    "annotations/ (coco layout), <id>.jpg + <id>.json pairs (sa1b layout)"
+    "annotations/ (coco layout), <id>.jpg + <id>.json pairs (sa1b layout), "
+    f"{_DSB_EXPECTED} (dsb layout), {_LABELS_EXPECTED} (labels layout)"
 )
 
 
@@ -63,7 +82,17 @@ class Sa1bAnnotationFile:
     path: Path
 
 
-MaskSource = PngMask | AnnotationMask | Sa1bAnnotationFile
+@dataclass(frozen=True)
+class LabelImage:
+    """An instance label image (``H x W`` ids, 0 background) holding all of an image's objects.
+
+    Expands into one object per id > 0 when the image is loaded (see ``load_label_image``).
+    """
+
+    path: Path
+
+
+MaskSource = PngMask | AnnotationMask | Sa1bAnnotationFile | LabelImage
 
 
 @dataclass(frozen=True)
@@ -103,16 +132,22 @@ def _visible_files(folder: Path) -> list[Path]:
 
 
 def _images_by_stem(folder: Path, on_error: OnError, skipped: list[str]) -> dict[str, Path]:
-    images: dict[str, Path] = {}
-    for path in _visible_files(folder):
-        if not is_image_file(path):
+    images = ((path.stem, path) for path in _visible_files(folder) if is_image_file(path))
+    return _files_by_id(images, "image", on_error, skipped)
+
+
+def _files_by_id(
+    files_with_ids: Iterable[tuple[str, Path]], kind: str, on_error: OnError, skipped: list[str]
+) -> dict[str, Path]:
+    """Map each id to its file; a second file with the same id is an error."""
+    files: dict[str, Path] = {}
+    for file_id, path in files_with_ids:
+        if file_id in files:
+            error = DataError(path, f"another {kind} has the same id {file_id!r}")
+            skipped.append(handle_error(error, on_error, f"{kind} skipped"))
             continue
-        if path.stem in images:
-            error = DataError(path, f"another image has the same id {path.stem!r}")
-            skipped.append(handle_error(error, on_error, "image skipped"))
-            continue
-        images[path.stem] = path
-    return images
+        files[file_id] = path
+    return files
 
 
 def read_folder_layout(root: Path, *, on_error: OnError = "raise") -> DatasetIndex:
@@ -155,15 +190,20 @@ def _index_mask_folders(
             error = DataError(entry, f"mask folder has no image image/{entry.name}.*")
             skipped.append(handle_error(error, on_error, "masks skipped"))
             continue
-        pngs = []
-        for path in _visible_files(entry):
-            if path.suffix.lower() == ".png":
-                pngs.append(path)
-            else:
-                error = DataError(path, "mask must be a PNG file")
-                skipped.append(handle_error(error, on_error, "mask skipped"))
-        masks[entry.name] = pngs
+        masks[entry.name] = _png_masks(entry, on_error, skipped)
     return masks
+
+
+def _png_masks(folder: Path, on_error: OnError, skipped: list[str]) -> list[Path]:
+    """The PNG files of a folder of one-object masks, in natural order."""
+    pngs = []
+    for path in _visible_files(folder):
+        if path.suffix.lower() == ".png":
+            pngs.append(path)
+        else:
+            error = DataError(path, "mask must be a PNG file")
+            skipped.append(handle_error(error, on_error, "mask skipped"))
+    return pngs
 
 
 def load_json(path: Path) -> Any:
@@ -363,6 +403,163 @@ def read_sa1b_annotation_file(path: Path) -> list[AnnotationMask]:
     return masks
 
 
+def read_dsb_layout(root: Path, *, on_error: OnError = "raise") -> DatasetIndex:
+    """Index Data Science Bowl 2018 folders ``<root>/<id>/images/<id>.<ext>`` with one PNG
+    per object in ``<root>/<id>/masks/``.
+
+    Masks of an image are ordered naturally by file name. Plain files in ``root`` are
+    ignored: a DSB download keeps CSVs of run-length labels beside the image folders.
+
+    Raises:
+        DataError: ``root`` is missing or has no ``<id>/images/`` folder; under
+            ``on_error="raise"`` also a folder without its image, or a mask that is not a
+            PNG.
+    """
+    on_error = check_on_error(on_error)
+    if not root.is_dir():
+        raise DataError(root, "dataset folder not found")
+    folders = _visible_folders(root)
+    if not any((folder / "images").is_dir() for folder in folders):
+        raise DataError(root, f"no <id>/images/ folders (dsb layout expects {_DSB_EXPECTED})")
+    skipped: list[str] = []
+    records = []
+    for folder in folders:
+        try:
+            image_path = _dsb_image(folder)
+        except DataError as error:
+            skipped.append(handle_error(error, on_error, "image skipped"))
+            continue
+        mask_dir = folder / "masks"
+        masks = _png_masks(mask_dir, on_error, skipped) if mask_dir.is_dir() else []
+        records.append(ImageRecord(folder.name, image_path, tuple(PngMask(p) for p in masks)))
+    return DatasetIndex("dsb", records, skipped)
+
+
+def _visible_folders(root: Path) -> list[Path]:
+    return sorted(
+        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        key=natural_sort_key,
+    )
+
+
+def _dsb_image(folder: Path) -> Path:
+    """The image ``<folder>/images/<folder name>.<ext>`` of one DSB folder."""
+    image_dir = folder / "images"
+    if not image_dir.is_dir():
+        raise DataError(folder, f"no images/ folder (dsb layout expects {_DSB_EXPECTED})")
+    found = [p for p in _visible_files(image_dir) if is_image_file(p) and p.stem == folder.name]
+    if not found:
+        raise DataError(
+            image_dir, f"no image {folder.name}.<ext> (dsb layout names the image after its folder)"
+        )
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise DataError(image_dir, f"several images of id {folder.name!r} ({names})")
+    return found[0]
+
+
+def _has_dsb_folders(root: Path) -> bool:
+    return any(
+        (folder / "images").is_dir()
+        and any(
+            is_image_file(p) and p.stem == folder.name for p in _visible_files(folder / "images")
+        )
+        for folder in _visible_folders(root)
+    )
+
+
+def read_labels_layout(root: Path, *, on_error: OnError = "raise") -> DatasetIndex:
+    """Index images with instance label images: ``images/<id>.<ext>`` with
+    ``labels/<id>.<png|tif|tiff>``, or, when ``root`` has no ``images/`` folder, images
+    beside ``<id>_masks.png`` label images in ``root`` (see the module docstring).
+
+    Raises:
+        DataError: ``root`` is missing, or has neither ``images/`` nor a label image beside
+            an image; under ``on_error="raise"`` also a label image without an image, or two
+            images (or label images) of one id.
+    """
+    on_error = check_on_error(on_error)
+    if not root.is_dir():
+        raise DataError(root, "dataset folder not found")
+    skipped: list[str] = []
+    if (root / "images").is_dir():
+        images = _images_by_stem(root / "images", on_error, skipped)
+        labels = _label_files(root / "labels", on_error, skipped)
+    else:
+        images, labels = _images_beside_labels(root, on_error, skipped)
+        if not labels:
+            raise DataError(
+                root,
+                f"no images/ folder or label images (labels layout expects {_LABELS_EXPECTED})",
+            )
+    for image_id, path in labels.items():
+        if image_id not in images:
+            error = DataError(path, f"label image has no image of id {image_id!r}")
+            skipped.append(handle_error(error, on_error, "label image skipped"))
+    records = [
+        ImageRecord(image_id, path, (LabelImage(labels[image_id]),) if image_id in labels else ())
+        for image_id, path in sorted(images.items())
+    ]
+    return DatasetIndex("labels", records, skipped)
+
+
+def _label_files(folder: Path, on_error: OnError, skipped: list[str]) -> dict[str, Path]:
+    if not folder.is_dir():
+        return {}
+    files = _visible_files(folder)
+    labels = ((p.stem, p) for p in files if p.suffix.lower() in LABEL_EXTENSIONS)
+    return _files_by_id(labels, "label image", on_error, skipped)
+
+
+def label_image_id(path: Path) -> str | None:
+    """The image id of a label image named ``<id>_masks.png`` (or ``_labels``, ``_label``;
+    PNG or TIFF), else ``None``."""
+    if path.suffix.lower() not in LABEL_EXTENSIONS:
+        return None
+    for suffix in LABEL_SUFFIXES:
+        if path.stem.endswith(suffix) and len(path.stem) > len(suffix):
+            return path.stem.removesuffix(suffix)
+    return None
+
+
+def _image_id_beside_labels(path: Path) -> str:
+    return path.stem.removesuffix(IMAGE_SUFFIX_BESIDE_LABELS) or path.stem
+
+
+def _files_beside_labels(root: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]]]:
+    """``(image id, path)`` of the images and of the label images in one folder."""
+    image_files: list[tuple[str, Path]] = []
+    label_files: list[tuple[str, Path]] = []
+    for path in _visible_files(root):
+        label_id = label_image_id(path)
+        if label_id is not None:
+            label_files.append((label_id, path))
+        elif is_image_file(path):
+            image_files.append((_image_id_beside_labels(path), path))
+    return image_files, label_files
+
+
+def _images_beside_labels(
+    root: Path, on_error: OnError, skipped: list[str]
+) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Images and label images of one folder, each by image id."""
+    image_files, label_files = _files_beside_labels(root)
+    images = _files_by_id(image_files, "image", on_error, skipped)
+    labels = _files_by_id(label_files, "label image", on_error, skipped)
+    return images, labels
+
+
+def _has_label_images(root: Path) -> bool:
+    label_dir = root / "labels"
+    if (root / "images").is_dir() and label_dir.is_dir():
+        # YOLO datasets also pair images/ with labels/, holding boxes as text files.
+        return any(p.suffix.lower() in LABEL_EXTENSIONS for p in _visible_files(label_dir))
+    image_files, label_files = _files_beside_labels(root)
+    return not {image_id for image_id, _ in image_files}.isdisjoint(
+        label_id for label_id, _ in label_files
+    )
+
+
 def find_coco_annotation_files(root: Path) -> list[Path]:
     """JSON files in ``root`` not paired with a same-named image, plus ``annotations/*.json``."""
     if not root.is_dir():
@@ -399,6 +596,10 @@ def detect_layout(root: Path, annotation_file: Path | None = None) -> Layout:
         matches.append("coco")
     if _has_sa1b_pairs(root):
         matches.append("sa1b")
+    if _has_dsb_folders(root):
+        matches.append("dsb")
+    if _has_label_images(root):
+        matches.append("labels")
     if not matches:
         raise DataError(root, f"no dataset layout recognised; looked for {_LOOKED_FOR}")
     if len(matches) > 1:
@@ -435,6 +636,10 @@ def read_layout(
         return read_folder_layout(root, on_error=on_error)
     if chosen == "sa1b":
         return read_sa1b_layout(root, on_error=on_error)
+    if chosen == "dsb":
+        return read_dsb_layout(root, on_error=on_error)
+    if chosen == "labels":
+        return read_labels_layout(root, on_error=on_error)
     if chosen == "coco":
         annotation_file = _coco_annotation_file(root, annotation_file)
         folders = [image_dir] if image_dir is not None else [annotation_file.parent, root]

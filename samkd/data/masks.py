@@ -1,7 +1,9 @@
-"""Decoding object masks: PNG images, COCO polygons and COCO/SA-1B run-length encodings.
+"""Decoding object masks: PNG images, instance label images, COCO polygons and COCO/SA-1B
+run-length encodings.
 
-Every decoder returns an ``H x W`` bool array and raises ``DataError`` (one line naming the
-file) when the mask cannot be used: unreadable, wrong size, empty, or malformed.
+Every decoder returns an ``H x W`` bool array (a label image: ``H x W`` ids) and raises
+``DataError`` (one line naming the file) when the mask cannot be used: unreadable, wrong
+size, empty, or malformed.
 """
 
 from __future__ import annotations
@@ -134,6 +136,58 @@ def check_mask(mask: np.ndarray, image_size: tuple[int, int], path: Path, what: 
 def _format_size(size: tuple[int, ...]) -> str:
     height, width = size[:2]
     return f"{width}x{height} (WxH)"
+
+
+def load_label_image(path: Path, image_size: tuple[int, int]) -> np.ndarray:
+    """Read an instance label image of size ``(H, W)`` as ``H x W`` int64 object ids.
+
+    0 is background and every other id one object. The file is one image with one channel
+    of integer ids, read with Pillow: 8- or 16-bit greyscale or 32-bit integer PNG or TIFF,
+    a palette PNG (its indices are the ids) or a 1-bit image. Colour, float and multi-page
+    images are refused rather than guessed at.
+
+    Raises:
+        DataError: the file is unreadable, of another kind, has negative ids, or its size
+            differs from the image.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            labels = _label_array(image, path)
+    except DataError:
+        raise  # a DataError is a ValueError, which IMAGE_DECODE_ERRORS would rewrap
+    except FileNotFoundError as error:
+        raise DataError(path, "label image not found") from error
+    except IMAGE_DECODE_ERRORS as error:
+        raise DataError(path, f"label image cannot be read as an image ({error})") from error
+    if labels.shape != tuple(image_size):
+        raise DataError(
+            path,
+            f"label image is {_format_size(labels.shape)} but its image is "
+            f"{_format_size(image_size)}",
+        )
+    lowest = int(labels.min(initial=0))
+    if lowest < 0:
+        raise DataError(path, f"label image has negative ids (lowest {lowest}); expected ids >= 0")
+    return labels
+
+
+def _label_array(image: Image.Image, path: Path) -> np.ndarray:
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        raise DataError(path, f"label image has {frames} pages; expected a single 2-D image")
+    if image.mode in ("1", "L", "P", *_SIXTEEN_BIT_MODES):
+        return np.asarray(image).astype(np.int64)
+    raise DataError(
+        path,
+        f"label image mode {image.mode} is not supported (expected one channel of integer "
+        "ids: 8-, 16- or 32-bit greyscale, or palette)",
+    )
+
+
+def label_ids(labels: np.ndarray) -> list[int]:
+    """The object ids of an ``H x W`` label image, ascending: every value but 0."""
+    return [int(value) for value in np.unique(labels) if value != 0]
 
 
 def segmentation_problem(segmentation: Any) -> str | None:

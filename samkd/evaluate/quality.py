@@ -35,8 +35,9 @@ class QualityOptions:
 
 @dataclass
 class QualityTables:
-    """Per-object IoUs: the model against the ground truth, the teacher against the ground
-    truth, and the model against the teacher for the same prompts."""
+    """Per-object scores (IoU, Dice, boundary IoU; see `IoUTable`): the model against the
+    ground truth, the teacher against the ground truth, and the model against the teacher
+    for the same prompts."""
 
     model: IoUTable = field(default_factory=IoUTable)
     teacher: IoUTable = field(default_factory=IoUTable)
@@ -112,17 +113,17 @@ def evaluate_image(
         for mode in options.output_modes():
             prompts = make_prompts(kind, model, embedding, targets, original_size, mode)
             masks = decode(model, embedding, prompts, targets, original_size, mode)
-            tables.model.add(kind, mode, mask_iou(masks, targets), areas)
+            tables.model.add_masks(kind, mode, masks, targets, areas)
             if mode == "single":
                 shown[kind] = masks
             if teacher is None or teacher_embedding is None:
                 continue
             own = make_prompts(kind, teacher, teacher_embedding, targets, original_size, mode)
             teacher_masks = decode(teacher, teacher_embedding, own, targets, original_size, mode)
-            tables.teacher.add(kind, mode, mask_iou(teacher_masks, targets), areas)
+            tables.teacher.add_masks(kind, mode, teacher_masks, targets, areas)
             if kind.startswith("points-"):  # clicks differ; agreement needs the same prompts
                 teacher_masks = decode(
                     teacher, teacher_embedding, prompts, targets, original_size, mode
                 )
-            tables.agreement.add(kind, mode, mask_iou(masks, teacher_masks), areas)
+            tables.agreement.add_masks(kind, mode, masks, teacher_masks, areas)
     return shown

@@ -19,7 +19,7 @@ from samkd import __version__
 from samkd.data import Sample, SegmentationDataset, build_dataset, load_rgb_image, summarize_skipped
 from samkd.errors import UsageError
 from samkd.evaluate.amg import check_amg_options, evaluate_amg, print_amg_report
-from samkd.evaluate.metrics import SIZE_NAMES, IoUTable
+from samkd.evaluate.metrics import EXTRA_METRICS, METRIC_TITLES, SIZE_NAMES, IoUTable
 from samkd.evaluate.overlays import draw_overlay, save_png
 from samkd.evaluate.predict import PromptableModel
 from samkd.evaluate.prompts import box_prompts
@@ -302,12 +302,15 @@ def write_json(report: dict[str, Any], path: Path) -> None:
 
 def _quality_table(title: str, table: IoUTable) -> Table:
     shown = Table(title=title, title_justify="left")
-    for column in ("prompt", "output", "mIoU", "objects", *(f"mIoU {s}" for s in SIZE_NAMES)):
+    extra_titles = [METRIC_TITLES[metric] for metric in EXTRA_METRICS]
+    sizes = [f"mIoU {size}" for size in SIZE_NAMES]
+    for column in ("prompt", "output", "mIoU", *extra_titles, "objects", *sizes):
         shown.add_column(column, justify="left" if column in ("prompt", "output") else "right")
     for prompt, output in table.groups():
-        sizes = [_fmt(table.mean(prompt, output, size)) for size in SIZE_NAMES]
-        row = [prompt, output, _fmt(table.mean(prompt, output)), str(table.count(prompt, output))]
-        shown.add_row(*row, *sizes)
+        extras = [_fmt(table.metric_mean(metric, prompt, output)) for metric in EXTRA_METRICS]
+        by_size = [_fmt(table.mean(prompt, output, size)) for size in SIZE_NAMES]
+        count = str(table.count(prompt, output))
+        shown.add_row(prompt, output, _fmt(table.mean(prompt, output)), *extras, count, *by_size)
     return shown
 
 

@@ -133,6 +133,63 @@ def make_sa1b_dataset(root: Path) -> dict[str, list[np.ndarray]]:
     return masks
 
 
+def make_dsb_dataset(root: Path) -> dict[str, list[np.ndarray]]:
+    """Data Science Bowl folders: ``a`` with three masks, ``b`` with one, ``c`` without a
+    ``masks/`` folder, and a CSV beside them as in the download."""
+    masks: dict[str, list[np.ndarray]] = {}
+    for seed, (image_id, (height, width)) in enumerate(IMAGE_SIZES.items()):
+        write_image(root / image_id / "images" / f"{image_id}.png", height, width, seed)
+        masks[image_id] = object_masks(height, width)[: [3, 1, 0][seed]]
+        for k, mask in enumerate(masks[image_id]):
+            write_mask_png(root / image_id / "masks" / f"{k:04x}.png", mask)
+    (root / "stage1_train_labels.csv").write_text("ImageId,EncodedPixels\n")
+    return masks
+
+
+LABEL_IDS = {"a": (3, 7, 300), "b": (1,)}
+"""Object ids of the generated label images, in object order: 300 needs a 16-bit image."""
+
+
+def label_image(image_id: str) -> np.ndarray:
+    """``H x W`` uint16 label image of ``image_id``: the objects of the folder dataset
+    (``a``: three, ``b``: the disc), painted in order with ``LABEL_IDS``."""
+    height, width = IMAGE_SIZES[image_id]
+    masks = object_masks(height, width)
+    objects = masks if image_id == "a" else masks[1:2]
+    labels = np.zeros((height, width), np.uint16)
+    for label_id, mask in zip(LABEL_IDS[image_id], objects, strict=True):
+        labels[mask] = label_id
+    return labels
+
+
+def label_masks(image_id: str) -> list[np.ndarray]:
+    """The object masks that ``label_image(image_id)`` holds, in id order."""
+    labels = label_image(image_id)
+    return [labels == label_id for label_id in LABEL_IDS[image_id]]
+
+
+def make_labels_dataset(root: Path) -> dict[str, list[np.ndarray]]:
+    """``images/`` and ``labels/``: ``a`` with a 16-bit label image of three objects, ``b``
+    with an 8-bit one of one object, ``c`` without a label image."""
+    for seed, (image_id, (height, width)) in enumerate(IMAGE_SIZES.items()):
+        write_image(root / "images" / f"{image_id}.png", height, width, seed)
+    (root / "labels").mkdir()
+    Image.fromarray(label_image("a")).save(root / "labels" / "a.png")
+    Image.fromarray(label_image("b").astype(np.uint8)).save(root / "labels" / "b.png")
+    return {"a": label_masks("a"), "b": label_masks("b"), "c": []}
+
+
+def make_cellpose_dataset(root: Path) -> dict[str, list[np.ndarray]]:
+    """One folder, cellpose naming: ``a_img.png`` beside ``a_masks.png``, ``b.png`` beside a
+    16-bit TIFF ``b_masks.tif``, ``c.png`` without a label image."""
+    for seed, (image_id, (height, width)) in enumerate(IMAGE_SIZES.items()):
+        name = "a_img.png" if image_id == "a" else f"{image_id}.png"
+        write_image(root / name, height, width, seed)
+    Image.fromarray(label_image("a")).save(root / "a_masks.png")
+    Image.fromarray(label_image("b")).save(root / "b_masks.tif")
+    return {"a": label_masks("a"), "b": label_masks("b"), "c": []}
+
+
 @pytest.fixture
 def folder_root(tmp_path: Path) -> Path:
     make_folder_dataset(tmp_path)

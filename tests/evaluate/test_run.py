@@ -85,7 +85,8 @@ def test_model_scores_one_on_its_own_masks(tmp_path: Path, checkpoint: Path) -> 
         tmp_path / "own", checkpoint, "eval.prompts=[box]", "eval.multimask=false"
     )
     report = run_eval(settings)
-    assert report["quality"]["box"]["single"]["miou"] == pytest.approx(1.0)
+    for metric in ("miou", "image_miou", "dice", "boundary_iou"):
+        assert report["quality"]["box"]["single"][metric] == pytest.approx(1.0)
 
 
 def test_agreement_with_itself_is_one(shapes: Path, checkpoint: Path) -> None:
@@ -127,7 +128,9 @@ def test_cli_writes_json_and_overlays(tmp_path: Path, shapes: Path, checkpoint: 
     assert set(report) >= {"samkd_version", "dataset", "model", "quality", "speed", "settings"}
     assert report["dataset"]["images"] == 3
     entry = report["quality"]["box"]["best"]
-    assert 0.0 <= entry["miou"] <= 1.0
+    for metric in ("miou", "image_miou", "dice", "boundary_iou"):
+        assert 0.0 <= entry[metric] <= 1.0
+    assert entry["dice"] >= entry["miou"]  # Dice = 2 IoU / (1 + IoU) per object
     assert entry["count"] == report["dataset"]["objects"]
     assert entry["count"] == sum(entry[f"count_{size}"] for size in ("small", "medium", "large"))
     assert report["speed"]["model"]["encoder_latency"]["repeats"] == 2
