@@ -300,7 +300,8 @@ class RKDTermSettings(StrictModel):
 
 
 class DynamicLambdaSettings(StrictModel):
-    """lambda_kd drops by `factor` when the validation metric plateaus."""
+    """lambda_kd drops by `factor` when the validation metric plateaus (and, with
+    `raise_factor`, rises again when it improves)."""
 
     enabled: bool = Field(
         False, description="lower lambda_kd on plateaus (needs data.val); off: it stays initial"
@@ -321,6 +322,12 @@ class DynamicLambdaSettings(StrictModel):
         0, ge=0, description="evaluations after a lowering during which plateaus are not counted"
     )
     min_lambda: NonNegativeFloat = Field(0.0, description="lambda_kd is never lowered below this")
+    raise_factor: float | None = Field(
+        None,
+        gt=1,
+        description="after an improving evaluation lambda_kd is multiplied by this, never above "
+        "initial (null: it is only ever lowered)",
+    )
     mode: Literal["max", "min"] | None = Field(
         None,
         description="max: a higher metric is better; min: a lower one is; null: the metric's "
@@ -378,6 +385,37 @@ class DistillationSettings(StrictModel):
 ModelPart = Literal["image_encoder", "prompt_encoder", "mask_decoder"]
 
 
+class LrScaleSettings(StrictModel):
+    """Each student part's learning rate as a multiple of `train.lr` (the distillation
+    adapters train at `train.lr`; `train.frozen_until` freezes a part)."""
+
+    image_encoder: PositiveFloat = Field(
+        1.0, description="learning rate of the image encoder, a multiple of train.lr"
+    )
+    prompt_encoder: PositiveFloat = Field(
+        1.0, description="learning rate of the prompt encoder, a multiple of train.lr"
+    )
+    mask_decoder: PositiveFloat = Field(
+        1.0, description="learning rate of the mask decoder, a multiple of train.lr"
+    )
+
+
+class TaskLossWeightSettings(StrictModel):
+    """Weights of SAM's task terms: `task/total` is their weighted sum (SAM's: 20, 1, 1)."""
+
+    focal: NonNegativeFloat = Field(20.0, description="weight of the focal loss (task/focal)")
+    dice: NonNegativeFloat = Field(1.0, description="weight of the dice loss (task/dice)")
+    iou: NonNegativeFloat = Field(
+        1.0, description="weight of the predicted IoU's squared error (task/iou_mse)"
+    )
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> TaskLossWeightSettings:
+        if not (self.focal or self.dice or self.iou):
+            raise ValueError("every weight is 0; to train without it set train.task_loss: false")
+        return self
+
+
 class AugmentSettings(StrictModel):
     """Augmentation that keeps stored teacher features valid (see `samkd.train.batches`)."""
 
@@ -400,6 +438,17 @@ class TrainSettings(StrictModel):
     )
     weight_decay: NonNegativeFloat = Field(
         0.01, description="AdamW weight decay of matrices and convolutions (not biases, norms)"
+    )
+    lr_scale: LrScaleSettings = Field(
+        LrScaleSettings(), description="per-part multiples of lr (the same schedule for all)"
+    )
+    layer_decay: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="layer-wise lr decay in the image encoder: with n blocks, block i trains at "
+        "lr_scale.image_encoder x layer_decay^(n + 1 - i), the patch embedding at ^(n + 1), the "
+        "neck undecayed (1: off)",
     )
     warmup_steps: int = Field(50, ge=0, description="steps of linear warmup from 0 to lr")
     grad_clip: NonNegativeFloat = Field(1.0, description="max gradient norm; 0 disables")
@@ -429,6 +478,9 @@ class TrainSettings(StrictModel):
     )
     task_loss: bool = Field(
         True, description="add SAM's mask loss (focal, dice, IoU) when the data has masks"
+    )
+    task_loss_weights: TaskLossWeightSettings = Field(
+        TaskLossWeightSettings(), description="weights of the focal, dice and IoU terms"
     )
     frozen_until: dict[ModelPart, Annotated[int, Ge(-1)]] = Field(
         default_factory=dict,

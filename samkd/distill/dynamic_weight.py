@@ -1,4 +1,5 @@
-"""The distillation weight `lambda_kd(t)`, lowered when the validation metric plateaus.
+"""The distillation weight `lambda_kd(t)`, lowered when the validation metric plateaus (and
+raised back when it improves, with `raise_factor`).
 
 `lambda_kd` starts at `initial`. After each evaluation, `step(metric)`:
 
@@ -9,7 +10,9 @@
 - while a cooldown is running, counts down and ignores non-improving evaluations;
 - once more than `patience` evaluations in a row have not improved, multiplies `lambda_kd` by
   `factor` (never below `min_lambda`), resets the count and starts `cooldown` evaluations of
-  cooldown (the same rule as `torch.optim.lr_scheduler.ReduceLROnPlateau`).
+  cooldown (the same rule as `torch.optim.lr_scheduler.ReduceLROnPlateau`);
+- with `raise_factor` set, after an improving evaluation multiplies `lambda_kd` by
+  `raise_factor`, never above `initial`.
 
 Every change is logged and returned by `step`. The whole distillation loss is scaled; per-term
 schedules are not supported.
@@ -64,7 +67,8 @@ class DynamicKDWeight:
         if not self.settings.enabled:
             return None
         self.evaluations += 1
-        if self.improves(metric):
+        improved = self.improves(metric)
+        if improved:
             self.best = float(metric)
             self.bad_evaluations = 0
         else:
@@ -72,6 +76,8 @@ class DynamicKDWeight:
         if self.cooldown_left > 0:
             self.cooldown_left -= 1
             self.bad_evaluations = 0
+        if improved:
+            return self._raise()
         if self.bad_evaluations <= self.settings.patience:
             return None
         self.bad_evaluations = 0
@@ -79,6 +85,20 @@ class DynamicKDWeight:
         new = max(self.value * self.settings.factor, self.settings.min_lambda)
         if new >= self.value:
             return None
+        return self._change_to(new, "has not improved on")
+
+    def _raise(self) -> WeightChange | None:
+        """After an improvement: `lambda_kd * raise_factor`, capped at `initial`."""
+        factor = self.settings.raise_factor
+        if factor is None:
+            return None
+        new = min(self.value * factor, self.settings.initial)
+        if new <= self.value:
+            return None
+        return self._change_to(new, "improved to")
+
+    def _change_to(self, new: float, reason: str) -> WeightChange:
+        """Set `lambda_kd` to `new` and log why (`reason` joins the metric and its best)."""
         change = WeightChange(
             evaluation=self.evaluations,
             old=self.value,
@@ -87,11 +107,12 @@ class DynamicKDWeight:
         )
         self.value = new
         logger.info(
-            "lambda_kd {:.6g} -> {:.6g} at evaluation {}: {} has not improved on {:.6g}",
+            "lambda_kd {:.6g} -> {:.6g} at evaluation {}: {} {} {:.6g}",
             change.old,
             change.new,
             change.evaluation,
             self.settings.metric,
+            reason,
             change.best_metric,
         )
         return change

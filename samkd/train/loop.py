@@ -35,7 +35,7 @@ from samkd.settings import Settings
 from samkd.train import setup
 from samkd.train.batches import DistillationDataset
 from samkd.train.metrics_log import MetricsLog
-from samkd.train.optim import build_optimizer, build_scheduler
+from samkd.train.optim import build_optimizer, build_scheduler, scheduled_lr
 from samkd.train.progress import Progress, Tallies
 from samkd.train.prompt_loop import PromptLoop
 from samkd.train.state import (
@@ -125,7 +125,10 @@ def _train(
     validation = setup.build_validation(settings, teachers, device, precision, dist)
 
     # ---- optimizer, schedule, resume
-    optimizer = build_optimizer([step_module], settings.train.lr, settings.train.weight_decay)
+    lr_scales = setup.lr_scales(settings, student)
+    optimizer = build_optimizer(
+        [step_module], settings.train.lr, settings.train.weight_decay, lr_scales
+    )
     scheduler = build_scheduler(optimizer, settings.train.warmup_steps, settings.train.steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
     progress = Progress(schema.names, device)
@@ -192,8 +195,8 @@ def _train(
                 bar.update(task, completed=progress.step)
                 if progress.step % settings.logging.log_every == 0:
                     last_record, tallies = log_training(
-                        progress, dist, epoch, scheduler, objective, log,
-                        images_since_log, last_log_time,
+                        progress, dist, epoch, scheduled_lr(scheduler, settings.train.lr),
+                        objective, log, images_since_log, last_log_time,
                     )  # fmt: skip
                     bar.update(task, description=f"training loss {loss_text(last_record)}")
                     last_log_time, images_since_log = time.perf_counter(), 0
@@ -243,21 +246,21 @@ def log_training(
     progress: Progress,
     dist: Distributed,
     epoch: int,
-    scheduler: Any,
+    lr: float,
     objective: Any,
     log: MetricsLog | None,
     images: int,
     since: float,
 ) -> tuple[dict[str, Any], Tallies]:
     """Read the tallies back (the sync of a logging step), write the training record, and
-    start the next record's tallies. `images` were trained on since `since` (a
-    `time.perf_counter()` value)."""
+    start the next record's tallies. `lr`: that of scale 1 (`train.lr` through the schedule);
+    `images` were trained on since `since` (a `time.perf_counter()` value)."""
     progress.reduce_over_ranks(dist)
     tallies = progress.read()
     # Timed after the read: the device has finished the steps only then.
     images_per_s = images / (time.perf_counter() - since)
     progress.reset_terms()
-    record = train_record(progress.step, epoch, scheduler, objective, tallies, images_per_s)
+    record = train_record(progress.step, epoch, lr, objective, tallies, images_per_s)
     if log is not None:
         log.write(record)
     return record, tallies
@@ -269,7 +272,7 @@ def loss_text(record: dict[str, Any]) -> str:
 
 
 def train_record(
-    step: int, epoch: int, scheduler: Any, objective: Any, tallies: Tallies, images_per_s: float
+    step: int, epoch: int, lr: float, objective: Any, tallies: Tallies, images_per_s: float
 ) -> dict[str, Any]:
     """The training record of a logging step: the means of the terms over the steps kept
     since the last record, and the skipped steps (in all, and the terms that were non-finite
@@ -278,7 +281,7 @@ def train_record(
         "kind": "train",
         "step": step,
         "epoch": epoch,
-        "lr": scheduler.get_last_lr()[0],
+        "lr": lr,
         "lambda_kd": None if objective is None else objective.kd_weight.value,
         "images_per_s": images_per_s,
         "skipped_steps": tallies.skipped_total,

@@ -29,6 +29,8 @@ from samkd.runtime import Distributed, Precision, input_image_size
 from samkd.settings import Settings, check_micro_batch, load_settings
 from samkd.train.batches import Augmentation, DistillationDataset, collate_training
 from samkd.train.forward import ENCODER_EMBED, encoder_forward
+from samkd.train.optim import encoder_layer_lr_scales, part_lr_scales
+from samkd.train.task_loss import TaskLossWeights
 from samkd.train.teachers import (
     Teacher,
     load_online_teacher,
@@ -73,6 +75,16 @@ def build_student(settings: Settings, device: torch.device) -> Sam:
         if first_step == -1:
             getattr(student, part).requires_grad_(False)
     return student
+
+
+def lr_scales(settings: Settings, student: Sam) -> dict[nn.Parameter, float]:
+    """Each student parameter's learning rate as a multiple of `train.lr`: its part's
+    `train.lr_scale`, times `train.layer_decay`'s factor in the image encoder."""
+    scales = part_lr_scales(student, settings.train.lr_scale.model_dump())
+    layers = encoder_layer_lr_scales(student.image_encoder, settings.train.layer_decay)
+    for parameter, factor in layers.items():
+        scales[parameter] *= factor
+    return scales
 
 
 def teacher_decoder_state(settings: Settings, name: str) -> dict[str, torch.Tensor]:
@@ -352,7 +364,15 @@ def build_distillation(
 def build_schema(settings: Settings, objective: DistillationObjective | None) -> TermSchema:
     """Every term the run logs, the same on every rank and at every step."""
     distillation = {} if objective is None else objective.term_specs()
-    return TermSchema.build(settings.train.task_loss, distillation, settings.train.prompt_iters)
+    train = settings.train
+    return TermSchema.build(
+        train.task_loss, distillation, train.prompt_iters, task_loss_weights(settings)
+    )
+
+
+def task_loss_weights(settings: Settings) -> TaskLossWeights:
+    weights = settings.train.task_loss_weights
+    return TaskLossWeights(focal=weights.focal, dice=weights.dice, iou_mse=weights.iou)
 
 
 def write_run_files(settings: Settings, run_dir: Path) -> None:

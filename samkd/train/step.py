@@ -31,7 +31,12 @@ from samkd.train.forward import (
 )
 from samkd.train.progress import Progress
 from samkd.train.prompt_loop import Iteration, PromptLoop, TeacherDecoder, run_prompt_loop
-from samkd.train.task_loss import combine_task_losses, sam_task_loss
+from samkd.train.task_loss import (
+    SAM_TASK_WEIGHTS,
+    TaskLossWeights,
+    combine_task_losses,
+    sam_task_loss,
+)
 from samkd.train.teachers import Teacher, split_taps, teacher_decoders, teacher_features
 from samkd.train.terms import (
     KD_WEIGHTED,
@@ -121,7 +126,9 @@ class DistillationStep(nn.Module):
             )
             student_features.update(decoder_features(decoded, self.decoder_taps))
             if self.task_loss and targets is not None:
-                means.update(task_terms(decoded, targets, group_task_weights(groups)))
+                object_weights = group_task_weights(groups)
+                task_weights = self.schema.task_weights
+                means.update(task_terms(decoded, targets, object_weights, task_weights))
         if self.objective is not None:
             with_decoder = bool(groups) and not looped
             means.update(self.objective(student_features, teachers, with_decoder=with_decoder))
@@ -143,16 +150,18 @@ class DistillationStep(nn.Module):
         self,
         iterations: Sequence[Iteration],
         targets: torch.Tensor | None,
-        task_weights: torch.Tensor | None,
+        object_weights: torch.Tensor | None,
     ) -> dict[str, torch.Tensor]:
         """Each task and decoder term's mean over the prompt loop's iterations, and its value
-        in each iteration (`<name>@<i>`, logged only)."""
+        in each iteration (`<name>@<i>`, logged only). object_weights: `N`, see
+        `sam_task_loss`."""
+        task_weights = self.schema.task_weights
         per_iteration = []
         for iteration in iterations:
             terms: dict[str, torch.Tensor] = {}
             decoded = iteration.student
             if self.task_loss and targets is not None:
-                terms.update(task_terms(decoded, targets, task_weights))
+                terms.update(task_terms(decoded, targets, object_weights, task_weights))
             if self.objective is not None:
                 student = decoder_features(decoded, self.decoder_taps)
                 teachers = {
@@ -180,13 +189,18 @@ class DistillationStep(nn.Module):
 
 
 def task_terms(
-    decoded: DecoderOutputs, targets: torch.Tensor, weights: torch.Tensor | None
+    decoded: DecoderOutputs,
+    targets: torch.Tensor,
+    weights: torch.Tensor | None,
+    term_weights: TaskLossWeights = SAM_TASK_WEIGHTS,
 ) -> dict[str, torch.Tensor]:
-    """SAM's task terms and their total for decoded objects with targets `N x 4h x 4w`
-    (`weights`: `N`, see `sam_task_loss`)."""
-    task = sam_task_loss(decoded.mask_logits, decoded.iou, targets, decoded.ambiguous, weights)
+    """SAM's task terms and their total (weighted by `term_weights`) for decoded objects with
+    targets `N x 4h x 4w` (`weights`: `N`, per object, see `sam_task_loss`)."""
+    task = sam_task_loss(
+        decoded.mask_logits, decoded.iou, targets, decoded.ambiguous, weights, term_weights
+    )
     terms = {f"task/{name}": value for name, value in task.items()}
-    terms[TASK_TOTAL] = combine_task_losses(task)
+    terms[TASK_TOTAL] = combine_task_losses(task, term_weights)
     return terms
 
 

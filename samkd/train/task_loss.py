@@ -1,4 +1,5 @@
-"""SAM's supervised loss: 20 * focal + 1 * dice on the masks, plus MSE on the predicted IoU.
+"""SAM's supervised loss: 20 * focal + 1 * dice on the masks, plus MSE on the predicted IoU
+(SAM's weights, the default of `train.task_loss_weights`).
 
 As in SAM's training, an ambiguous prompt (a single point) is scored by the lowest-loss of
 the three multimask outputs, and any other prompt (a box, several points) by the single-mask
@@ -7,15 +8,34 @@ output; the IoU head is trained on the outputs that are scored.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from samkd.distill.precision import float32_loss
 
-FOCAL_WEIGHT = 20.0
-DICE_WEIGHT = 1.0
-IOU_WEIGHT = 1.0
-TASK_WEIGHTS = (("focal", FOCAL_WEIGHT), ("dice", DICE_WEIGHT), ("iou_mse", IOU_WEIGHT))
+
+@dataclass(frozen=True)
+class TaskLossWeights:
+    """The weight of each task term in the loss; the focal and dice weights also rank the
+    multimask outputs (an object is scored by its lowest-loss output)."""
+
+    focal: float = 20.0
+    dice: float = 1.0
+    iou_mse: float = 1.0
+
+    def items(self) -> tuple[tuple[str, float], ...]:
+        """(term, weight) pairs, in the order the terms are logged."""
+        return (("focal", self.focal), ("dice", self.dice), ("iou_mse", self.iou_mse))
+
+    def mask_loss(self, focal: torch.Tensor, dice: torch.Tensor) -> torch.Tensor:
+        """The weighted mask terms of each output (any shape, the same for both)."""
+        return self.focal * focal + self.dice * dice
+
+
+SAM_TASK_WEIGHTS = TaskLossWeights()
 
 
 @float32_loss
@@ -61,6 +81,7 @@ def sam_task_loss(
     targets: torch.Tensor,
     ambiguous: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
+    term_weights: TaskLossWeights = SAM_TASK_WEIGHTS,
 ) -> dict[str, torch.Tensor]:
     """Focal, dice and IoU losses of N objects, each averaged over the objects.
 
@@ -69,7 +90,8 @@ def sam_task_loss(
     `ambiguous` (`N` bool), ambiguous objects use the best of outputs 1-3 and the others
     output 0; otherwise every object uses the best of its M outputs. With `weights` (`N`,
     >= 0), each loss is `sum(w_i * loss_i)` over the number of objects with `w_i > 0`.
-    Returns `{"focal", "dice", "iou_mse"}`.
+    term_weights rank the outputs (`TaskLossWeights.mask_loss`).
+    Returns `{"focal", "dice", "iou_mse"}`, unweighted.
     """
     logits = mask_logits.float()
     expanded = targets[:, None].expand_as(logits).float()
@@ -80,7 +102,7 @@ def sam_task_loss(
         single = torch.zeros_like(scored)
         single[:, 0] = True
         scored = torch.where(ambiguous[:, None], ~single, single)
-    combined = (FOCAL_WEIGHT * focal + DICE_WEIGHT * dice).masked_fill(~scored, float("inf"))
+    combined = term_weights.mask_loss(focal, dice).masked_fill(~scored, float("inf"))
     best = combined.argmin(dim=1, keepdim=True)
     true_iou = binary_iou(logits.detach(), expanded)
     squared = (iou_predictions.float() - true_iou) ** 2
@@ -94,8 +116,11 @@ def sam_task_loss(
     return {name: (weights * values).sum() / count for name, values in per_object.items()}
 
 
-def combine_task_losses(terms: dict[str, torch.Tensor]) -> torch.Tensor:
-    """20 * focal + 1 * dice + 1 * iou_mse."""
-    return (
-        FOCAL_WEIGHT * terms["focal"] + DICE_WEIGHT * terms["dice"] + IOU_WEIGHT * terms["iou_mse"]
+def combine_task_losses(
+    terms: Mapping[str, torch.Tensor], term_weights: TaskLossWeights = SAM_TASK_WEIGHTS
+) -> torch.Tensor:
+    """The weighted sum of the task terms (`sam_task_loss`'s), by default SAM's
+    20 * focal + 1 * dice + 1 * iou_mse."""
+    return term_weights.mask_loss(terms["focal"], terms["dice"]) + (
+        term_weights.iou_mse * terms["iou_mse"]
     )

@@ -14,9 +14,9 @@ its units in the whole step, weighted and added up. A micro-step back-propagates
 its sums over the step's unit counts, so gradient accumulation and data parallelism give the
 gradient of one batch of the same images, however the labelled objects fall.
 
-Three logged values are derived, not back-propagated: `task/total` (20 focal + dice + IoU MSE,
-per object), `kd/weighted` (the distillation loss before `lambda_kd`) and `loss/total`, both
-one value per step.
+Three logged values are derived, not back-propagated: `task/total` (the task terms weighted by
+`train.task_loss_weights`, by default 20 focal + dice + IoU MSE, per object), `kd/weighted` (the
+distillation loss before `lambda_kd`) and `loss/total`, both one value per step.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from samkd.train.task_loss import TASK_WEIGHTS
+from samkd.train.task_loss import SAM_TASK_WEIGHTS, TaskLossWeights
 
 UNITS = ("image", "object", "batch", "step", "target")
 TASK_TOTAL, KD_WEIGHTED, LOSS_TOTAL = "task/total", "kd/weighted", "loss/total"
@@ -63,13 +63,15 @@ class TermSchema:
     the same as tensors on `device` (made once: the step reads them without copies).
 
     weights: each term's weight in the loss (`w_t * lambda_term` for distillation terms, before
-    `lambda_kd`; 0 for the derived values); distillation: which terms `lambda_kd` multiplies.
+    `lambda_kd`; 0 for the derived values); distillation: which terms `lambda_kd` multiplies;
+    task_weights: those of the task terms, which also make `task/total`.
     """
 
     names: tuple[str, ...]
     units: tuple[str, ...]
     weights: tuple[float, ...]
     distillation: tuple[bool, ...]
+    task_weights: TaskLossWeights = SAM_TASK_WEIGHTS
     device: torch.device = torch.device("cpu")
     unit_index: torch.Tensor = field(init=False, repr=False)
     weight_vector: torch.Tensor = field(init=False, repr=False)
@@ -86,15 +88,21 @@ class TermSchema:
 
     @classmethod
     def build(
-        cls, task: bool, distillation: dict[str, tuple[float, str]], prompt_iters: int = 1
+        cls,
+        task: bool,
+        distillation: dict[str, tuple[float, str]],
+        prompt_iters: int = 1,
+        task_weights: TaskLossWeights = SAM_TASK_WEIGHTS,
     ) -> TermSchema:
-        """The schema of a run: SAM's task terms when `task`, then `distillation` (name ->
-        weight, unit, in order), then the derived values. With a prompt loop, each task and
-        decoder term (a mean over the iterations) is also logged per iteration, as
-        `<name>@<i>` (derived)."""
+        """The schema of a run: SAM's task terms (weighted by `task_weights`) when `task`, then
+        `distillation` (name -> weight, unit, in order), then the derived values. With a prompt
+        loop, each task and decoder term (a mean over the iterations) is also logged per
+        iteration, as `<name>@<i>` (derived)."""
         rows: list[tuple[str, str, float, bool]] = []
         if task:
-            rows += [(f"task/{name}", "target", weight, False) for name, weight in TASK_WEIGHTS]
+            rows += [
+                (f"task/{name}", "target", weight, False) for name, weight in task_weights.items()
+            ]
             rows.append((TASK_TOTAL, "target", 0.0, False))
         rows += [(name, unit, weight, True) for name, (weight, unit) in distillation.items()]
         if prompt_iters > 1:
@@ -108,7 +116,7 @@ class TermSchema:
             rows.append((KD_WEIGHTED, "step", 0.0, False))
         rows.append((LOSS_TOTAL, "step", 0.0, False))
         names, units, weights, kd = zip(*rows, strict=True)
-        return cls(names, units, weights, kd)
+        return cls(names, units, weights, kd, task_weights)
 
     def to(self, device: torch.device) -> TermSchema:
         return dataclasses.replace(self, device=device)

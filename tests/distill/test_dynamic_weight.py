@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 from loguru import logger
+from pydantic import ValidationError
 
 from samkd.distill.dynamic_weight import DynamicKDWeight
 from samkd.settings import DynamicLambdaSettings
@@ -70,3 +71,58 @@ def test_disabled_weight_stays_at_initial():
     weight = DynamicKDWeight(DynamicLambdaSettings(enabled=False, initial=0.7, patience=0))
     assert all(weight.step(0.0) is None for _ in range(5))
     assert weight.value == 0.7
+
+
+RAISING = DynamicLambdaSettings(
+    enabled=True, initial=1.0, factor=0.5, patience=0, threshold=0.0, mode="max", raise_factor=3
+)
+# Two plateaus lower lambda_kd to 0.25; each improvement then triples it, up to initial.
+RAISING_TRACE = [0.5, 0.4, 0.3, 0.6, 0.7, 0.8, 0.8]
+RAISED_VALUES = [1.0, 0.5, 0.25, 0.75, 1.0, 1.0, 0.5]
+
+
+def values(weight: DynamicKDWeight, metrics: list[float]) -> list[float]:
+    """`lambda_kd` after each evaluation."""
+    trace = []
+    for metric in metrics:
+        weight.step(metric)
+        trace.append(weight.value)
+    return trace
+
+
+def test_improvements_raise_lambda_up_to_its_initial_value():
+    messages: list[str] = []
+    sink = logger.add(messages.append, format="{message}")
+    try:
+        assert values(DynamicKDWeight(RAISING), RAISING_TRACE) == RAISED_VALUES
+    finally:
+        logger.remove(sink)
+    assert "lambda_kd 0.25 -> 0.75 at evaluation 4: val/miou improved to 0.6" in messages[2]
+    assert len(messages) == 5  # two lowerings, two raises, one more lowering
+
+
+def test_without_raise_factor_lambda_is_only_lowered():
+    settings = RAISING.model_copy(update={"raise_factor": None})
+    assert values(DynamicKDWeight(settings), RAISING_TRACE) == [
+        1.0,
+        0.5,
+        0.25,
+        0.25,
+        0.25,
+        0.25,
+        0.125,
+    ]
+
+
+def test_raising_survives_a_state_dict_round_trip():
+    first = DynamicKDWeight(RAISING)
+    assert values(first, RAISING_TRACE[:3]) == RAISED_VALUES[:3]
+    resumed = DynamicKDWeight(RAISING)
+    resumed.load_state_dict(first.state_dict())
+    assert values(resumed, RAISING_TRACE[3:]) == RAISED_VALUES[3:]
+
+
+@pytest.mark.parametrize("raise_factor", [1.0, 0.5, -2.0])
+def test_a_raise_factor_that_does_not_raise_is_refused(raise_factor: float):
+    with pytest.raises(ValidationError, match="greater than 1"):
+        DynamicLambdaSettings(raise_factor=raise_factor)

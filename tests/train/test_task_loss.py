@@ -5,13 +5,21 @@ import math
 import pytest
 import torch
 
+from samkd.settings import SettingsError
+from samkd.train import setup
+from samkd.train.forward import DecoderOutputs
+from samkd.train.step import task_terms
 from samkd.train.task_loss import (
+    SAM_TASK_WEIGHTS,
+    TaskLossWeights,
     binary_iou,
     combine_task_losses,
     dice_loss,
     sam_task_loss,
     sigmoid_focal_loss,
 )
+
+from .conftest import make_settings
 
 
 def test_focal_matches_per_pixel_formula() -> None:
@@ -63,3 +71,78 @@ def test_single_output_for_boxes_and_multimask_for_single_points() -> None:
     assert terms["dice"].item() == pytest.approx(
         (only_ambiguous["dice"].item() + only_box["dice"].item()) / 2
     )
+
+
+def random_outputs(seed: int = 0) -> DecoderOutputs:
+    """Three objects, SAM's four outputs each, the first prompted by a single point."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, 4, 8, 8, generator=generator) * 3
+    iou = torch.rand(3, 4, generator=generator)
+    return DecoderOutputs(logits, iou, torch.tensor([True, False, False]), None)
+
+
+def random_targets(seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(3, 8, 8, generator=generator) > 0.5).float()
+
+
+def test_task_total_is_the_weighted_sum_of_the_logged_terms() -> None:
+    weights = TaskLossWeights(focal=2.0, dice=3.0, iou_mse=0.5)
+    terms = task_terms(random_outputs(), random_targets(), None, weights)
+    focal, dice, iou_mse = (terms[f"task/{name}"].item() for name in ("focal", "dice", "iou_mse"))
+    assert terms["task/total"].item() == pytest.approx(2 * focal + 3 * dice + 0.5 * iou_mse)
+
+
+def test_default_weights_are_sams() -> None:
+    terms = task_terms(random_outputs(), random_targets(), None)
+    by_hand = 20 * terms["task/focal"] + 1 * terms["task/dice"] + 1 * terms["task/iou_mse"]
+    assert torch.equal(terms["task/total"], by_hand)
+    settings = make_settings()
+    assert setup.task_loss_weights(settings) == SAM_TASK_WEIGHTS
+    schema = setup.build_schema(settings, None)
+    task = {name: schema.weights[schema.index(f"task/{name}")] for name in ("focal", "dice")}
+    assert task == {"focal": 20.0, "dice": 1.0}
+
+
+def test_the_settings_weigh_the_back_propagated_terms() -> None:
+    settings = make_settings("train.task_loss_weights={focal: 5, dice: 0, iou: 2.5}")
+    schema = setup.build_schema(settings, None)
+    weights = {name: schema.weights[schema.index(name)] for name in schema.names}
+    assert weights == {
+        "task/focal": 5.0,
+        "task/dice": 0.0,
+        "task/iou_mse": 2.5,
+        "task/total": 0.0,  # derived: logged, not back-propagated
+        "loss/total": 0.0,
+    }
+    assert schema.task_weights == TaskLossWeights(focal=5.0, dice=0.0, iou_mse=2.5)
+
+
+def test_the_mask_weights_pick_the_scored_output() -> None:
+    # Output 1 is confident with one wrong pixel (low dice, high focal); output 2 is timid
+    # (right everywhere, but near 0.5: high dice, low focal).
+    target = torch.zeros(1, 4, 4)
+    target[0, :2] = 1
+    confident = (target[0] * 2 - 1) * 20
+    confident[3, 3] = 20
+    timid = (target[0] * 2 - 1) * 0.5
+    logits = torch.stack([confident, confident, timid, timid])[None]
+    ious, ambiguous = torch.zeros(1, 4), torch.tensor([True])
+    by_focal = sam_task_loss(logits, ious, target, ambiguous, term_weights=TaskLossWeights(1, 0))
+    by_dice = sam_task_loss(logits, ious, target, ambiguous, term_weights=TaskLossWeights(0, 1))
+    assert by_focal["focal"] < by_dice["focal"]
+    assert by_dice["dice"] < by_focal["dice"]
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("train.task_loss_weights.focal=-1", "train.task_loss_weights.focal: Input should be"),
+        ("train.task_loss_weights={focal: 0, dice: 0, iou: 0}", "every weight is 0"),
+        ("train.task_loss_weights.mse=1", "unknown key 'train.task_loss_weights.mse'"),
+    ],
+)
+def test_bad_task_weights_are_refused_in_one_line(assignment: str, message: str) -> None:
+    with pytest.raises(SettingsError, match=message) as error:
+        make_settings(assignment)
+    assert "\n" not in str(error.value)
