@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -300,33 +301,46 @@ def write_json(report: dict[str, Any], path: Path) -> None:
         temporary.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def _quality_table(title: str, table: IoUTable) -> Table:
-    shown = Table(title=title, title_justify="left")
+def _quality_tables(title: str, table: IoUTable) -> tuple[Table, Table]:
+    """The means over objects and images, then mIoU by object size: two tables, so that each
+    fits an 80-column log."""
     extra_titles = [METRIC_TITLES[metric] for metric in EXTRA_METRICS]
-    sizes = [f"mIoU {size}" for size in SIZE_NAMES]
-    for column in ("prompt", "output", "mIoU", *extra_titles, "objects", *sizes):
-        shown.add_column(column, justify="left" if column in ("prompt", "output") else "right")
+    means = _table(title, ("objects", "mIoU", *extra_titles))
+    by_size = _table(f"{title}: mIoU by size", SIZE_NAMES)
     for prompt, output in table.groups():
         extras = [_fmt(table.metric_mean(metric, prompt, output)) for metric in EXTRA_METRICS]
-        by_size = [_fmt(table.mean(prompt, output, size)) for size in SIZE_NAMES]
         count = str(table.count(prompt, output))
-        shown.add_row(prompt, output, _fmt(table.mean(prompt, output)), *extras, count, *by_size)
+        means.add_row(prompt, output, count, _fmt(table.mean(prompt, output)), *extras)
+        sizes = [_fmt(table.mean(prompt, output, size)) for size in SIZE_NAMES]
+        by_size.add_row(prompt, output, *sizes)
+    return means, by_size
+
+
+def _table(title: str, number_columns: Sequence[str]) -> Table:
+    shown = Table(title=title, title_justify="left")
+    shown.add_column("prompt")
+    shown.add_column("output")
+    for column in number_columns:
+        shown.add_column(column, justify="right")
     return shown
 
 
 def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+    # Three decimals keep the table within 80 columns; --json has every digit.
+    return "-" if value is None else f"{value:.3f}"
 
 
 def print_report(
     report: dict[str, Any], tables: QualityTables, with_teacher: bool, console: Console
 ) -> None:
     model = report["model"]
-    console.print(_quality_table(f"{model['model_type']} vs ground truth", tables.model))
+    console.print(*_quality_tables(f"{model['model_type']} vs ground truth", tables.model))
     if with_teacher:
         teacher = report["teacher"]["model_type"]
-        console.print(_quality_table(f"{teacher} (teacher) vs ground truth", tables.teacher))
-        console.print(_quality_table(f"{model['model_type']} vs {teacher} masks", tables.agreement))
+        console.print(*_quality_tables(f"{teacher} (teacher) vs ground truth", tables.teacher))
+        console.print(
+            *_quality_tables(f"{model['model_type']} vs {teacher} masks", tables.agreement)
+        )
     for name, speed in report.get("speed", {}).items():
         latency = speed["encoder_latency"]
         decoder = speed["decoder_latency_per_prompt"]

@@ -13,6 +13,9 @@ SECTIONS = (
     "preset_speed",
     "teacher_fast_path",
     "efficacy",
+    "amg",
+    "export",
+    "real_size",
 )
 
 

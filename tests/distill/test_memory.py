@@ -30,6 +30,7 @@ LIMIT_MIB = 256
 FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case", ["attention_teacher", "attention_student", "rkd_grid", "rkd_sample"]
 )
