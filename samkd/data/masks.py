@@ -9,8 +9,9 @@ size, empty, or malformed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -18,6 +19,8 @@ from pycocotools import mask as coco_mask
 
 from samkd.data.errors import DataError
 from samkd.data.images import IMAGE_DECODE_ERRORS
+
+Decoded = TypeVar("Decoded")
 
 MASK_THRESHOLD = 0.5
 """Default ``mask_threshold``: half the range of a greyscale mask's format."""
@@ -55,16 +58,7 @@ def load_png_mask(
         DataError: the file is unreadable or of another mode, its size differs from the
             image, or no pixel is foreground.
     """
-    try:
-        with Image.open(path) as image:
-            image.load()
-            levels, full_range = mask_levels(image, path)
-    except DataError:
-        raise  # a DataError is a ValueError, which IMAGE_DECODE_ERRORS would rewrap
-    except FileNotFoundError as error:
-        raise DataError(path, "mask file not found") from error
-    except IMAGE_DECODE_ERRORS as error:
-        raise DataError(path, f"mask cannot be read as an image ({error})") from error
+    levels, full_range = read_image_file(path, mask_levels, "mask", "mask file not found")
     check_mask(levels, image_size, path, "mask")
     mask = threshold_levels(levels, full_range, threshold)
     if not mask.any():
@@ -74,6 +68,23 @@ def load_png_mask(
             f"(brightest pixel {int(levels.max())} of {full_range})",
         )
     return mask
+
+
+def read_image_file(
+    path: Path, read: Callable[[Image.Image, Path], Decoded], what: str, missing: str
+) -> Decoded:
+    """`read(image, path)` of the image file at `path`. A missing file is a `DataError` saying
+    `missing`; an undecodable one, a `DataError` that calls it `what` (`mask`, ...)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return read(image, path)
+    except DataError:
+        raise  # a DataError is a ValueError, which IMAGE_DECODE_ERRORS would rewrap
+    except FileNotFoundError as error:
+        raise DataError(path, missing) from error
+    except IMAGE_DECODE_ERRORS as error:
+        raise DataError(path, f"{what} cannot be read as an image ({error})") from error
 
 
 def mask_levels(image: Image.Image, path: Path) -> tuple[np.ndarray, int]:
@@ -150,16 +161,7 @@ def load_label_image(path: Path, image_size: tuple[int, int]) -> np.ndarray:
         DataError: the file is unreadable, of another kind, has negative ids, or its size
             differs from the image.
     """
-    try:
-        with Image.open(path) as image:
-            image.load()
-            labels = _label_array(image, path)
-    except DataError:
-        raise  # a DataError is a ValueError, which IMAGE_DECODE_ERRORS would rewrap
-    except FileNotFoundError as error:
-        raise DataError(path, "label image not found") from error
-    except IMAGE_DECODE_ERRORS as error:
-        raise DataError(path, f"label image cannot be read as an image ({error})") from error
+    labels = read_image_file(path, _label_array, "label image", "label image not found")
     if labels.shape != tuple(image_size):
         raise DataError(
             path,
