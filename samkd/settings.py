@@ -51,6 +51,7 @@ ENV_NESTED_DELIMITER = "__"
 ModelType = Literal["vit_b", "vit_l", "vit_h", "vit_t", "vit_mini", "vit_t_mini"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 EvalPromptKind = Literal["box", "point", "points"]
+ModelPart = Literal["image_encoder", "prompt_encoder", "mask_decoder"]
 
 
 def _on_off(value: Any) -> Any:
@@ -207,6 +208,26 @@ class TeacherSettings(StrictModel):
         return value
 
 
+class LoraSettings(StrictModel):
+    """Low-rank adapters (LoRA, through peft) on the student's linear layers: only the adapters
+    and the parts in `train_parts` train; the run's student.pt has the adapters merged."""
+
+    rank: int = Field(0, ge=0, description="rank r of each adapter (0: no LoRA)")
+    alpha: int = Field(16, gt=0, description="the adapters' output scales by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    parts: list[Literal["image_encoder", "mask_decoder"]] = Field(
+        ["image_encoder", "mask_decoder"], min_length=1, description="parts that get adapters"
+    )
+    layers: list[Literal["attention", "mlp"]] = Field(
+        ["attention"],
+        min_length=1,
+        description="attention: the q/k/v and output projections; mlp: the transformer MLPs",
+    )
+    train_parts: list[ModelPart] = Field(
+        [], description="parts trained in full beside the adapters (e.g. mask_decoder)"
+    )
+
+
 class StudentSettings(StrictModel):
     """The model being trained."""
 
@@ -221,6 +242,7 @@ class StudentSettings(StrictModel):
         description="teacher whose prompt encoder and mask decoder start the student "
         "(MobileSAM's recipe: the student inherits the teacher's decoder)",
     )
+    lora: LoraSettings = Field(LoraSettings(), description="parameter-efficient fine-tuning")
 
 
 # --------------------------------------------------------------------------- distillation
@@ -380,9 +402,6 @@ class DistillationSettings(StrictModel):
 
 
 # --------------------------------------------------------------------------- jobs
-
-
-ModelPart = Literal["image_encoder", "prompt_encoder", "mask_decoder"]
 
 
 class LrScaleSettings(StrictModel):

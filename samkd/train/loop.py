@@ -20,6 +20,7 @@ from samkd.data import summarize_skipped
 from samkd.errors import UsageError
 from samkd.files import check_writable
 from samkd.models import save_state_dict
+from samkd.models.lora import merged_state_dict
 from samkd.runtime import (
     Distributed,
     barrier,
@@ -226,7 +227,7 @@ def _train(
     check_finite_weights(student, progress.step, checkpoint_path)
     if dist.is_main:
         exported = run_dir / EXPORT_NAME
-        save_state_dict(student, exported)
+        save_state_dict(merged_state_dict(student), exported)
         console.print(f"exported the student (MobileSAM layout) to {exported}")
     if log is not None:
         log.close()

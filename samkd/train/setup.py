@@ -25,6 +25,7 @@ from samkd.features import (
     read_decoder_state_dict,
 )
 from samkd.models import DECODER_PREFIXES, build_sam, load_state_dict_file
+from samkd.models.lora import add_lora
 from samkd.runtime import Distributed, Precision, input_image_size
 from samkd.settings import Settings, check_micro_batch, load_settings
 from samkd.train.batches import Augmentation, DistillationDataset, collate_training
@@ -55,7 +56,8 @@ MASK_PROMPT_PREFIX = "prompt_encoder.mask_downscaling."
 
 
 def build_student(settings: Settings, device: torch.device) -> Sam:
-    """The student, trainable, with unused and always-frozen parts excluded from training."""
+    """The student, trainable, with unused and always-frozen parts excluded from training;
+    with `student.lora`, only its adapters (and `train_parts`) train."""
     student = build_sam(
         settings.student.model_type,
         image_size=input_image_size(settings),
@@ -65,6 +67,8 @@ def build_student(settings: Settings, device: torch.device) -> Sam:
     if settings.student.decoder_from is not None:
         inherited = teacher_decoder_state(settings, settings.student.decoder_from)
         student.load_state_dict({**student.state_dict(), **inherited}, strict=True)
+    if settings.student.lora.rank:
+        add_lora(student, settings.student.lora)
     unused: tuple[str, ...] = UNUSED_PREFIXES
     if settings.train.prompt_iters > 1:
         unused = tuple(prefix for prefix in unused if prefix != MASK_PROMPT_PREFIX)
@@ -451,6 +455,9 @@ def make_loader(
         num_workers=settings.data.num_workers,
         collate_fn=collate_training,
         pin_memory=device.type == "cuda",
+        # Its own generator: starting an iterator draws the workers' base seed, which from the
+        # global generator would shift the dropout of LoRA adapters on resuming mid-epoch.
+        generator=torch.Generator().manual_seed(settings.train.seed + epoch),
     )
 
 

@@ -136,6 +136,39 @@ def test_exported_student_loads_strictly(
     build_sam(STUDENT, checkpoint=result.exported)
 
 
+def test_lora_trains_only_the_adapters_and_exports_them_merged(
+    tmp_path: Path, shapes: Path, teacher_checkpoint: Path, feature_file: Path
+) -> None:
+    assignments = [
+        *base_assignments(shapes, teacher_checkpoint, tmp_path / "run"),
+        f"distillation.features={feature_file}",
+        "distillation.decoder.enabled=true",
+        "train.steps=2",
+    ]
+    initial = setup.build_student(make_settings(*assignments), torch.device("cpu")).state_dict()
+    torch.save(initial, tmp_path / "initial.pt")
+    settings = make_settings(
+        *assignments, f"student.checkpoint={tmp_path / 'initial.pt'}", "student.lora.rank=4"
+    )
+    result = run_train(settings)
+    trained = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
+    student = {
+        key.removeprefix("student.").replace(".base_layer.", "."): value
+        for key, value in trained.items()
+        if key.startswith("student.")
+    }
+    adapters = {key: value for key, value in student.items() if "lora_" in key}
+    plain = {key: value for key, value in student.items() if "lora_" not in key}
+    assert plain.keys() == initial.keys()
+    assert all(torch.equal(plain[key], initial[key]) for key in initial)
+    # B starts at 0: the adapters have learnt something only if it moved.
+    assert any(value.abs().sum() > 0 for key, value in adapters.items() if "lora_B" in key)
+    assert result.exported is not None
+    exported = build_sam(STUDENT, checkpoint=result.exported).state_dict()
+    changed = {key for key in initial if not torch.equal(exported[key], initial[key])}
+    assert changed and all(key.endswith(("qkv.weight", "proj.weight")) for key in changed)
+
+
 def test_full_size_export_loads_into_upstream_mobile_sam(tmp_path: Path) -> None:
     settings = make_settings("student.model_type=vit_t")
     student = setup.build_student(settings, torch.device("cpu"))
@@ -148,11 +181,16 @@ def test_full_size_export_loads_into_upstream_mobile_sam(tmp_path: Path) -> None
 def test_resume_after_sigkill_reproduces_log(
     tmp_path: Path, shapes: Path, teacher_checkpoint: Path, feature_file: Path
 ) -> None:
+    """A LoRA run with a part trained in full, killed between checkpoints (a full run's
+    resume is in tests/train/test_conditions.py)."""
     assignments = [
         *base_assignments(shapes, teacher_checkpoint, tmp_path / "killed"),
         f"distillation.features={feature_file}",
         "distillation.rkd.enabled=true",
         "distillation.rkd.patches=sample",
+        "student.lora.rank=4",
+        "student.lora.dropout=0.1",
+        "student.lora.train_parts=[mask_decoder]",
         "train.steps=24",
         "train.checkpoint_every=3",
         "train.augment.flip=0.5",
