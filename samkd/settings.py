@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from annotated_types import Ge
+from annotated_types import Ge, Gt, Le
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -73,6 +73,7 @@ DEVICE_PATTERN = r"auto|cpu|meta|(cuda|xpu|mps)(:\d+)?"
 Device = Annotated[str, AfterValidator(_device_name)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
+AreaFraction = Annotated[float, Gt(0), Le(1)]
 
 
 class SettingsError(ValueError):
@@ -436,11 +437,57 @@ class TaskLossWeightSettings(StrictModel):
 
 
 class AugmentSettings(StrictModel):
-    """Augmentation that keeps stored teacher features valid (see `samkd.train.batches`)."""
+    """Training-time augmentation, drawn per image and epoch from train.seed. brightness,
+    contrast and flip keep stored teacher features valid; crop_scale, scale_jitter and rotate90
+    change the image the teachers must see, so they need online teachers (--online). Geometric
+    changes apply to the image, its masks and prompts (drawn from the transformed masks) before
+    student and teachers see it; objects a crop leaves out are dropped (see
+    `samkd.train.batches`)."""
 
     brightness: NonNegativeFloat = Field(0.0, description="student input only, normalised units")
     contrast: NonNegativeFloat = Field(0.0, description="student input only, relative")
     flip: float = Field(0.0, ge=0, le=1, description="horizontal flip probability")
+    crop_scale: tuple[AreaFraction, AreaFraction] | None = Field(
+        None,
+        description="online teachers only: a random crop keeps a fraction of the image's area "
+        "uniform in [min, max] (one number f: [f, 1]), at the image's aspect ratio, before "
+        "SAM's resize (null or 1: off)",
+    )
+    scale_jitter: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="online teachers only: SAM's input shows the image at a random scale in "
+        "[1 - s, 1 + s] of the usual one (longest side = the input's side); zoomed in, a random "
+        "window that fits is kept, zoomed out, the rest is padding (0: off)",
+    )
+    rotate90: bool = Field(
+        False, description="online teachers only: turn by a random multiple of 90 degrees"
+    )
+
+    @field_validator("crop_scale", mode="before")
+    @classmethod
+    def _one_number_is_a_lower_bound(cls, value: Any) -> Any:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return (value, 1.0)
+        return value
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and value[0] > value[1]:
+            raise ValueError(f"expected [min, max] with min <= max, got [{value[0]}, {value[1]}]")
+        return value
+
+    @property
+    def geometric(self) -> list[str]:
+        """The geometric augmentations that are on (they need online teachers)."""
+        on = {
+            "crop_scale": self.crop_scale not in (None, (1.0, 1.0)),
+            "scale_jitter": self.scale_jitter > 0,
+            "rotate90": self.rotate90,
+        }
+        return [name for name, enabled in on.items() if enabled]
 
 
 class TrainSettings(StrictModel):
@@ -924,6 +971,23 @@ class Settings(BaseSettings):
                 "train.augment.flip",
                 "distillation.attention.enabled",
                 "distillation.use_precomputed_features",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _geometry_online(self) -> Settings:
+        distillation = self.distillation
+        stored = distillation.use_precomputed_features and distillation.features is not None
+        geometric = self.train.augment.geometric
+        if geometric and stored and self.teachers:
+            key = f"train.augment.{geometric[0]}"
+            raise SettingsConflict(
+                f"{key} needs online teachers: stored teacher features are those of the "
+                "untransformed image; train with --online (distillation.use_precomputed_features: "
+                "false) or switch it off",
+                key,
+                "distillation.use_precomputed_features",
+                "distillation.features",
             )
         return self
 

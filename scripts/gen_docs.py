@@ -148,6 +148,9 @@ def _type_name(annotation: Any) -> str:
     elif origin is dict:
         key, value = typing.get_args(inner)
         name = f"map {_type_name(key)} → {_type_name(value)}"
+    elif origin is tuple:
+        items = [_type_name(item) for item in typing.get_args(inner)]
+        name = f"pair of {items[0]}" if items == items[:1] * 2 else f"[{', '.join(items)}]"
     elif _is_model(inner):
         name = "section"
     elif inner is Path:

@@ -278,6 +278,28 @@ def test_flip_with_stored_attention_maps(tmp_path: Path) -> None:
     load_settings(None, [*flip, "distillation.use_precomputed_features=false"], environ={})
 
 
+def test_geometric_augmentation_is_online_only(tmp_path: Path) -> None:
+    stored = [TEACHER, f"distillation.features={tmp_path / 'features.h5'}"]
+    message = conflict(tmp_path, *stored, "train.augment.scale_jitter=0.2")
+    assert message.endswith(
+        "train.augment.scale_jitter needs online teachers: stored teacher features are those "
+        "of the untransformed image; train with --online (distillation.use_precomputed_features:"
+        " false) or switch it off"
+    )
+    geometric = ["train.augment.crop_scale=0.5", "train.augment.rotate90=true"]
+    online = ["distillation.use_precomputed_features=false"]
+    augment = load_settings(None, [*stored, *geometric, *online], environ={}).train.augment
+    assert augment.crop_scale == (0.5, 1.0) and augment.geometric == ["crop_scale", "rotate90"]
+    # Off by default, and a crop of the whole image is off.
+    assert load_settings(environ={}).train.augment.geometric == []
+    whole = load_settings(None, [*stored, "train.augment.crop_scale=1"], environ={})
+    assert whole.train.augment.geometric == []
+    with pytest.raises(SettingsError, match="expected \\[min, max\\] with min <= max"):
+        load_settings(None, ["train.augment.crop_scale=[0.8, 0.4]"], environ={})
+    with pytest.raises(SettingsError, match="crop_scale.0: Input should be greater than 0"):
+        load_settings(None, ["train.augment.crop_scale=0"], environ={})
+
+
 def test_decoder_from_names_a_teacher(tmp_path: Path) -> None:
     message = conflict(tmp_path, TEACHER, "student.decoder_from=l")
     assert message.startswith("--set student.decoder_from=l and --set teachers=")

@@ -12,6 +12,7 @@ from samkd.data.dataset import (
     load_record_image,
 )
 from samkd.data.errors import DataError, OnError, summarize_skipped
+from samkd.data.geometry import Geometry
 from samkd.data.images import (
     SAM_PIXEL_MEAN,
     SAM_PIXEL_STD,
@@ -52,6 +53,7 @@ __all__ = [
     "AnnotationMask",
     "DataError",
     "DatasetIndex",
+    "Geometry",
     "ImageRecord",
     "LabelImage",
     "LabelObject",

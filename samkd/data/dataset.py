@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from samkd.data.errors import DataError, OnError, check_on_error, handle_error
+from samkd.data.geometry import Geometry
 from samkd.data.images import load_rgb_image, preprocess_image, resize_boxes, resize_coords
 from samkd.data.layouts import (
     AnnotationMask,
@@ -60,8 +61,9 @@ class Sample:
         image_id: the image's id in its dataset (file stem, or COCO ``file_name`` without
             extension).
         image: ``3 x S x S`` float32, normalised and padded as ``Sam.preprocess`` does.
-        original_size: ``(H, W)`` of the image file.
-        input_size: ``(h, w)`` after resizing the longest side to ``S``, before padding.
+        original_size: ``(H, W)`` of the image file (of what a ``Geometry`` kept of it).
+        input_size: ``(h, w)`` after resizing the longest side to ``S`` (less, zoomed out by
+            a ``Geometry``), before padding.
         masks: ``N x H x W`` bool object masks at original resolution (``N`` may be 0).
         boxes: ``N x 4`` float32 tight XYXY boxes of the masks, original pixel coordinates.
         prompt_boxes: ``N x 4`` float32 jittered XYXY boxes in input coordinates, or
@@ -222,6 +224,12 @@ class SegmentationDataset(Dataset[Sample]):
         return len(self.records)
 
     def __getitem__(self, index: int) -> Sample:
+        return self.sample(index)
+
+    def sample(self, index: int, geometry: Geometry | None = None) -> Sample:
+        """``dataset[index]``, turned, cropped and zoomed by ``geometry`` when given: the
+        sample is then that of the transformed image, its objects those whose masks are
+        still in it, their boxes and prompts drawn from the transformed masks."""
         if not 0 <= index < len(self.records):
             raise IndexError(f"index {index} out of range for {len(self.records)} samples")
         failures: list[str] = []
@@ -233,7 +241,7 @@ class SegmentationDataset(Dataset[Sample]):
             except DataError as error:
                 failures.append(handle_error(error, self.on_error, "image skipped"))
                 continue
-            return self._make_sample(record_index, loaded, failures)
+            return self._make_sample(record_index, loaded, failures, geometry)
         raise DataError(self.records[index].image_path, "no loadable image in the dataset")
 
     def load_objects(self, index: int) -> LoadedObjects:
@@ -278,10 +286,20 @@ class SegmentationDataset(Dataset[Sample]):
                 skipped.append(handle_error(error, self.on_error, "masks skipped"))
         return expanded
 
-    def _make_sample(self, index: int, loaded: LoadedObjects, failures: list[str]) -> Sample:
+    def _make_sample(
+        self,
+        index: int,
+        loaded: LoadedObjects,
+        failures: list[str],
+        geometry: Geometry | None = None,
+    ) -> Sample:
         record = self.records[index]
+        long_side = self.image_size
+        if geometry is not None:
+            loaded = reframed(loaded, geometry)
+            long_side = geometry.long_side(self.image_size)
         original_size = (loaded.image.shape[0], loaded.image.shape[1])
-        image, input_size = preprocess_image(loaded.image, self.image_size)
+        image, input_size = preprocess_image(loaded.image, self.image_size, long_side)
         sample = Sample(
             index=index,
             image_id=record.image_id,
@@ -294,7 +312,7 @@ class SegmentationDataset(Dataset[Sample]):
         )
         if self.prompt_sampler is None:
             return sample
-        return with_prompts(sample, loaded.masks, self.prompt_sampler, self.seed, self.image_size)
+        return with_prompts(sample, loaded.masks, self.prompt_sampler, self.seed)
 
     def validate(self) -> list[str]:
         """Decode every image and mask once; drop what fails and record it in ``skipped``.
@@ -343,13 +361,21 @@ class SegmentationDataset(Dataset[Sample]):
         return True
 
 
-def with_prompts(
-    sample: Sample, masks: np.ndarray, sampler: PromptSampler, seed: int, image_size: int
-) -> Sample:
+def reframed(loaded: LoadedObjects, geometry: Geometry) -> LoadedObjects:
+    """`loaded` turned and cropped by `geometry`, without the objects it leaves no pixel of
+    (prompts are drawn from non-empty masks)."""
+    masks = geometry.masks(loaded.masks)
+    kept = masks[masks.any(axis=(1, 2))]
+    return LoadedObjects(geometry.image(loaded.image), kept, loaded.skipped)
+
+
+def with_prompts(sample: Sample, masks: np.ndarray, sampler: PromptSampler, seed: int) -> Sample:
     """`sample` with prompts drawn by `sampler` from its objects, `masks` (`N x H x W` bool,
     original frame; the numpy array behind `sample.masks`), fixed by `(seed, sample.index)`."""
     prompts = sampler.sample(masks, seed=seed, index=sample.index)
     size = sample.original_size
+    # The resized image's longest side: S, or less for an image zoomed out by a `Geometry`.
+    image_size = max(sample.input_size)
     return replace(
         sample,
         prompt_boxes=_float_tensor(resize_boxes(prompts.boxes, size, image_size)),

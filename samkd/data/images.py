@@ -141,13 +141,16 @@ def normalize_and_pad(image: np.ndarray, image_size: int) -> torch.Tensor:
     return torch.nn.functional.pad(normalized, (0, pad_right, 0, pad_bottom))
 
 
-def preprocess_image(image: np.ndarray, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def preprocess_image(
+    image: np.ndarray, image_size: int, long_side: int | None = None
+) -> tuple[torch.Tensor, tuple[int, int]]:
     """SAM's full input transform of an ``H x W x 3`` uint8 image.
 
     Returns the ``3 x S x S`` float32 input and the ``(h, w)`` size of the resized image
-    inside it, before padding.
+    inside it, before padding. ``long_side`` (default ``S``) is the resized image's longest
+    side: less than ``S`` shows the image zoomed out, with more padding.
     """
-    resized = resize_longest_side(image, image_size)
+    resized = resize_longest_side(image, long_side or image_size)
     return normalize_and_pad(resized, image_size), (resized.shape[0], resized.shape[1])
 
 

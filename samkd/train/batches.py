@@ -1,12 +1,19 @@
 """Training batches: samples with their prompts, low-resolution targets and teacher features.
 
-Augmentation keeps stored teacher features valid:
+Photometric changes and flips keep stored teacher features valid:
 - photometric changes (brightness, contrast) touch the student's input only: stored teacher
   features are those of the original image, and online teachers are given the original image;
 - a horizontal flip mirrors the image, its masks and prompts inside the valid (unpadded)
   region, and the stored feature maps alike. SAM's encoders are not exactly flip-equivariant,
   so a flipped teacher map approximates the teacher's features of the flipped image; the flip
   is off by default and refused with attention matching, whose coarse maps are not mirrored.
+
+Geometric changes (crop, scale jitter, quarter turns; `samkd.data.geometry`) are online only:
+they change the image that the teachers see, so they run on the image at original resolution
+and its masks while the sample is read, boxes and prompts are drawn from the transformed
+masks, and student and teachers alike are given the transformed image. Images without masks
+are prompted after them (`LabelFree`: grid points on the transformed image, the teacher's
+masks transformed alike); an image whose objects a crop left out counts as one without them.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from samkd.data import Sample, SegmentationDataset
+from samkd.data import Geometry, Sample, SegmentationDataset
 from samkd.features import FeatureStore, FeatureStoreError
 from samkd.train.label_free import LabelFree
 
@@ -28,11 +35,41 @@ LOW_RES_FACTOR = 4  # SAM's mask logits are 4x the embedding grid: image_size / 
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Random photometric changes (student input only) and horizontal flips."""
+    """Random photometric changes (student input only), horizontal flips and geometric
+    changes (online teachers only).
+
+    crop_scale: `(min, max)` fraction of the image's area a crop keeps; scale_jitter: `s`,
+    the image's scale in SAM's input is uniform in `[1 - s, 1 + s]`; rotate90: turn by a
+    random multiple of 90 degrees (see `Geometry`).
+    """
 
     brightness: float = 0.0
     contrast: float = 0.0
     flip_probability: float = 0.0
+    crop_scale: tuple[float, float] = (1.0, 1.0)
+    scale_jitter: float = 0.0
+    rotate90: bool = False
+
+    @property
+    def geometric(self) -> bool:
+        return self.crop_scale != (1.0, 1.0) or self.scale_jitter > 0 or self.rotate90
+
+    def draw_geometry(self, rng: np.random.Generator) -> Geometry | None:
+        """A random `Geometry`, or None without geometric augmentation."""
+        if not self.geometric:
+            return None
+        # Every value is drawn whichever augmentation is on: each keeps its stream.
+        turns = int(rng.integers(4))
+        area = rng.uniform(*self.crop_scale)
+        zoom = rng.uniform(1 - self.scale_jitter, 1 + self.scale_jitter)
+        crop_at, zoom_at = rng.random(2), rng.random(2)
+        return Geometry(
+            quarter_turns=turns if self.rotate90 else 0,
+            area=float(area),
+            zoom=float(zoom),
+            crop_at=(float(crop_at[0]), float(crop_at[1])),
+            zoom_at=(float(zoom_at[0]), float(zoom_at[1])),
+        )
 
 
 @dataclass
@@ -134,6 +171,7 @@ class DistillationDataset(Dataset[TrainingSample]):
 
     Workers read both, so decoding and HDF5 reads overlap with the training step. `epoch` is
     mixed into the augmentation seed; set it before each epoch's iterator is created.
+    Geometric augmentation needs online teachers: no `store`.
     """
 
     def __init__(
@@ -144,6 +182,11 @@ class DistillationDataset(Dataset[TrainingSample]):
         seed: int,
         label_free: LabelFree | None = None,
     ) -> None:
+        if store is not None and augmentation.geometric:
+            raise ValueError(
+                "geometric augmentation needs online teachers: stored features are those of "
+                "the untransformed image"
+            )
         self.dataset = dataset
         self.store = store
         self.augmentation = augmentation
@@ -160,11 +203,16 @@ class DistillationDataset(Dataset[TrainingSample]):
         self.dataset.seed = self.seed + epoch
 
     def __getitem__(self, index: int) -> TrainingSample:
-        sample, features = self._sample_with_features(index)
+        geometry = self.augmentation.draw_geometry(
+            np.random.default_rng((self.seed, self.epoch, index, 13))
+        )
+        sample, features = self._sample_with_features(index, geometry)
         task_weights = None
         if self.label_free.mode != "none" and not sample.prompt_kinds:
             prompt_rng = np.random.default_rng((self.seed, self.epoch, index, 11))
-            sample, task_weights = self.label_free.prompt(sample, self.dataset, prompt_rng)
+            sample, task_weights = self.label_free.prompt(
+                sample, self.dataset, prompt_rng, geometry
+            )
         rng = np.random.default_rng((self.seed, self.epoch, index, 7))
         flip = bool(rng.random() < self.augmentation.flip_probability)
         if flip:
@@ -179,12 +227,15 @@ class DistillationDataset(Dataset[TrainingSample]):
             targets = targets.new_zeros(len(sample.prompt_kinds), *targets.shape[1:])
         return TrainingSample(sample, targets, features, flip, teacher_image, task_weights)
 
-    def _sample_with_features(self, index: int) -> tuple[Sample, dict[str, dict[str, Tensor]]]:
-        """The sample and its stored features. Under `on_error="skip"` the store reads a
-        damaged row as `{}`: the next sample takes its place, as the dataset does for an
-        unreadable image, and the message travels with it (`Sample.skipped`)."""
+    def _sample_with_features(
+        self, index: int, geometry: Geometry | None
+    ) -> tuple[Sample, dict[str, dict[str, Tensor]]]:
+        """The sample (after `geometry`, online only) and its stored features. Under
+        `on_error="skip"` the store reads a damaged row as `{}`: the next sample takes its
+        place, as the dataset does for an unreadable image, and the message travels with it
+        (`Sample.skipped`)."""
         if self.store is None:
-            return self.dataset[index], {}
+            return self.dataset.sample(index, geometry), {}
         failures: list[str] = []
         for offset in range(len(self)):
             sample = self.dataset[(index + offset) % len(self)]

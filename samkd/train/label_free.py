@@ -13,6 +13,11 @@ outputs the student can match against the teacher's:
 
 Every object carries its task-loss weight: 1 for ground truth, `pseudo_mask_weight` for a
 teacher mask, 0 for a grid point, which has no target.
+
+Geometric augmentation (`train.augment.crop_scale`, `scale_jitter`, `rotate90`) comes first:
+grid points are drawn on the transformed image, and the teacher's masks of the original image
+are turned and cropped like it; an image whose objects a crop left out counts as one without
+masks.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from samkd.data import Sample, SegmentationDataset
+from samkd.data import Geometry, Sample, SegmentationDataset
 from samkd.data.dataset import with_prompts
 from samkd.data.masks import masks_to_boxes
 from samkd.data.prompts import select_objects
@@ -50,32 +55,49 @@ class LabelFree:
     pseudo_masks: PseudoMaskLookup | None = None
 
     def prompt(
-        self, sample: Sample, dataset: SegmentationDataset, rng: np.random.Generator
+        self,
+        sample: Sample,
+        dataset: SegmentationDataset,
+        rng: np.random.Generator,
+        geometry: Geometry | None = None,
     ) -> tuple[Sample, torch.Tensor]:
         """The sample, prompted here when it has no masks, and each object's task-loss
-        weight (`N` float32)."""
+        weight (`N` float32). `geometry`: how the sample's image was turned and cropped
+        (`SegmentationDataset.sample`), to bring the teacher's masks of the original image
+        into its frame; grid points are drawn on the sample's image as it is."""
         count = len(sample.prompt_kinds)
         if count or self.mode == "none":
             return sample, torch.ones(count)
         if self.mode == "points":
             points = grid_points(sample.input_size, self.num_points, rng)
             return with_point_prompts(sample, points), torch.zeros(len(points))
-        masks = self._teacher_masks(sample, dataset)
+        masks = self._teacher_masks(sample, dataset, geometry)
         if masks.shape[0] == 0 or dataset.prompt_sampler is None:
             return sample, torch.zeros(0)
         objects = replace(
             sample, masks=torch.from_numpy(masks), boxes=torch.from_numpy(masks_to_boxes(masks))
         )
-        prompted = with_prompts(
-            objects, masks, dataset.prompt_sampler, dataset.seed, dataset.image_size
-        )
+        prompted = with_prompts(objects, masks, dataset.prompt_sampler, dataset.seed)
         return prompted, torch.full((masks.shape[0],), self.pseudo_mask_weight)
 
-    def _teacher_masks(self, sample: Sample, dataset: SegmentationDataset) -> np.ndarray:
-        """The image's non-empty teacher masks (`N x H x W` bool), at most `max_objects`."""
+    def _teacher_masks(
+        self, sample: Sample, dataset: SegmentationDataset, geometry: Geometry | None
+    ) -> np.ndarray:
+        """The image's non-empty teacher masks (`N x H x W` bool, in the sample's frame), at
+        most `max_objects`."""
         assert self.pseudo_masks is not None
-        masks = decode_pseudo_masks(self.pseudo_masks(sample.image_id), sample.original_size)
-        masks = masks[masks.any(axis=(1, 2))]  # an automatic mask may vanish at full size
+        rles = self.pseudo_masks(sample.image_id)
+        if geometry is None:
+            masks = decode_pseudo_masks(rles, sample.original_size)
+        elif not rles:
+            return np.zeros((0, *sample.original_size), dtype=bool)
+        else:
+            # Stored at the original image's size: `geometry` is relative to it.
+            masks = geometry.masks(decode_pseudo_masks(rles))
+            if masks.shape[1:] != sample.original_size:
+                raise ValueError(f"{sample.image_id}: teacher masks of another image size")
+        # An automatic mask may vanish at full size, or outside a crop.
+        masks = masks[masks.any(axis=(1, 2))]
         chosen = select_objects(
             len(masks), dataset.max_objects, seed=dataset.seed, index=sample.index
         )

@@ -463,4 +463,11 @@ def make_loader(
 
 def augmentation_of(settings: Settings) -> Augmentation:
     augment = settings.train.augment
-    return Augmentation(augment.brightness, augment.contrast, augment.flip)
+    return Augmentation(
+        augment.brightness,
+        augment.contrast,
+        augment.flip,
+        crop_scale=augment.crop_scale or (1.0, 1.0),
+        scale_jitter=augment.scale_jitter,
+        rotate90=augment.rotate90,
+    )

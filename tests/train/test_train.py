@@ -1,5 +1,6 @@
 """Training runs on the small presets: both teacher modes, resume, export, NaN guard, DDP."""
 
+import math
 import os
 import signal
 import subprocess
@@ -97,6 +98,27 @@ def test_online_run_with_two_teachers_logs_every_term(
         for term in ("attention_kl", "rkd_distance", "rkd_angle"):
             assert f"kd/{teacher}/{term}" in record
     assert {"task/focal", "task/dice", "task/iou_mse", "loss/total", "lr", "epoch"} <= set(record)
+
+
+def test_online_step_with_geometric_augmentation(
+    tmp_path: Path, shapes: Path, teacher_checkpoint: Path
+) -> None:
+    settings = make_settings(
+        *base_assignments(shapes, teacher_checkpoint, tmp_path / "run"),
+        "distillation.use_precomputed_features=false",
+        "distillation.decoder.enabled=true",
+        "data.image_size=128",
+        "train.steps=1",
+        "train.augment.crop_scale=[0.5, 1]",
+        "train.augment.scale_jitter=0.25",
+        "train.augment.rotate90=true",
+        "train.augment.brightness=0.1",  # the teachers get the transformed image without it
+    )
+    run_train(settings)
+    record = first_train_record(tmp_path / "run")
+    terms = {name: value for name, value in record.items() if name.startswith(("kd/", "task/"))}
+    assert {"kd/t/encoder_mse", "kd/t/decoder_kl", "task/focal"} <= set(terms)
+    assert all(math.isfinite(value) for value in terms.values())
 
 
 def test_validation_best_checkpoint_and_dynamic_weight(
