@@ -1,16 +1,23 @@
 """The settings files under examples/ load, say what their README says, and match the CLI."""
 
+import json
 import re
+import shlex
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
 from samkd.cli import app
+from samkd.data import build_dataset
+from samkd.demo.shapes import write_shapes_dataset
 from samkd.distill import DistillationObjective
-from samkd.models import available_taps, build_sam
+from samkd.features import FeatureStore, read_decoder_state_dict
+from samkd.models import available_taps, build_sam, load_state_dict_file, save_state_dict
 from samkd.settings import Settings, load_settings
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -22,6 +29,7 @@ FOLDERS = [
     "multi_gpu",
     "cpu_demo",
     "label_free",
+    "domain_teacher",
 ]
 runner = CliRunner()
 
@@ -214,3 +222,158 @@ def test_taps_and_pairs_exist_in_the_models(path: Path, tmp_path: Path) -> None:
 def test_mobilesam_recipe_trains_on_the_embedding_alone(tmp_path: Path) -> None:
     settings = load_example(EXAMPLES / "mobilesam_recipe" / "settings.yaml", tmp_path)
     assert settings.train.task_loss is False
+
+
+DOMAIN = EXAMPLES / "domain_teacher"
+
+
+def test_domain_teacher_stages_fit_together(tmp_path: Path) -> None:
+    teacher = load_example(DOMAIN / "teacher.yaml", tmp_path / "a")
+    distil = load_example(DOMAIN / "settings.yaml", tmp_path / "b")
+    # Stage 1: plain fine-tuning of SAM ViT-B from the released weights.
+    assert teacher.student.model_type == "vit_b" and not teacher.teachers
+    assert teacher.student.checkpoint is not None and teacher.train.task_loss
+    assert teacher.train.lr_scale.image_encoder < 1
+    # Stages 2-3: its best checkpoint is the teacher; MobileSAM learns its embedding and
+    # starts from its decoder.
+    raw = yaml.safe_load((DOMAIN / "settings.yaml").read_text())
+    best = teacher.train.output_dir / "checkpoints" / "best.pt"
+    assert Path(raw["teachers"][0]["checkpoint"]) == best
+    assert [t.model_type for t in distil.teachers] == ["vit_b"]
+    assert distil.student.model_type == "vit_t" and distil.student.checkpoint is not None
+    assert distil.student.decoder_from == distil.teachers[0].name
+    assert distil.distillation.use_precomputed_features
+    assert distil.extract.output == distil.distillation.features
+    assert enabled_terms(distil) == {"encoder"}
+    raw_teacher = yaml.safe_load((DOMAIN / "teacher.yaml").read_text())
+    assert raw_teacher["data"]["val"] == raw["data"]["val"]
+
+
+# The README's command of each stage; `run_stage` adds the small presets (teacher vit_mini for
+# vit_b, student vit_t_mini for vit_t) at 64 px for 2 steps on the CPU.
+DOMAIN_STAGES = {
+    "teacher": ["train", "--config", "examples/domain_teacher/teacher.yaml"],
+    "extract": ["extract", "--config", "examples/domain_teacher/settings.yaml"],
+    "student": ["train", "--config", "examples/domain_teacher/settings.yaml"],
+    "eval": [
+        "eval", "--config", "examples/domain_teacher/settings.yaml",
+        "--checkpoint", "runs/domain_teacher/student/student.pt",
+        "--teacher", "domain_vit_b", "--json", "runs/domain_teacher/eval.json",
+    ],
+}  # fmt: skip
+SMALL = {
+    "data.image_size": "64",
+    "data.num_workers": "0",
+    "train.steps": "2",
+    "train.batch_size": "2",
+    "train.warmup_steps": "0",
+    "train.device": "cpu",
+    "extract.device": "cpu",
+    "extract.dtype": "float32",
+    "eval.device": "cpu",
+    "eval.speed": "false",
+    "logging.tensorboard": "false",
+    "logging.log_every": "1",
+}
+STAGE_SETTINGS = {
+    # A learning rate that visibly moves the encoder in 2 steps, despite its lower scale.
+    "teacher": {"student.model_type": "vit_mini", "train.lr": "0.01"},
+    "extract": {"teachers.0.model_type": "vit_mini"},
+    "student": {"teachers.0.model_type": "vit_mini", "student.model_type": "vit_t_mini"},
+    "eval": {"teachers.0.model_type": "vit_mini", "student.model_type": "vit_t_mini"},
+}
+RELEASED_TEACHER = Path("checkpoints/sam_vit_b_01ec64.pth")
+
+
+def run_stage(name: str) -> None:
+    arguments = [*DOMAIN_STAGES[name]]
+    arguments[2] = str(EXAMPLES.parent / arguments[2])  # the settings file, from anywhere
+    for key, value in {**SMALL, **STAGE_SETTINGS[name]}.items():
+        arguments += ["--set", f"{key}={value}"]
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 0, f"{name}: {result.output}"
+
+
+def write_domain_files(root: Path) -> None:
+    """What the README asks for, in small: labelled images, all images (the labelled ones
+    and two without masks), validation images, and the two released checkpoints."""
+    data = root / "data" / "my_domain"
+    labelled = write_shapes_dataset(data / "labelled", 4, (96, 128), seed=0)
+    write_shapes_dataset(data / "val", 2, (96, 128), seed=1)
+    shutil.copytree(labelled, data / "train")
+    unlabelled = write_shapes_dataset(root / "more", 2, (96, 128), seed=2)
+    for image in (unlabelled / "image").iterdir():
+        shutil.copy(image, data / "train" / "image" / f"unlabelled_{image.name}")
+    (root / "checkpoints").mkdir()
+    torch.manual_seed(0)
+    save_state_dict(build_sam("vit_mini"), root / RELEASED_TEACHER)
+    save_state_dict(build_sam("vit_t_mini"), root / "checkpoints" / "mobile_sam.pt")
+
+
+def part(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {key: value for key, value in weights.items() if key.startswith(prefix)}
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_domain_teacher_recipe_runs_on_the_presets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    readme = (DOMAIN / "README.md").read_text()
+    for command in DOMAIN_STAGES.values():
+        assert shlex.join(["samkd", *command[:3]]) in readme
+    monkeypatch.chdir(tmp_path)
+    write_domain_files(tmp_path)
+    released = load_state_dict_file(RELEASED_TEACHER)
+
+    # 1. Fine-tune the teacher: the encoder and decoder move, the prompt encoder does not. Its
+    # best.pt, a training checkpoint, is the teacher of the next stages.
+    run_stage("teacher")
+    teacher_path = Path("runs/domain_teacher/teacher/checkpoints/best.pt")
+    tuned = load_state_dict_file(teacher_path)
+    assert not same(part(tuned, "image_encoder."), part(released, "image_encoder."))
+    assert not same(part(tuned, "mask_decoder."), part(released, "mask_decoder."))
+    assert same(part(tuned, "prompt_encoder."), part(released, "prompt_encoder."))
+
+    # 2. Extract: every domain image (those without masks too), embedded by the fine-tuned
+    # teacher, not the released one.
+    run_stage("extract")
+    features = Path("features/my_domain_vit_b.h5")
+    store = FeatureStore(features)
+    assert len(store) == 6
+    dataset = build_dataset("data/my_domain/train", layout="folder", image_size=64)
+    sample = next(s for s in (dataset[i] for i in range(len(dataset))) if not len(s.masks))
+    stored = store.read(sample.image_id)["domain_vit_b"]["encoder.embed"]
+    embeddings = {}
+    for name, checkpoint in ("tuned", teacher_path), ("released", RELEASED_TEACHER):
+        model = build_sam("vit_mini", image_size=64, checkpoint=checkpoint)
+        with torch.inference_mode():
+            embeddings[name] = model.image_encoder(sample.image[None])[0]
+    torch.testing.assert_close(stored, embeddings["tuned"], rtol=1e-4, atol=1e-4)
+    assert (stored - embeddings["released"]).abs().max() > 1e-2
+    decoder = read_decoder_state_dict(features, "domain_vit_b")
+    assert same(part(decoder, "mask_decoder."), part(tuned, "mask_decoder."))
+
+    # 3. Distil MobileSAM: its encoder learns, its decoder is the tuned teacher's (frozen at
+    # first), and the exported weights load.
+    run_stage("student")
+    exported = Path("runs/domain_teacher/student/student.pt")
+    student = build_sam("vit_t_mini", image_size=64, checkpoint=exported).state_dict()
+    initial = load_state_dict_file("checkpoints/mobile_sam.pt")
+    assert not same(part(student, "image_encoder."), part(initial, "image_encoder."))
+    assert same(part(student, "mask_decoder."), part(tuned, "mask_decoder."))
+    metrics = Path("runs/domain_teacher/student/metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in metrics]
+    trained = next(r for r in records if r["kind"] == "train")
+    assert trained["kd/domain_vit_b/encoder_mse"] > 0 and trained["task/total"] > 0
+
+    # 4. Evaluate the student beside its teacher.
+    run_stage("eval")
+    report = json.loads(Path("runs/domain_teacher/eval.json").read_text())
+    assert report["dataset"]["images"] == 2
+    assert Path(report["model"]["checkpoint"]) == exported
+    assert Path(report["teacher"]["checkpoint"]) == teacher_path
+    for kind in ("quality", "teacher_quality", "agreement"):
+        assert 0 <= report[kind]["box"]["single"]["miou"] <= 1

@@ -3,7 +3,8 @@
 Files are read with `weights_only=True`, so a checkpoint can hold tensors and plain containers
 but no arbitrary Python objects. Training checkpoints wrapped as `{"model": ...}` or
 `{"state_dict": ...}`, and weights saved from a `DistributedDataParallel` (`module.` prefix),
-are unwrapped.
+are unwrapped; a `samkd train` checkpoint (`checkpoints/last.pt`, `checkpoints/best.pt`) reads
+as its student's weights, without the distillation adapters.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from torch.overrides import TorchFunctionMode
 from samkd.files import atomic_path, existing_folder, format_bytes
 
 WRAPPER_KEYS = ("model", "state_dict")
+# What every `samkd train` checkpoint holds: the training step's state dict under "model", in
+# which the student's weights are prefixed "student." (beside "objective.": the adapters).
+TRAINING_CHECKPOINT_KEYS = ("model", "progress", "settings")
+STUDENT_PREFIX = "student."
 DATA_PARALLEL_PREFIX = "module."
 WEIGHTS_ONLY_REASON = "WeightsUnpickler error:"
 TORCH_ZIP_MAGIC = b"PK\x03\x04"
@@ -84,8 +89,15 @@ def read_torch_file(path: str | PathLike[str]) -> Any:
 
 
 def unwrap_state_dict(loaded: Any, source: str = "state dict") -> StateDict:
-    """The state dict inside `loaded`: unwraps `{"model": ...}`, `{"state_dict": ...}` and
-    strips a `module.` prefix carried by every key."""
+    """The state dict inside `loaded`: the student's of a `samkd train` checkpoint; else
+    unwraps `{"model": ...}`, `{"state_dict": ...}` and strips a `module.` prefix carried by
+    every key."""
+    if is_training_checkpoint(loaded):
+        loaded = {
+            key.removeprefix(STUDENT_PREFIX): value
+            for key, value in loaded["model"].items()
+            if key.startswith(STUDENT_PREFIX)
+        }
     for key in WRAPPER_KEYS:
         if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
             loaded = loaded[key]
@@ -97,6 +109,15 @@ def unwrap_state_dict(loaded: Any, source: str = "state dict") -> StateDict:
     if state and all(key.startswith(DATA_PARALLEL_PREFIX) for key in state):
         state = {key.removeprefix(DATA_PARALLEL_PREFIX): value for key, value in state.items()}
     return state
+
+
+def is_training_checkpoint(loaded: Any) -> bool:
+    """Whether `loaded` (a file's content) is a checkpoint written by `samkd train`."""
+    return (
+        isinstance(loaded, Mapping)
+        and all(key in loaded for key in TRAINING_CHECKPOINT_KEYS)
+        and isinstance(loaded["model"], Mapping)
+    )
 
 
 def load_weights(

@@ -228,7 +228,8 @@ def _train(
     if dist.is_main:
         exported = run_dir / EXPORT_NAME
         save_state_dict(merged_state_dict(student), exported)
-        console.print(f"exported the student (MobileSAM layout) to {exported}")
+        layout = f"{settings.student.model_type}, segment-anything state-dict layout"
+        console.print(f"exported the student ({layout}) to {exported}")
     if log is not None:
         log.close()
     barrier(dist)

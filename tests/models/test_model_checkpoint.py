@@ -77,6 +77,25 @@ def test_unwraps_training_checkpoints(wrap, tmp_path: Path, mini_student) -> Non
     assert_same_weights(fresh, mini_student)
 
 
+def test_samkd_training_checkpoint_reads_as_its_student(tmp_path: Path, mini_student) -> None:
+    """`checkpoints/best.pt` of a run: the training step's state (the student's weights beside
+    the objective's, not all tensors), optimizer, progress and settings; it loads wherever
+    weights do, as the student's."""
+    step_state = {f"student.{key}": value for key, value in mini_student.state_dict().items()}
+    checkpoint = {
+        "model": {**step_state, "objective._extra_state": {"kd_weight": {"value": 1.0}}},
+        "optimizer": {"state": {}, "param_groups": []},
+        "progress": {"step": 3},
+        "settings": "student:\n  model_type: vit_t_mini\n",
+        "samkd_version": "0",
+    }
+    path = tmp_path / "best.pt"
+    torch.save(checkpoint, path)
+    assert load_state_dict_file(path).keys() == mini_student.state_dict().keys()
+    fresh = build_sam("vit_t_mini", checkpoint=path)
+    assert_same_weights(fresh, mini_student)
+
+
 def test_wrong_architecture_names_type_and_keys(tmp_path: Path, mini_student) -> None:
     path = tmp_path / "student.pt"
     save_state_dict(mini_student, path)
