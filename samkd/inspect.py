@@ -28,6 +28,7 @@ from samkd.features.reader import no_pseudo_masks, open_feature_file
 from samkd.files import atomic_path
 from samkd.models import load_state_dict_file
 from samkd.models.checkpoint import read_torch_file
+from samkd.models.lora import is_adapter
 from samkd.settings import DataSettings
 from samkd.train.metrics_log import read_metrics
 
@@ -365,8 +366,11 @@ def summarize_checkpoint(path: Path) -> dict[str, Any]:
         k.removeprefix("student."): v for k, v in weights.items() if not k.startswith("objective.")
     }
     adapters = {k: v for k, v in weights.items() if k.startswith("objective.")}
+    lora = {k: v for k, v in student.items() if is_adapter(k)}
     parts = {
-        part: sum(v.numel() for k, v in student.items() if k.startswith(f"{part}."))
+        part: sum(
+            v.numel() for k, v in student.items() if k.startswith(f"{part}.") and k not in lora
+        )
         for part in MODEL_PARTS
     }
     settings = yaml.safe_load(raw["settings"]) if training else None
@@ -379,6 +383,7 @@ def summarize_checkpoint(path: Path) -> dict[str, Any]:
         "adapter_parameters": sum(
             v.numel() for v in adapters.values() if isinstance(v, torch.Tensor)
         ),
+        "lora_parameters": sum(v.numel() for v in lora.values()),
         "holds": sorted(raw) if training else ["weights"],
     }
     if training:
@@ -411,6 +416,8 @@ def render_checkpoint(summary: dict[str, Any], console: Console) -> None:
     table.add_row("total parameters", f"{summary['total_parameters']:,}")
     if summary["adapter_parameters"]:
         table.add_row("adapter parameters", f"{summary['adapter_parameters']:,}")
+    if summary["lora_parameters"]:
+        table.add_row("LoRA parameters (not merged)", f"{summary['lora_parameters']:,}")
     table.add_row("holds", ", ".join(summary["holds"]))
     if "step" in summary:
         table.add_row("step", str(summary["step"]))

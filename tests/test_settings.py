@@ -88,6 +88,9 @@ def test_set_addresses_list_items(tmp_path: Path) -> None:
         ("distillation.dynamic_lambda.factor=-.inf", "factor: Input should be a finite"),
         ("train.device=tpu9", "train.device: not a device: expected auto, cpu, cuda or cuda:N"),
         ("extract.device=cuda:x", "extract.device: not a device"),
+        ("student.lora.layers=[]", "student.lora.layers: List should have at least 1 item"),
+        ("student.lora.parts=[prompt_encoder]", "student.lora.parts.0: Input should be"),
+        ("student.lora.dropout=1", "student.lora.dropout: Input should be less than 1"),
     ],
 )
 def test_errors_are_one_line_and_name_the_path(assignment: str, expected: str) -> None:

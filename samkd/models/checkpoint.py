@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -27,6 +28,8 @@ WRAPPER_KEYS = ("model", "state_dict")
 # which the student's weights are prefixed "student." (beside "objective.": the adapters).
 TRAINING_CHECKPOINT_KEYS = ("model", "progress", "settings")
 STUDENT_PREFIX = "student."
+# How peft names an adapted linear layer's parts (the adapter is samkd's only one, "default").
+LORA_BASE, LORA_A, LORA_B = ".base_layer.", ".lora_A.default.", ".lora_B.default."
 DATA_PARALLEL_PREFIX = "module."
 WEIGHTS_ONLY_REASON = "WeightsUnpickler error:"
 TORCH_ZIP_MAGIC = b"PK\x03\x04"
@@ -93,11 +96,7 @@ def unwrap_state_dict(loaded: Any, source: str = "state dict") -> StateDict:
     unwraps `{"model": ...}`, `{"state_dict": ...}` and strips a `module.` prefix carried by
     every key."""
     if is_training_checkpoint(loaded):
-        loaded = {
-            key.removeprefix(STUDENT_PREFIX): value
-            for key, value in loaded["model"].items()
-            if key.startswith(STUDENT_PREFIX)
-        }
+        loaded = training_student_state(loaded)
     for key in WRAPPER_KEYS:
         if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
             loaded = loaded[key]
@@ -109,6 +108,36 @@ def unwrap_state_dict(loaded: Any, source: str = "state dict") -> StateDict:
     if state and all(key.startswith(DATA_PARALLEL_PREFIX) for key in state):
         state = {key.removeprefix(DATA_PARALLEL_PREFIX): value for key, value in state.items()}
     return state
+
+
+def training_student_state(checkpoint: Mapping[str, Any]) -> StateDict:
+    """The student's weights in a `samkd train` checkpoint, with LoRA adapters merged."""
+    state = {
+        key.removeprefix(STUDENT_PREFIX): value
+        for key, value in checkpoint["model"].items()
+        if key.startswith(STUDENT_PREFIX)
+    }
+    if not any(LORA_A in key for key in state):
+        return state
+    lora = yaml.safe_load(checkpoint["settings"])["student"]["lora"]
+    return merge_lora_state(state, lora["alpha"] / lora["rank"])
+
+
+def merge_lora_state(state: Mapping[str, torch.Tensor], scaling: float) -> StateDict:
+    """A state dict with peft's LoRA layers (`X.base_layer.weight`, `X.lora_A.default.weight`
+    `r x in`, `X.lora_B.default.weight` `out x r`) as the plain model's: `X.weight` is
+    `W + scaling * B A`."""
+    merged = {
+        key.replace(LORA_BASE, "."): value
+        for key, value in state.items()
+        if LORA_A not in key and LORA_B not in key
+    }
+    for key, down in state.items():
+        if LORA_A in key:
+            layer = key.split(LORA_A)[0]
+            up = state[key.replace(LORA_A, LORA_B)]
+            merged[f"{layer}.weight"] = merged[f"{layer}.weight"] + scaling * (up @ down)
+    return merged
 
 
 def is_training_checkpoint(loaded: Any) -> bool:

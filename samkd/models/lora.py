@@ -4,12 +4,12 @@ An adapted layer computes `W x + (alpha / r) B A x` with `A: r x in` and `B: out
 starts at zero, so a freshly adapted model computes what the plain one does. peft replaces each
 adapted `nn.Linear` in place by a layer holding the original one (`base_layer`) and the
 adapters, which changes the state-dict keys; `merged_state_dict` folds the adapters back into
-the weights under the original keys, so the result loads into the plain model.
+the weights under the original keys, so the result loads into the plain model (and a training
+checkpoint of an adapted student reads as the merged weights, `samkd.models.checkpoint`).
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Literal
 
@@ -22,6 +22,7 @@ from torch import nn
 
 from samkd.errors import UsageError
 from samkd.models import tiny_vit
+from samkd.models.checkpoint import merge_lora_state
 
 if TYPE_CHECKING:
     from samkd.settings import LoraSettings
@@ -84,26 +85,10 @@ def is_adapter(name: str) -> bool:
     return ADAPTER_MARK in name
 
 
-def has_lora(model: nn.Module) -> bool:
-    return any(is_adapter(name) for name, _ in model.named_parameters())
-
-
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The weights of `model` with its adapters merged into them, under the plain model's
-    keys; `model` itself keeps its adapters."""
-    if not has_lora(model):
-        return model.state_dict()
-    merged = copy.deepcopy(model)
-    merge_adapters(merged)
-    return merged.state_dict()
-
-
-def merge_adapters(model: nn.Module) -> None:
-    """Folds every adapter into its layer's weight and puts the plain layer back, in place."""
-    from peft.tuners.lora import LoraLayer
-
-    adapted = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
-    for name, module in adapted:
-        module.merge()
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, module.get_base_layer())
+def merged_state_dict(model: nn.Module, settings: LoraSettings) -> dict[str, torch.Tensor]:
+    """The weights of `model` (adapted as `settings` say) with the adapters merged into them,
+    under the plain model's keys; `model` itself keeps its adapters."""
+    state = model.state_dict()
+    if not settings.rank:
+        return state
+    return merge_lora_state(state, settings.alpha / settings.rank)

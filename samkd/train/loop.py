@@ -227,7 +227,7 @@ def _train(
     check_finite_weights(student, progress.step, checkpoint_path)
     if dist.is_main:
         exported = run_dir / EXPORT_NAME
-        save_state_dict(merged_state_dict(student), exported)
+        save_state_dict(merged_state_dict(student, settings.student.lora), exported)
         layout = f"{settings.student.model_type}, segment-anything state-dict layout"
         console.print(f"exported the student ({layout}) to {exported}")
     if log is not None:

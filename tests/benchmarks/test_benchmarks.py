@@ -10,6 +10,7 @@ SECTIONS = (
     "loss_cost",
     "extraction",
     "train_step",
+    "lora",
     "preset_speed",
     "teacher_fast_path",
     "efficacy",

@@ -14,6 +14,8 @@ from samkd.models import build_sam
 from samkd.models.lora import add_lora, lora_targets, merged_state_dict
 from samkd.settings import LoraSettings
 
+from .conftest import randomize_
+
 BOX = (100.0, 150.0, 700.0, 600.0)
 
 
@@ -73,14 +75,15 @@ def test_merged_weights_load_strictly_into_mobile_sam_and_give_the_same_masks(
     randomize, predict_masks
 ) -> None:
     ours = build_sam("vit_t")
-    add_lora(ours, LoraSettings(rank=4, layers=["attention", "mlp"]))
+    settings = LoraSettings(rank=4, alpha=8, layers=["attention", "mlp"])
+    add_lora(ours, settings)
     randomize(ours, seed=5).eval()  # trained adapters: B is no longer 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from mobile_sam import build_sam_vit_t
 
         upstream = build_sam_vit_t()
-    upstream.load_state_dict(merged_state_dict(ours), strict=True)
+    upstream.load_state_dict(merged_state_dict(ours, settings), strict=True)
     # MobileSAM caches attention biases when switched to eval mode, so switch after loading.
     upstream.eval()
     images = torch.randn(1, 3, 1024, 1024)
@@ -91,6 +94,23 @@ def test_merged_weights_load_strictly_into_mobile_sam_and_give_the_same_masks(
     assert (actual_iou - expected_iou).abs().max() < 1e-4
     assert torch.equal(actual > 0, expected > 0)
     assert any("lora_" in key for key in ours.state_dict())  # the model keeps its adapters
+
+
+def test_merged_weights_equal_peft_merging_the_layers(mini_student: Sam) -> None:
+    settings = LoraSettings(rank=2, alpha=6, layers=["attention", "mlp"])
+    add_lora(mini_student, settings)
+    randomize_(mini_student, seed=4)
+    merged = merged_state_dict(mini_student, settings)
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(mini_student.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(mini_student.get_submodule(parent), child, module.get_base_layer())
+    expected = mini_student.state_dict()
+    assert merged.keys() == expected.keys()
+    assert all(torch.allclose(merged[key], expected[key], atol=1e-6) for key in expected)
 
 
 def test_missing_peft_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

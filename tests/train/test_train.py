@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from samkd.cli import app
 from samkd.errors import UsageError
 from samkd.extract import run_extract
+from samkd.inspect import summarize_checkpoint
 from samkd.models import build_sam, load_state_dict_file
 from samkd.runtime import Distributed
 from samkd.settings import SettingsError
@@ -189,6 +190,13 @@ def test_lora_trains_only_the_adapters_and_exports_them_merged(
     exported = build_sam(STUDENT, checkpoint=result.exported).state_dict()
     changed = {key for key in initial if not torch.equal(exported[key], initial[key])}
     assert changed and all(key.endswith(("qkv.weight", "proj.weight")) for key in changed)
+    # The training checkpoint reads as the same merged weights (e.g. as a teacher).
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    from_checkpoint = build_sam(STUDENT, checkpoint=last)
+    assert all(torch.equal(from_checkpoint.state_dict()[key], exported[key]) for key in exported)
+    summary = summarize_checkpoint(last)
+    assert summary["lora_parameters"] == sum(value.numel() for value in adapters.values())
+    assert summary["total_parameters"] == sum(value.numel() for value in initial.values())
 
 
 def test_full_size_export_loads_into_upstream_mobile_sam(tmp_path: Path) -> None:
