@@ -61,7 +61,7 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_identical(tmp_path: Pat
 
     rng = random.Random(1234)
     kills = 0
-    for point in range(4):
+    for point in range(2):
         output = tmp_path / f"killed-{point}" / "features.h5"
         output.parent.mkdir()
         kills += kill_at(output, rng.uniform(0.0, duration))
@@ -73,7 +73,7 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_identical(tmp_path: Pat
         assert any(word in out for word in ("resuming", "starting", "nothing to"))
         assert not parts_dir(output).exists()
         assert read_datasets(output) == expected
-    assert kills >= 4  # some reruns may finish before their kill lands
+    assert kills >= 2  # some reruns may finish before their kill lands
     assert inspect_feature_file(output, check=True).status == "complete"
     again, _ = run_to_end(output)
     assert "nothing to do" in again

@@ -370,33 +370,7 @@ def test_two_ranks_with_uneven_labels_match_one_process_and_resume(
         path.write_text(settings.to_yaml())
         return path
 
-    ddp = subprocess.run(
-        torchrun(config(tmp_path / "ddp"), port=29531), capture_output=True, text=True,
-        env=environment, timeout=600,
-    )  # fmt: skip
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    records = read_metrics(tmp_path / "ddp" / "metrics.jsonl")
-    train = [r for r in records if r["kind"] == "train"]
-    assert [r["step"] for r in train] == [1, 2, 3, 4]
-    names = {k for k in train[0] if k.startswith(("task/", "kd/", "loss/"))}
-    for record in train:  # every term at every logging step, with a value
-        assert {k for k in record if k.startswith(("task/", "kd/", "loss/"))} == names
-        assert all(record[name] is not None for name in names)
-    assert {"task/focal", "kd/big/decoder_kl", "kd/small/attention_kl", "kd/big/rkd_angle"} <= names
-    # The first evaluation always improves; the second cannot (threshold 10).
-    assert [r["lambda_kd"] for r in records if r["kind"] == "val"] == [1.0, 0.5]
-
-    # One process, the same global batches in the same micro-batches (4 of 2 images).
-    single = config(tmp_path / "single", "train.grad_accumulation=4")
-    command = [sys.executable, "-m", "samkd", "train", "--config", str(single)]
-    alone = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
-    assert alone.returncode == 0, alone.stderr[-3000:]
-    assert_logs_close(
-        comparable(records), comparable(read_metrics(tmp_path / "single" / "metrics.jsonl")),
-        BF16_RTOL,
-    )  # fmt: skip
-
-    # Killed after step 2's checkpoint, then resumed on two ranks: the same log.
+    # Two ranks, killed after step 2's checkpoint, then resumed on two ranks.
     killed = tmp_path / "killed"
     process = subprocess.Popen(
         torchrun(config(killed), port=29532), stdout=subprocess.DEVNULL,
@@ -416,6 +390,24 @@ def test_two_ranks_with_uneven_labels_match_one_process_and_resume(
         text=True, env=environment, timeout=600,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    records = read_metrics(killed / "metrics.jsonl")
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    names = {k for k in train[0] if k.startswith(("task/", "kd/", "loss/"))}
+    for record in train:  # every term at every logging step, with a value
+        assert {k for k in record if k.startswith(("task/", "kd/", "loss/"))} == names
+        assert all(record[name] is not None for name in names)
+    assert {"task/focal", "kd/big/decoder_kl", "kd/small/attention_kl", "kd/big/rkd_angle"} <= names
+    # The first evaluation always improves; the second cannot (threshold 10).
+    assert [r["lambda_kd"] for r in records if r["kind"] == "val"] == [1.0, 0.5]
+
+    # One process, uninterrupted, the same global batches in the same micro-batches (4 of 2
+    # images): the same log.
+    single = config(tmp_path / "single", "train.grad_accumulation=4")
+    command = [sys.executable, "-m", "samkd", "train", "--config", str(single)]
+    alone = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+    assert alone.returncode == 0, alone.stderr[-3000:]
     assert_logs_close(
-        comparable(records), comparable(read_metrics(killed / "metrics.jsonl")), BF16_RTOL
-    )
+        comparable(records), comparable(read_metrics(tmp_path / "single" / "metrics.jsonl")),
+        BF16_RTOL,
+    )  # fmt: skip

@@ -221,7 +221,7 @@ def test_resume_after_sigkill_reproduces_log(
         "student.lora.rank=4",
         "student.lora.dropout=0.1",
         "student.lora.train_parts=[mask_decoder]",
-        "train.steps=24",
+        "train.steps=12",
         "train.checkpoint_every=3",
         "train.augment.flip=0.5",
         "train.augment.brightness=0.1",
@@ -257,7 +257,7 @@ def test_resume_after_sigkill_reproduces_log(
         completed = subprocess.run(command, capture_output=True, text=True, env=environment)
         assert completed.returncode == 0, completed.stderr[-2000:]
     killed = loss_records(tmp_path / "killed")
-    assert [record["step"] for record in killed] == list(range(1, 25))
+    assert [record["step"] for record in killed] == list(range(1, 13))
     assert killed == loss_records(tmp_path / "reference")
 
 
