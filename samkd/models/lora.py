@@ -62,10 +62,6 @@ def add_lora(model: Sam, settings: LoraSettings) -> list[str]:
     except ImportError as error:
         raise UsageError(f"student.lora needs peft: {LORA_EXTRA}") from error
     targets = lora_targets(model, settings.parts, settings.layers)
-    if not targets:
-        raise UsageError(
-            f"student.lora: no {' or '.join(settings.layers)} layers in {', '.join(settings.parts)}"
-        )
     config = LoraConfig(
         r=settings.rank,
         lora_alpha=settings.alpha,
