@@ -27,7 +27,7 @@ from samkd.features.pseudo_masks import decode_pseudo_masks
 from samkd.features.reader import no_pseudo_masks, open_feature_file
 from samkd.files import atomic_path
 from samkd.models import load_state_dict_file
-from samkd.models.checkpoint import read_torch_file
+from samkd.models.checkpoint import STUDENT_PREFIX, is_training_checkpoint, read_torch_file
 from samkd.models.lora import is_adapter
 from samkd.settings import DataSettings
 from samkd.train.metrics_log import read_metrics
@@ -360,10 +360,12 @@ def render_dataset(summary: dict[str, Any], console: Console) -> None:
 def summarize_checkpoint(path: Path) -> dict[str, Any]:
     """Model type guess, parameter counts per part, what else the file holds, its settings."""
     raw = read_torch_file(path)
-    training = isinstance(raw, dict) and "model" in raw and "optimizer" in raw
+    training = is_training_checkpoint(raw)
     weights = raw["model"] if training else load_state_dict_file(path)
     student = {
-        k.removeprefix("student."): v for k, v in weights.items() if not k.startswith("objective.")
+        k.removeprefix(STUDENT_PREFIX): v
+        for k, v in weights.items()
+        if not k.startswith("objective.")
     }
     adapters = {k: v for k, v in weights.items() if k.startswith("objective.")}
     lora = {k: v for k, v in student.items() if is_adapter(k)}
