@@ -20,8 +20,9 @@ from samkd.settings import Settings, SettingsError, load_settings
 
 TAP_HELP = (
     "Feature taps: encoder.embed (neck output, B x 256 x H/16 x W/16), encoder.block.<i> "
-    "(block or stage i), encoder.qk.<i> (attention block i, stored as a coarse attention map). "
-    "Decoder taps (decoder.upscaled, decoder.mask_logits, decoder.iou) depend on the prompts, "
+    "(block or stage i), encoder.qk.<i> (attention block i, stored as a coarse attention map), "
+    "and a SAM 2 teacher's encoder.high_res.0 / .1 (the two high-resolution maps its decoder "
+    "takes; --high-res stores both). Decoder taps (decoder.upscaled, decoder.mask_logits, decoder.iou) depend on the prompts, "
     "so extract refuses them: training computes the ones it needs from the stored "
     "encoder.embed, with each teacher's prompt encoder and mask decoder stored in the file."
 )
@@ -152,7 +153,10 @@ def extract(
     assignments: SetOption = None,
     teacher: Annotated[
         str | None,
-        typer.Option(help="Teacher model type (vit_b, vit_l, vit_h, vit_t, vit_mini, vit_t_mini)."),
+        typer.Option(
+            help="Teacher model type (vit_b, vit_l, vit_h, sam2.1_hiera_t/s/b+/l, "
+            "sam2_hiera_t/s/b+/l, vit_t, vit_mini, hiera_mini, vit_t_mini)."
+        ),
     ] = None,
     checkpoint: Annotated[
         Path | None, typer.Option(help="Teacher weights (with --teacher).", show_default=False)
@@ -174,6 +178,14 @@ def extract(
             "(extract.pseudo_masks.enabled; options under extract.pseudo_masks).",
         ),
     ] = False,
+    high_res: Annotated[
+        bool,
+        typer.Option(
+            "--high-res",
+            help="Also store SAM 2 teachers' two high-resolution maps, which their decoder "
+            "takes (extract.high_res; 3x the bytes of encoder.embed).",
+        ),
+    ] = False,
     print_config: PrintConfigOption = False,
 ) -> None:
     """Run teachers over a dataset and store their features in one HDF5 file."""
@@ -183,6 +195,7 @@ def extract(
         "extract.output": str(output) if output else None,
         "extract.taps": tap or None,
         "extract.pseudo_masks.enabled": True if pseudo_masks else None,
+        "extract.high_res": True if high_res else None,
     }
     settings = resolve_settings(config, assignments, flags, print_config)
     from samkd.extract import run_extract

@@ -57,13 +57,16 @@ from samkd.models import (
     ENCODER_EMBED,
     AttentionCapture,
     available_taps,
-    build_prompt_decoder,
     build_sam,
     build_teacher,
     capture_taps,
     check_weights_file,
 )
 from samkd.models.fast_attention import fast_teacher_enabled
+from samkd.models.frames import SQUARE, Frame
+from samkd.models.sam2_decoding import Sam2Features
+from samkd.models.taps import ENCODER_HIGH_RES, is_sam2
+from samkd.models.teacher import prompt_decoder_for
 from samkd.runtime import (
     Distributed,
     device_for,
@@ -74,7 +77,7 @@ from samkd.runtime import (
     resolve_precision,
     shutdown,
 )
-from samkd.settings import PseudoMaskSettings, Settings, TeacherSettings
+from samkd.settings import PseudoMaskSettings, Settings, TeacherSettings, model_frame
 
 
 def preprocessing_of(image_size: int) -> dict[str, Any]:
@@ -134,21 +137,31 @@ def teacher_batch_features(
 
 def batch_pseudo_masks(
     model: Sam,
-    embeddings: torch.Tensor,
+    features: dict[str, torch.Tensor],
     original_sizes: Sequence[tuple[int, int]],
     dtype: StorageDtype,
     options: PseudoMaskSettings,
 ) -> list[list[dict[str, Any]]]:
-    """Each image's pseudo-masks from its `encoder.embed` (`B x 256 x h x w`) exactly as it
-    is stored: cast to the storage `dtype` and back, so that the masks are those that the
-    stored embedding gives. The teacher's decoder runs on its own device."""
-    with np.errstate(over="ignore"):  # the writer refuses what overflows, unless allowed
-        stored = torch.from_numpy(to_numpy(embeddings).astype(dtype)).float()
+    """Each image's pseudo-masks from its `encoder.embed` (`B x 256 x h x w`; a SAM 2
+    teacher's also from its high-resolution maps) exactly as it is stored: cast to the storage
+    `dtype` and back, so that the masks are those that the stored features give. The
+    teacher's decoder runs on its own device."""
     device = model.device
+    embeddings = as_stored(features[ENCODER_EMBED], dtype).to(device)
+    inputs: Sequence[torch.Tensor | Sam2Features] = list(embeddings)
+    if is_sam2(model):
+        high_res = tuple(as_stored(features[tap], dtype).to(device) for tap in ENCODER_HIGH_RES)
+        inputs = list(Sam2Features(embeddings, high_res))
     return [
-        generate_pseudo_masks(model, embedding.to(device), size, options)
-        for embedding, size in zip(stored, original_sizes, strict=True)
+        generate_pseudo_masks(model, embedding, size, options)
+        for embedding, size in zip(inputs, original_sizes, strict=True)
     ]
+
+
+def as_stored(values: torch.Tensor, dtype: StorageDtype) -> torch.Tensor:
+    """`values` cast to the storage dtype and back to float32, as a reader sees them."""
+    with np.errstate(over="ignore"):  # the writer refuses what overflows, unless allowed
+        return torch.from_numpy(to_numpy(values).astype(dtype)).float()
 
 
 def probe_tap_shapes(
@@ -163,12 +176,17 @@ def probe_tap_shapes(
     return {tap: tuple(value.shape[1:]) for tap, value in outputs.items()}
 
 
-def decoder_bytes(image_size: int) -> int:
+def decoder_bytes(model_type: str, image_size: int) -> int:
     """Bytes of one teacher's prompt encoder and mask decoder as stored (float32), each
     tensor an HDF5 dataset with its header."""
-    parts = build_prompt_decoder(image_size)
-    tensors = [tensor for part in parts for tensor in (*part.parameters(), *part.buffers())]
+    decoder = prompt_decoder_for(model_type, image_size)
+    tensors = [*decoder.parameters(), *decoder.buffers()]
     return sum(t.numel() * t.element_size() + DATASET_OVERHEAD for t in tensors)
+
+
+def teacher_frame(entry: TeacherSettings) -> Frame:
+    """The frame a teacher runs in (`teachers[i].frame`, auto: its own)."""
+    return model_frame(entry.model_type, entry.frame)
 
 
 def load_extraction_dataset(settings: Settings, image_size: int) -> SegmentationDataset:
@@ -204,6 +222,7 @@ def make_plan(
         preprocessing_of(image_size),
         image_size=image_size,
         compute=compute_of(settings, device),
+        frames={entry.name: teacher_frame(entry) for entry in settings.teachers},
     )
 
 
@@ -298,13 +317,17 @@ class Unreadable:
 class ExtractionImages(Dataset[Sample | Unreadable]):
     """The images `indices` of `dataset`, each loaded on its own: a bad one gives an
     `Unreadable`, where `SegmentationDataset` under `on_error=skip` would load the next
-    image in its place, so that every index gets its own features or its reason."""
+    image in its place, so that every index gets its own features or its reason. In the
+    `square` frame, a sample's `image` is its square input (`samkd.data.preprocess_square`)."""
 
-    def __init__(self, dataset: SegmentationDataset, indices: Sequence[int]):
+    def __init__(
+        self, dataset: SegmentationDataset, indices: Sequence[int], frame: Frame = "longest_side"
+    ):
         self.dataset = copy.copy(dataset)
         # Features need the pixels only: no mask file is read, none can fail the image.
         self.dataset.records = [replace(record, mask_sources=()) for record in dataset.records]
         self.dataset.on_error, self.dataset.max_objects = "raise", 0
+        self.dataset.square_inputs = frame == SQUARE
         self.indices = list(indices)
 
     def __len__(self) -> int:
@@ -313,9 +336,13 @@ class ExtractionImages(Dataset[Sample | Unreadable]):
     def __getitem__(self, position: int) -> Sample | Unreadable:
         index = self.indices[position]
         try:
-            return self.dataset[index]
+            sample = self.dataset[index]
         except DataError as error:
             return Unreadable(index, str(error.path), error.problem)
+        if sample.square_image is None:
+            return sample
+        size = self.dataset.image_size
+        return replace(sample, image=sample.square_image, input_size=(size, size))
 
 
 def collate_extraction(
@@ -347,6 +374,7 @@ def extract_teacher(
         return
     fast = fast_teacher_enabled(settings.extract.fast_teacher, device)
     precision = resolve_precision(settings.extract.precision, device)
+    frame = teacher_frame(entry)
     model = build_teacher(
         entry.model_type,
         image_size,
@@ -354,16 +382,20 @@ def extract_teacher(
         device,
         fast=fast,
         compile=settings.extract.compile,
+        frame=frame,
     )
     writer.write_decoder_state(entry.name, model.state_dict())
     loader = DataLoader(
-        ExtractionImages(dataset, todo),
+        ExtractionImages(dataset, todo, frame),
         batch_size=settings.extract.batch_size,
         num_workers=settings.data.num_workers,
         collate_fn=collate_extraction,
         pin_memory=device.type == "cuda",
     )
     pseudo = writer.plan.pseudo_mask_teacher == entry.name
+    taps = teacher_taps(settings, entry)
+    if pseudo and is_sam2(model):  # its generator takes them, whether stored or not
+        taps += [tap for tap in ENCODER_HIGH_RES if tap not in taps]
     with progress_bar(console=console) as bar:
         task = bar.add_task(f"teacher {entry.name}", total=len(todo))
         for batch, unreadable in loader:
@@ -376,13 +408,13 @@ def extract_teacher(
             images = batch.images.to(device, non_blocking=True)
             with precision.autocast(device):
                 features = teacher_batch_features(
-                    model, images, teacher_taps(settings, entry), settings.extract.attention_grid
+                    model, images, taps, settings.extract.attention_grid
                 )
             masks = None
             if pseudo:
                 masks = batch_pseudo_masks(
                     model,
-                    features[ENCODER_EMBED],
+                    features,
                     batch.original_sizes,
                     writer.plan.dtype,
                     settings.extract.pseudo_masks,
@@ -457,12 +489,13 @@ def _extract(settings: Settings, dist: Distributed, console: Console) -> Path | 
     check_teacher_weights(settings, image_size)  # before hashing the images: hours at scale
     images = plan_images(settings, dataset, dist, console)
     plan = make_plan(settings, images, image_size, device)
-    decoders = decoder_bytes(image_size)
+    sizes = [decoder_bytes(entry.model_type, image_size) for entry in settings.teachers]
+    decoders = max(sizes)  # each teacher's at most
     masks = plan.pseudo_mask_teacher
     console.print(
         f"extracting {len(settings.teachers)} teacher(s) x {plan.num_images} images at "
         f"{image_size} px into {output} (planned {format_bytes(planned_bytes(plan))} of "
-        f"features + {format_bytes(len(settings.teachers) * decoders)} of teacher decoders)"
+        f"features + {format_bytes(sum(sizes))} of teacher decoders)"
         + (f", with the pseudo-masks of teacher '{masks}'" if masks else "")
     )
     if not dist.is_main:

@@ -48,10 +48,54 @@ from pydantic_settings import (
 ENV_PREFIX = "SAMKD_"
 ENV_NESTED_DELIMITER = "__"
 
-ModelType = Literal["vit_b", "vit_l", "vit_h", "vit_t", "vit_mini", "vit_t_mini"]
+ModelType = Literal[
+    "vit_b",
+    "vit_l",
+    "vit_h",
+    "vit_t",
+    "vit_mini",
+    "vit_t_mini",
+    "sam2.1_hiera_t",
+    "sam2.1_hiera_s",
+    "sam2.1_hiera_b+",
+    "sam2.1_hiera_l",
+    "sam2_hiera_t",
+    "sam2_hiera_s",
+    "sam2_hiera_b+",
+    "sam2_hiera_l",
+    "hiera_mini",
+]
+# The SAM 2 family (`samkd.models.registry`): built from the optional sam2 package.
+SAM2_MODEL_TYPES = (
+    "sam2.1_hiera_t",
+    "sam2.1_hiera_s",
+    "sam2.1_hiera_b+",
+    "sam2.1_hiera_l",
+    "sam2_hiera_t",
+    "sam2_hiera_s",
+    "sam2_hiera_b+",
+    "sam2_hiera_l",
+    "hiera_mini",
+)
+FrameSetting = Literal["auto", "longest_side", "square"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 EvalPromptKind = Literal["box", "point", "points"]
 ModelPart = Literal["image_encoder", "prompt_encoder", "mask_decoder"]
+
+
+def model_frame(model_type: str, frame: str = "auto") -> Literal["longest_side", "square"]:
+    """The input frame a model runs in (`samkd.models.frames`): `frame`, or with `auto` the
+    one it was trained in: `square` for SAM 2, `longest_side` for the others."""
+    if frame == "square" or (frame == "auto" and model_type in SAM2_MODEL_TYPES):
+        return "square"
+    return "longest_side"
+
+
+FRAME_DESCRIPTION = (
+    "input frame: auto (the model's own: square for SAM 2, which resizes the whole image to "
+    "S x S; longest_side for SAM and MobileSAM, which resize the longest side to S and pad), "
+    "longest_side, or square (SAM 2 only); see docs/frames.md"
+)
 
 
 def _on_off(value: Any) -> Any:
@@ -188,9 +232,12 @@ class TeacherSettings(StrictModel):
     """One teacher: a SAM model whose features the student learns from."""
 
     name: str = Field(description="short name used in feature files and loss names")
-    model_type: ModelType = Field(description="registry name: vit_b, vit_l, vit_h, vit_t, ...")
+    model_type: ModelType = Field(
+        description="registry name: vit_b, vit_l, vit_h, sam2.1_hiera_l, ... (samkd models)"
+    )
     checkpoint: FilePath | None = Field(None, description="weights file (random init if unset)")
     weight: PositiveFloat = Field(1.0, description="this teacher's share of the distillation loss")
+    frame: FrameSetting = Field("auto", description=FRAME_DESCRIPTION)
     taps: list[str] | None = Field(
         None, description="taps `samkd extract` stores for this teacher (default: extract.taps)"
     )
@@ -204,9 +251,23 @@ class TeacherSettings(StrictModel):
     @field_validator("name")
     @classmethod
     def _simple_name(cls, value: str) -> str:
-        if not value or not value.replace("_", "").replace("-", "").isalnum():
-            raise ValueError(f"must be letters, digits, '-' or '_', got {value!r}")
+        # Model types (sam2.1_hiera_b+) are valid names: `--teacher TYPE` names the teacher so.
+        simple = value.replace("_", "").replace("-", "").replace(".", "").replace("+", "")
+        if not value or value.startswith(".") or not simple.isalnum():
+            raise ValueError(f"must be letters, digits, '-', '_', '.' or '+', got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _frame_of_family(self) -> TeacherSettings:
+        _check_frame(self.model_type, self.frame)
+        return self
+
+
+def _check_frame(model_type: str, frame: str) -> None:
+    if frame == "square" and model_type not in SAM2_MODEL_TYPES:
+        raise ValueError(
+            f"frame square is SAM 2's; {model_type} runs in longest_side (or leave frame auto)"
+        )
 
 
 class LoraSettings(StrictModel):
@@ -234,6 +295,11 @@ class StudentSettings(StrictModel):
 
     model_type: ModelType = Field("vit_t", description="registry name of the student")
     checkpoint: FilePath | None = Field(None, description="initial weights (random if unset)")
+    frame: FrameSetting = Field(
+        "auto",
+        description="input frame of a SAM 2 student (trained and evaluated in it); "
+        + FRAME_DESCRIPTION,
+    )
     gradient_checkpointing: bool = Field(False, description="trade compute for memory")
     freeze_bn_stats: bool | None = Field(
         None, description="keep BatchNorm statistics fixed (default: on with a checkpoint)"
@@ -244,6 +310,11 @@ class StudentSettings(StrictModel):
         "(MobileSAM's recipe: the student inherits the teacher's decoder)",
     )
     lora: LoraSettings = Field(LoraSettings(), description="parameter-efficient fine-tuning")
+
+    @model_validator(mode="after")
+    def _frame_of_family(self) -> StudentSettings:
+        _check_frame(self.model_type, self.frame)
+        return self
 
 
 # --------------------------------------------------------------------------- distillation
@@ -630,7 +701,13 @@ class ExtractSettings(StrictModel):
     taps: list[str] = Field(
         default_factory=lambda: ["encoder.embed"],
         description="encoder taps stored per teacher: encoder.embed, encoder.block.<i>, "
-        "encoder.qk.<i>",
+        "encoder.qk.<i>, and a SAM 2 teacher's encoder.high_res.0 / .1",
+    )
+    high_res: bool = Field(
+        False,
+        description="also store every SAM 2 teacher's two high-resolution maps "
+        "(encoder.high_res.0/1, 3x the bytes of encoder.embed), which its decoder needs from the "
+        "file: decoder terms, the prompt loop, unlabelled teacher_masks, eval agreement",
     )
     dtype: Literal["float16", "float32"] = Field("float16", description="storage dtype of taps")
     compression: Literal["none", "gzip", "lzf"] = Field(
@@ -828,6 +905,16 @@ class Settings(BaseSettings):
                 "student.decoder_from",
                 "teachers",
             )
+        if source is not None and self.teachers[names.index(source)].model_type in SAM2_MODEL_TYPES:
+            index = names.index(source)
+            raise SettingsConflict(
+                f"student.decoder_from '{source}' is a SAM 2 teacher "
+                f"({self.teachers[index].model_type}), whose mask decoder (with high-resolution "
+                "maps and an object score) is not the student's SAM decoder; leave decoder_from "
+                "unset and let decoder terms teach the student's own decoder",
+                "student.decoder_from",
+                f"teachers.{index}.model_type",
+            )
         if source is not None and not self.distillation.use_precomputed_features:
             # Online, the decoder comes from the checkpoint (a feature file stores its own).
             index = names.index(source)
@@ -950,6 +1037,15 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _attention_consistent(self) -> Settings:
         attention = self.distillation.attention
+        for index, teacher in enumerate(self.teachers):
+            if attention.enabled and model_frame(teacher.model_type, teacher.frame) == "square":
+                raise SettingsConflict(
+                    f"distillation.attention.enabled: teacher '{teacher.name}' runs in the "
+                    "square frame, whose attention maps cover other pixels than the student's; "
+                    f"set teachers.{index}.frame longest_side or switch attention matching off",
+                    "distillation.attention.enabled",
+                    f"teachers.{index}.frame",
+                )
         if not (attention.enabled and self.distillation.use_precomputed_features):
             return self
         grid = self.extract.attention_grid

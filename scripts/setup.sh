@@ -6,4 +6,5 @@ python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 # Pinned torch builds: a bare `torch` requirement would download a multi-GB CUDA build.
 .venv/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-.venv/bin/python -m pip install --quiet -e ".[test,dev,export,lora]"
+# sam2 (SAM 2 teachers) builds from its sdist; its CUDA extension is optional and not needed.
+SAM2_BUILD_CUDA=0 .venv/bin/python -m pip install --quiet -e ".[test,dev,export,lora,sam2]"

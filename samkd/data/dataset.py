@@ -28,7 +28,13 @@ from torch.utils.data import Dataset
 
 from samkd.data.errors import DataError, OnError, check_on_error, handle_error
 from samkd.data.geometry import Geometry
-from samkd.data.images import load_rgb_image, preprocess_image, resize_boxes, resize_coords
+from samkd.data.images import (
+    load_rgb_image,
+    preprocess_image,
+    preprocess_square,
+    resize_boxes,
+    resize_coords,
+)
 from samkd.data.layouts import (
     AnnotationMask,
     ImageRecord,
@@ -73,6 +79,8 @@ class Sample:
         point_labels: ``N x K`` int64, 1 positive, 0 negative, -1 padding, or ``None``.
         prompt_kinds: ``"box"`` or ``"points"`` per object (empty without a sampler).
         skipped: messages of masks or images left out while loading under ``"skip"``.
+        square_image: ``3 x S x S`` float32, the image as SAM 2 takes it
+            (``preprocess_square``), when the dataset's ``square_inputs`` is set.
     """
 
     index: int
@@ -87,6 +95,7 @@ class Sample:
     point_labels: torch.Tensor | None = None
     prompt_kinds: tuple[PromptKind, ...] = ()
     skipped: tuple[str, ...] = ()
+    square_image: torch.Tensor | None = None
 
 
 @dataclass
@@ -189,6 +198,10 @@ class SegmentationDataset(Dataset[Sample]):
         mask_threshold: fraction of its format's full range from which a greyscale PNG
             mask pixel is foreground (see ``load_png_mask``); in ``(0, 1]``.
         skipped: messages of items already skipped while indexing.
+
+    Attributes:
+        square_inputs: also give each sample its ``square_image`` (for SAM 2 models in the
+            ``square`` frame); off unless set.
     """
 
     def __init__(
@@ -219,6 +232,7 @@ class SegmentationDataset(Dataset[Sample]):
         self.exif_transpose = exif_transpose
         self.mask_threshold = check_mask_threshold(mask_threshold)
         self.skipped: list[str] = list(skipped)
+        self.square_inputs = False
 
     def __len__(self) -> int:
         return len(self.records)
@@ -309,6 +323,9 @@ class SegmentationDataset(Dataset[Sample]):
             masks=torch.from_numpy(loaded.masks),
             boxes=torch.from_numpy(masks_to_boxes(loaded.masks)),
             skipped=tuple(failures + loaded.skipped),
+            square_image=(
+                preprocess_square(loaded.image, self.image_size) if self.square_inputs else None
+            ),
         )
         if self.prompt_sampler is None:
             return sample

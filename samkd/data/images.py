@@ -15,11 +15,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from segment_anything.utils import transforms
+from torchvision.transforms import functional as TF
 
 from samkd.data.errors import DataError
 
 SAM_PIXEL_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
+# SAM 2's normalisation of pixels in [0, 1] (ImageNet's): SAM's mean and std divided by 255.
+SAM2_PIXEL_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+SAM2_PIXEL_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -152,6 +156,15 @@ def preprocess_image(
     """
     resized = resize_longest_side(image, long_side or image_size)
     return normalize_and_pad(resized, image_size), (resized.shape[0], resized.shape[1])
+
+
+def preprocess_square(image: np.ndarray, image_size: int) -> torch.Tensor:
+    """SAM 2's input transform (``SAM2Transforms``) of an ``H x W x 3`` uint8 image: to
+    [0, 1], the whole image resized to ``S x S`` (bilinear, antialiased; the aspect ratio is
+    not kept), normalised with SAM 2's mean and std. Returns ``3 x S x S`` float32."""
+    pixels = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div(255)
+    resized = TF.resize(pixels, [image_size, image_size], antialias=True)
+    return TF.normalize(resized, list(SAM2_PIXEL_MEAN), list(SAM2_PIXEL_STD))
 
 
 def resize_coords(

@@ -9,7 +9,10 @@ Inputs are plain mappings from canonical tap names (`encoder.embed`, `encoder.bl
 - `teachers`: one mapping per teacher name, the same taps; an `encoder.qk.<i>` entry is either a
   coarse map `B x G^2 x G^2` (read from the feature file) or an `AttentionCapture` (online).
 
-Teacher features are detached: gradients reach the student and the adapters only.
+Teacher features are detached: gradients reach the student and the adapters only. A teacher's
+map mapped from another frame (SAM 2's square one, `samkd.train.frames`) comes with its valid
+cells under `samkd.models.frames.valid_key(tap)`: on the others (the padding, where the teacher
+saw no pixels) the student's own value stands in for the teacher's, so they add nothing.
 
 The objective returns the raw value of every switched-on term, `kd/<teacher>/<term>` (before
 `lambda_term`, `w_t` and `lambda_kd`): `encoder_mse`, `encoder_kl` (with its `tau^2`),
@@ -43,6 +46,7 @@ from samkd.distill.rkd import (
     sampled_patches,
 )
 from samkd.models.attention_capture import AttentionCapture
+from samkd.models.frames import valid_key
 from samkd.models.taps import DECODER_MASK_LOGITS, DECODER_UPSCALED
 from samkd.settings import DistillationSettings, ModelType, TapPair, TeacherSettings
 
@@ -69,6 +73,15 @@ def term_weights(settings: DistillationSettings) -> dict[str, float]:
         "rkd_angle": (rkd.enabled, rkd.weight * rkd.angle_weight),
     }
     return {name: weight for name, (enabled, weight) in candidates.items() if enabled and weight}
+
+
+def _target(features: Features, tap: str, owner: str, student: torch.Tensor) -> torch.Tensor:
+    """The teacher's `tap`, detached, with `student`'s values on its invalid cells (if any)."""
+    target = _tensor(features, tap, owner).detach()
+    valid = features.get(valid_key(tap))
+    if not isinstance(valid, torch.Tensor) or student.shape != target.shape:
+        return target
+    return torch.where(valid, target, student.detach().to(target.dtype))
 
 
 def _tensor(features: Features, tap: str, owner: str) -> torch.Tensor:
@@ -267,7 +280,7 @@ class DistillationObjective(nn.Module):
         kl: list[torch.Tensor] = []
         for pair in self.encoder_pairs[teacher]:
             adapted = adapters[adapter_key(pair)](_tensor(student, pair.student, "student"))
-            target = _tensor(features, pair.teacher, f"teacher '{teacher}'").detach()
+            target = _target(features, pair.teacher, f"teacher '{teacher}'", adapted)
             check_same_shape(adapted, target, f"{pair.student} -> {teacher}:{pair.teacher}")
             if "encoder_mse" in self.term_weights:
                 mse.append(feature_mse(adapted, target))
@@ -287,15 +300,16 @@ class DistillationObjective(nn.Module):
         out = {}
         if DECODER_UPSCALED in self._decoder_taps():
             upscaled = _tensor(student, DECODER_UPSCALED, "student")
-            target = _tensor(features, DECODER_UPSCALED, owner).detach()
+            target = _target(features, DECODER_UPSCALED, owner, upscaled)
             if "decoder_mse" in self.term_weights:
                 out["decoder_mse"] = feature_mse(upscaled, target)
             if "decoder_cosine" in self.term_weights:
                 out["decoder_cosine"] = cosine_distance(upscaled, target)
         if "decoder_kl" in self.term_weights:
+            logits = _tensor(student, DECODER_MASK_LOGITS, "student")
             out["decoder_kl"] = mask_logit_kl(
-                _tensor(student, DECODER_MASK_LOGITS, "student"),
-                _tensor(features, DECODER_MASK_LOGITS, owner).detach(),
+                logits,
+                _target(features, DECODER_MASK_LOGITS, owner, logits),
                 self.settings.decoder.temperature,
             )
         return out
@@ -347,7 +361,7 @@ class DistillationObjective(nn.Module):
     ) -> dict[str, torch.Tensor]:
         rkd = self.settings.rkd
         student_features = _tensor(student, rkd.tap, "student")
-        teacher_features = _tensor(features, rkd.tap, f"teacher '{teacher}'").detach()
+        teacher_features = _target(features, rkd.tap, f"teacher '{teacher}'", student_features)
         if positions is not None and student_features.shape[2:] != teacher_features.shape[2:]:
             raise ValueError(
                 f"sampled RKD needs the same grid for student and teacher '{rkd.tap}', got "

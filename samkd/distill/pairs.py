@@ -7,13 +7,15 @@ and a teacher's own `encoder_pairs` / `attention_pairs` override those.
 - encoder: `encoder.embed` <-> `encoder.embed` (256 channels on every SAM model, so no adapter;
   MobileSAM's decoupled distillation);
 - attention: the student's last attention block <-> the teacher's last global-attention block
-  (its last block for SAM ViTs; TinyViT has no global attention, so its last block).
+  (its last block for SAM ViTs; TinyViT has no global attention, so its last block; SAM 2's
+  Hiera: its last global block at stride 16).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from samkd.models.registry import model_type_info
 from samkd.models.taps import ENCODER_EMBED
 from samkd.settings import ModelType, TapPair
 
@@ -38,8 +40,12 @@ class EncoderLayout:
 def encoder_layout(model_type: ModelType) -> EncoderLayout:
     """The encoder layout of a registry model.
 
-    `vit_mini` is a 4-block SAM ViT with global attention on blocks 1 and 3.
+    `vit_mini` is a 4-block SAM ViT with global attention on blocks 1 and 3. SAM 2's layouts
+    are in the registry (its stride-16 global blocks, the only ones tapped).
     """
+    info = model_type_info(model_type)
+    if info.sam2 is not None:
+        return EncoderLayout(info.blocks, info.global_attention)
     if model_type == "vit_b":
         return EncoderLayout(12, (2, 5, 8, 11))
     if model_type == "vit_l":

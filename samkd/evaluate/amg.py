@@ -36,13 +36,15 @@ from samkd.data.dataset import load_record_image
 from samkd.errors import UsageError
 from samkd.evaluate.metrics import SIZE_NAMES, size_bucket
 from samkd.evaluate.overlays import draw_masks, save_png
+from samkd.evaluate.predict import stored_features
 from samkd.features import FeatureStore
 from samkd.features.pseudo_masks import (
     build_mask_generator,
     decode_pseudo_masks,
     embedding_mask_generator,
 )
-from samkd.models import ENCODER_EMBED
+from samkd.models.sam2_decoding import Sam2Features
+from samkd.models.taps import is_sam2
 from samkd.runtime import progress_bar
 from samkd.settings import AmgSettings
 
@@ -65,8 +67,15 @@ class GeneratedMasks:
     seconds: float
 
 
-def check_amg_options(options: AmgSettings, stored_teacher: bool) -> None:
-    """Refuse options that would fail only after the prompt evaluation."""
+def check_amg_options(options: AmgSettings, stored_teacher: bool, sam2: Sequence[str] = ()) -> None:
+    """Refuse options that would fail only after the prompt evaluation (`sam2`: the SAM 2
+    model types evaluated)."""
+    if options.min_mask_region_area > 0 and sam2:
+        raise UsageError(
+            f"eval.amg.min_mask_region_area {options.min_mask_region_area}: SAM 2 ({sam2[0]}) "
+            "removes small regions with the sam2 package's CUDA extension, which samkd does not "
+            "build; 0 turns the clean-up off"
+        )
     if options.min_mask_region_area > 0 and importlib.util.find_spec("cv2") is None:
         raise UsageError(
             f"eval.amg.min_mask_region_area {options.min_mask_region_area} needs OpenCV "
@@ -83,14 +92,22 @@ def generate_masks(
     model: Sam,
     image: np.ndarray,
     options: AmgSettings,
-    embedding: torch.Tensor | None = None,
+    embedding: torch.Tensor | Sam2Features | None = None,
 ) -> GeneratedMasks:
     """The automatic masks of `image` (`H x W x 3` uint8 RGB); with `embedding`
-    (`1 x 256 x h x w`, a stored teacher's) the image encoder does not run."""
-    if embedding is None:
+    (`1 x 256 x h x w`, a stored teacher's; a SAM 2 teacher's `Sam2Features`) the image
+    encoder does not run. A SAM 2 model runs sam2's generator."""
+    generator: Any
+    size = (image.shape[0], image.shape[1])
+    if is_sam2(model):
+        from samkd.models.sam2_predictor import mask_generator
+
+        features = embedding if isinstance(embedding, Sam2Features) else None
+        generator = mask_generator(model, options, features, None if features is None else size)
+    elif embedding is None:
         generator = build_mask_generator(model, options)
     else:
-        size = (image.shape[0], image.shape[1])
+        assert isinstance(embedding, torch.Tensor)
         generator = embedding_mask_generator(model, embedding, size, options)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -319,8 +336,7 @@ def evaluate_amg(
                 embedding = None
                 if store is not None:
                     features, name = store
-                    stored = features.read(sample.image_id)[name][ENCODER_EMBED]
-                    embedding = stored[None].to(teacher.device)
+                    embedding = stored_features(features, name, sample.image_id, teacher.device)
                 teacher_generated = generate_masks(teacher, image, options, embedding)
                 shown["amg_teacher"] = teacher_generated
             evaluation.add_image(targets, areas, generated, teacher_generated)

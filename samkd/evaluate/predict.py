@@ -1,14 +1,26 @@
-"""Masks from a SAM model for given prompts, at the original image resolution."""
+"""Masks from a SAM model for given prompts, at the original image resolution.
+
+A SAM 2 model (`samkd.models.sam2_model.Sam2Model`) is encoded and decoded as sam2's
+`SAM2ImagePredictor` does it (`samkd.models.sam2_predictor`), in its frame: its embedding is
+a `Sam2Features` (with the high-resolution maps), and a model in the `square` frame takes the
+samples' `square_image`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import torch
 from segment_anything.modeling import Sam
 
+from samkd.data import Sample
 from samkd.data.images import ResizeLongestSide
+from samkd.features import FeatureStore
+from samkd.models import ENCODER_EMBED
+from samkd.models.frames import SQUARE
+from samkd.models.sam2_decoding import Sam2Features
+from samkd.models.taps import ENCODER_HIGH_RES, is_sam2
 
 
 @dataclass(frozen=True)
@@ -65,11 +77,40 @@ class ExportedModel(Protocol):
 
 
 PromptableModel: TypeAlias = Sam | ExportedModel
+# What a model's decoder takes of an image: SAM's embedding, or SAM 2's features.
+Embedding: TypeAlias = torch.Tensor | Sam2Features
+
+
+def stored_features(
+    store: FeatureStore, name: str, image_id: str, device: torch.device
+) -> torch.Tensor | Sam2Features:
+    """A stored teacher's embedding `1 x 256 x h x w` of one image (a SAM 2 teacher's
+    `Sam2Features`), on `device`."""
+    taps = store.read(image_id)[name]
+    embedding = taps[ENCODER_EMBED][None].to(device)
+    if ENCODER_HIGH_RES[0] not in taps:
+        return embedding
+    return Sam2Features(embedding, tuple(taps[tap][None].to(device) for tap in ENCODER_HIGH_RES))
+
+
+def model_inputs(model: PromptableModel, samples: list[Sample]) -> torch.Tensor:
+    """The samples' images `B x 3 x S x S` as `model` takes them: in the `square` frame, their
+    `square_image` (the dataset's `square_inputs` must be set)."""
+    if not (is_sam2(model) and getattr(model, "frame", None) == SQUARE):  # type: ignore[arg-type]
+        return torch.stack([sample.image for sample in samples])
+    if any(sample.square_image is None for sample in samples):
+        raise ValueError("a model in the square frame needs the samples' square images")
+    return torch.stack([sample.square_image for sample in samples])  # type: ignore[misc]
 
 
 @torch.inference_mode()
-def encode_images(model: PromptableModel, images: torch.Tensor) -> torch.Tensor:
-    """Image embeddings `B x 256 x h x w` of preprocessed images `B x 3 x S x S`."""
+def encode_images(model: PromptableModel, images: torch.Tensor) -> Any:
+    """Image embeddings `B x 256 x h x w` of preprocessed images `B x 3 x S x S` (a SAM 2
+    model's: `Sam2Features`)."""
+    if is_sam2(model):  # type: ignore[arg-type]
+        from samkd.models.sam2_predictor import encode
+
+        return encode(model, images)
     if not isinstance(model, Sam):
         return model.encode(images)
     return model.image_encoder(images.to(model.device))
@@ -78,7 +119,7 @@ def encode_images(model: PromptableModel, images: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def predict_masks(
     model: PromptableModel,
-    image_embedding: torch.Tensor,
+    image_embedding: Embedding,
     prompts: ObjectPrompts,
     original_size: tuple[int, int],
     multimask: bool,
@@ -86,10 +127,13 @@ def predict_masks(
 ) -> MaskPrediction:
     """Decode masks for every prompt of one image.
 
-    image_embedding: `1 x 256 x h x w`. Prompts are mapped to the model's input frame as
-    `SamPredictor` does; masks are upscaled and cropped as `Sam.postprocess_masks`, then
-    thresholded at `model.mask_threshold`.
+    image_embedding: `1 x 256 x h x w` (a SAM 2 model's `Sam2Features`). Prompts are mapped to
+    the model's input frame as `SamPredictor` does; masks are upscaled and cropped as
+    `Sam.postprocess_masks`, then thresholded at `model.mask_threshold`. A SAM 2 model decodes
+    as `SAM2ImagePredictor.predict`.
     """
+    if isinstance(image_embedding, Sam2Features):
+        return _predict_sam2(model, image_embedding, prompts, original_size, multimask)
     if not isinstance(model, Sam):
         return model.predict(image_embedding, prompts, original_size, multimask)
     transform = ResizeLongestSide(model.image_encoder.img_size)
@@ -112,6 +156,34 @@ def predict_masks(
         upscaled = model.postprocess_masks(low_res, input_size, original_size)
         masks.append((upscaled > model.mask_threshold).cpu())
         scores.append(iou.float().cpu())
+        logits.append(low_res.float().cpu())
+    return MaskPrediction(torch.cat(masks), torch.cat(scores), torch.cat(logits))
+
+
+def _predict_sam2(
+    model: Any,
+    features: Sam2Features,
+    prompts: ObjectPrompts,
+    original_size: tuple[int, int],
+    multimask: bool,
+    objects_per_chunk: int = 16,
+) -> MaskPrediction:
+    from samkd.models.sam2_predictor import predict
+
+    masks, scores, logits = [], [], []
+    for start in range(0, len(prompts), objects_per_chunk):
+        chunk = prompts.select(start, start + objects_per_chunk)
+        chunk_masks, chunk_scores, low_res = predict(
+            model,
+            features,
+            original_size,
+            chunk.boxes,
+            chunk.point_coords,
+            chunk.point_labels,
+            multimask,
+        )
+        masks.append(chunk_masks.cpu())
+        scores.append(chunk_scores.float().cpu())
         logits.append(low_res.float().cpu())
     return MaskPrediction(torch.cat(masks), torch.cat(scores), torch.cat(logits))
 

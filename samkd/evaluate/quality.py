@@ -8,7 +8,13 @@ import torch
 from segment_anything.modeling import Sam
 
 from samkd.evaluate.metrics import IoUTable, mask_iou
-from samkd.evaluate.predict import ObjectPrompts, PromptableModel, encode_images, predict_masks
+from samkd.evaluate.predict import (
+    Embedding,
+    ObjectPrompts,
+    PromptableModel,
+    encode_images,
+    predict_masks,
+)
 from samkd.evaluate.prompts import add_clicks, box_prompts, center_point_prompts
 
 # Output modes: the single-mask output, and the best (against the ground truth) of the three
@@ -54,7 +60,7 @@ def select_output(masks: torch.Tensor, targets: torch.Tensor, mode: str) -> torc
 
 def decode(
     model: PromptableModel,
-    embedding: torch.Tensor,
+    embedding: Embedding,
     prompts: ObjectPrompts,
     targets: torch.Tensor,
     original_size: tuple[int, int],
@@ -68,7 +74,7 @@ def decode(
 def make_prompts(
     kind: str,
     model: PromptableModel,
-    embedding: torch.Tensor,
+    embedding: Embedding,
     targets: torch.Tensor,
     original_size: tuple[int, int],
     mode: str,
@@ -96,18 +102,22 @@ def evaluate_image(
     original_size: tuple[int, int],
     model: PromptableModel,
     teacher: Sam | None = None,
-    teacher_embedding: torch.Tensor | None = None,
+    teacher_embedding: Embedding | None = None,
+    teacher_image: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Add one image's objects to `tables`; returns the model's `box`/`single` masks (if
     measured) keyed by prompt kind, for overlays.
 
-    image: `3 x S x S` preprocessed; targets: `N x H x W` bool at the original size;
-    teacher_embedding: `1 x 256 x h x w`, the teacher's stored embedding (else it is computed).
+    image: `3 x S x S` preprocessed as the model takes it; targets: `N x H x W` bool at the
+    original size; teacher_embedding: `1 x 256 x h x w`, the teacher's stored embedding (a
+    SAM 2 teacher's `Sam2Features`; else it is computed from `teacher_image`, the teacher's
+    input when its frame differs from the model's, else `image`).
     """
     areas = targets.flatten(1).sum(dim=1)
     embedding = encode_images(model, image[None])
     if teacher is not None and teacher_embedding is None:
-        teacher_embedding = encode_images(teacher, image[None])
+        pixels = image if teacher_image is None else teacher_image
+        teacher_embedding = encode_images(teacher, pixels[None])
     shown: dict[str, torch.Tensor] = {}
     for kind in options.prompt_names():
         for mode in options.output_modes():

@@ -22,30 +22,36 @@ from samkd.errors import UsageError
 from samkd.evaluate.amg import check_amg_options, evaluate_amg, print_amg_report
 from samkd.evaluate.metrics import EXTRA_METRICS, METRIC_TITLES, SIZE_NAMES, IoUTable
 from samkd.evaluate.overlays import draw_overlay, save_png
-from samkd.evaluate.predict import PromptableModel
+from samkd.evaluate.predict import PromptableModel, model_inputs, stored_features
 from samkd.evaluate.prompts import box_prompts
 from samkd.evaluate.quality import QualityOptions, QualityTables, evaluate_image
 from samkd.evaluate.speed import measure_speed
-from samkd.features import FeatureStore, read_decoder_state_dict
+from samkd.features import FeatureStore, TeacherSpec, read_decoder_state_dict
 from samkd.files import atomic_path, check_writable
-from samkd.models import ENCODER_EMBED, PromptDecoder, build_sam, build_teacher
+from samkd.models import ENCODER_EMBED, build_sam, build_teacher
+from samkd.models.frames import SQUARE
+from samkd.models.taps import ENCODER_HIGH_RES, is_sam2
+from samkd.models.teacher import prompt_decoder_for
 from samkd.runtime import input_image_size, progress_bar, resolve_device
-from samkd.settings import Settings, TeacherSettings
+from samkd.settings import SAM2_MODEL_TYPES, Settings, TeacherSettings, model_frame
 
 OVERLAY_IMAGES = 4
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What to build: a registry type, optional weights, and the input size."""
+    """What to build: a registry type, optional weights, the input size and frame."""
 
     label: str
     model_type: str
     checkpoint: Path | None
     image_size: int
+    frame: str = "longest_side"
 
     def build(self, device: torch.device) -> Sam:
         model = build_sam(self.model_type, image_size=self.image_size, checkpoint=self.checkpoint)
+        if is_sam2(model):
+            model.frame = self.frame
         return model.to(device).eval()
 
     def to_dict(self) -> dict[str, Any]:
@@ -54,24 +60,28 @@ class ModelSpec:
             "model_type": self.model_type,
             "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
             "image_size": self.image_size,
+            "frame": self.frame,
         }
 
 
 def student_spec(settings: Settings) -> ModelSpec:
     image_size = input_image_size(settings)
-    checkpoint = settings.student.checkpoint
-    return ModelSpec("student", settings.student.model_type, checkpoint, image_size)
+    student = settings.student
+    frame = model_frame(student.model_type, student.frame)
+    return ModelSpec("student", student.model_type, student.checkpoint, image_size, frame)
 
 
 def teacher_spec(settings: Settings, teacher: str, image_size: int) -> ModelSpec:
     """The teacher named `teacher` in the settings, or a registry model type of that name."""
     for entry in settings.teachers:
         if entry.name == teacher:
+            frame = model_frame(entry.model_type, entry.frame)
             return ModelSpec(
-                f"teacher {entry.name}", entry.model_type, entry.checkpoint, image_size
+                f"teacher {entry.name}", entry.model_type, entry.checkpoint, image_size, frame
             )
     checked = TeacherSettings.model_validate({"name": teacher, "model_type": teacher})
-    return ModelSpec(f"teacher {teacher}", checked.model_type, None, image_size)
+    frame = model_frame(checked.model_type)
+    return ModelSpec(f"teacher {teacher}", checked.model_type, None, image_size, frame)
 
 
 class StoredEmbeddings(nn.Module):
@@ -88,31 +98,44 @@ class StoredEmbeddings(nn.Module):
 
 def stored_teacher(
     features: Path, teacher: str | None, device: torch.device
-) -> tuple[Sam, FeatureStore, str, str]:
-    """A teacher made of its stored decoder, the store that holds its embeddings, and the
-    teacher's name and model type."""
-    store = FeatureStore(features, taps=[ENCODER_EMBED])
-    names = [spec.name for spec in store.teachers]
+) -> tuple[Sam, FeatureStore, str, TeacherSpec]:
+    """A teacher made of its stored decoder, the store that holds its embeddings (a SAM 2
+    teacher's also its high-resolution maps), and the teacher's stored description."""
+    with_taps = FeatureStore(features, taps=[ENCODER_EMBED])
+    names = [spec.name for spec in with_taps.teachers]
     name = teacher or names[0]
     if name not in names:
         raise UsageError(f"{features}: no teacher '{name}' (has {', '.join(names)})")
-    spec = next(spec for spec in store.teachers if spec.name == name)
+    spec = next(spec for spec in with_taps.teachers if spec.name == name)
     image_size = spec.image_size
-    decoder = PromptDecoder(image_size)
+    decoder = prompt_decoder_for(spec.model_type, image_size, spec.frame)  # type: ignore[arg-type]
     decoder.load_state_dict(read_decoder_state_dict(features, name), strict=True)
-    model = Sam(StoredEmbeddings(image_size), decoder.prompt_encoder, decoder.mask_decoder)
-    return model.to(device).eval(), store, name, spec.model_type
+    if not is_sam2(decoder):
+        model = Sam(StoredEmbeddings(image_size), decoder.prompt_encoder, decoder.mask_decoder)
+        return model.to(device).eval(), with_taps, name, spec
+    taps = [ENCODER_EMBED, *ENCODER_HIGH_RES]
+    missing = [tap for tap in taps if tap not in spec.tap_names]
+    if missing:
+        raise UsageError(
+            f"{features}: SAM 2 teacher '{name}' has no {missing[0]}, which its decoder takes; "
+            "extract with --set extract.high_res=true"
+        )
+    store = FeatureStore(features, teachers=[name], taps=taps)
+    return decoder.to(device).eval(), store, name, spec
 
 
 def _first(batch: list[Sample]) -> Sample:
     return batch[0]
 
 
-def load_eval_dataset(settings: Settings, image_size: int) -> SegmentationDataset:
+def load_eval_dataset(
+    settings: Settings, image_size: int, square_inputs: bool = False
+) -> SegmentationDataset:
+    """The evaluation images; `square_inputs`: also in the square frame (SAM 2)."""
     root = settings.data.val or settings.data.train
     if root is None:
         raise UsageError("no dataset to evaluate: pass --data FOLDER or set data.val")
-    return build_dataset(
+    dataset = build_dataset(
         root,
         layout=settings.data.layout,
         annotation_file=settings.data.annotation_file,
@@ -121,6 +144,8 @@ def load_eval_dataset(settings: Settings, image_size: int) -> SegmentationDatase
         mask_threshold=settings.data.mask_threshold,
         seed=settings.eval.seed,
     )
+    dataset.square_inputs = square_inputs
+    return dataset
 
 
 def evaluate_quality(
@@ -144,17 +169,20 @@ def evaluate_quality(
                 stored = None
                 if store is not None:
                     features, name = store
-                    embedding = features.read(sample.image_id)[name][ENCODER_EMBED]
-                    stored = embedding[None].to(model.device)
+                    stored = stored_features(features, name, sample.image_id, model.device)
+                teacher_image = None
+                if teacher is not None and stored is None:
+                    teacher_image = model_inputs(teacher, [sample])[0]
                 shown = evaluate_image(
                     tables,
                     options,
-                    sample.image,
+                    model_inputs(model, [sample])[0],
                     sample.masks,
                     sample.original_size,
                     model,
                     teacher,
                     stored,
+                    teacher_image,
                 )
                 if overlays_dir is not None and position < OVERLAY_IMAGES and "box" in shown:
                     _save_overlays(dataset, sample, shown["box"], overlays_dir)
@@ -194,7 +222,12 @@ def run_eval(
     if overlays_dir is not None:
         check_writable(overlays_dir, "--overlays")
     if settings.eval.amg.enabled:
-        check_amg_options(settings.eval.amg, stored_teacher=features is not None)
+        sam2 = [settings.student.model_type] + ([teacher] if teacher in SAM2_MODEL_TYPES else [])
+        check_amg_options(
+            settings.eval.amg,
+            stored_teacher=features is not None,
+            sam2=[name for name in sam2 if name in SAM2_MODEL_TYPES],
+        )
     device = resolve_device(settings.eval.device)
     torch.manual_seed(settings.eval.seed)
     student = student_spec(settings)
@@ -205,11 +238,16 @@ def run_eval(
         exported = OnnxSam.load(onnx)
         info = exported.info
         student = ModelSpec(f"onnx {info.precision}", info.model_type, onnx, info.image_size)
-    dataset = load_eval_dataset(settings, student.image_size)
-    model: PromptableModel = exported if exported is not None else student.build(device)
     teacher_model_spec, teacher_model, store = None, None, None
+    if features is None and teacher is not None:
+        teacher_model_spec = teacher_spec(settings, teacher, student.image_size)
+    specs = (student, teacher_model_spec)
+    square = any(spec is not None and spec.frame == SQUARE for spec in specs)
+    dataset = load_eval_dataset(settings, student.image_size, square)
+    model: PromptableModel = exported if exported is not None else student.build(device)
     if features is not None:
-        teacher_model, feature_store, name, model_type = stored_teacher(features, teacher, device)
+        teacher_model, feature_store, name, stored_spec = stored_teacher(features, teacher, device)
+        model_type = stored_spec.model_type
         store = (feature_store, name)
         stored_ids = set(feature_store.image_ids)
         missing = [r.image_id for r in dataset.records if r.image_id not in stored_ids]
@@ -219,19 +257,24 @@ def run_eval(
                 f"{len(dataset)} evaluation images); extract them with samkd extract --data "
                 f"{settings.data.val or settings.data.train}"
             )
-        stored_size = teacher_model.image_encoder.img_size
+        stored_size = stored_spec.image_size
         teacher_model_spec = ModelSpec(
-            f"teacher {name} (stored)", model_type, features, stored_size
+            f"teacher {name} (stored)", model_type, features, stored_size, stored_spec.frame
         )
         if stored_size != student.image_size:
             raise UsageError(
                 f"{features}: teacher '{name}' features are at {stored_size} px, the student "
                 f"runs at {student.image_size} px"
             )
-    elif teacher is not None:
-        teacher_model_spec = teacher_spec(settings, teacher, student.image_size)
+    elif teacher_model_spec is not None:
         spec = teacher_model_spec
-        teacher_model = build_teacher(spec.model_type, spec.image_size, spec.checkpoint, device)
+        teacher_model = build_teacher(
+            spec.model_type,
+            spec.image_size,
+            spec.checkpoint,
+            device,
+            frame=spec.frame,  # type: ignore[arg-type]
+        )
     options = QualityOptions(
         tuple(settings.eval.prompts), settings.eval.num_points, settings.eval.multimask
     )
@@ -282,7 +325,7 @@ def run_eval(
 
 
 def _speed(model: PromptableModel, settings: Settings) -> dict[str, object]:
-    if not isinstance(model, Sam):
+    if not isinstance(model, Sam) and not is_sam2(model):  # type: ignore[arg-type]
         from samkd.export import OnnxSam, measure_onnx_speed
 
         assert isinstance(model, OnnxSam)

@@ -6,9 +6,12 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from segment_anything.modeling import Sam
+
+from samkd.models.taps import is_sam2
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,21 @@ def measure_speed(model: Sam, batch_size: int, warmup: int, repeats: int) -> Spe
     batch = torch.randn(batch_size, 3, size, size, device=device)
     latency = time_calls(lambda: model.image_encoder(single), device, warmup, repeats)
     batched = time_calls(lambda: model.image_encoder(batch), device, warmup, max(1, repeats // 2))
-    embedding = model.image_encoder(single)
     box = torch.tensor([[size * 0.25, size * 0.25, size * 0.75, size * 0.75]], device=device)
+    decode = _sam2_decode(model, single, box) if is_sam2(model) else _sam_decode(model, single, box)
+    decoder = time_calls(decode, device, warmup, repeats)
+    return SpeedReport(
+        device=str(device),
+        image_size=size,
+        encoder_latency=latency,
+        encoder_batch_size=batch_size,
+        encoder_images_per_s=batch_size / batched.median_s,
+        decoder_latency_per_prompt=decoder,
+    )
+
+
+def _sam_decode(model: Sam, image: torch.Tensor, box: torch.Tensor) -> Callable[[], object]:
+    embedding = model.image_encoder(image)
 
     def decode() -> object:
         sparse, dense = model.prompt_encoder(points=None, boxes=box, masks=None)
@@ -73,15 +89,30 @@ def measure_speed(model: Sam, batch_size: int, warmup: int, repeats: int) -> Spe
             multimask_output=True,
         )
 
-    decoder = time_calls(decode, device, warmup, repeats)
-    return SpeedReport(
-        device=str(device),
-        image_size=size,
-        encoder_latency=latency,
-        encoder_batch_size=batch_size,
-        encoder_images_per_s=batch_size / batched.median_s,
-        decoder_latency_per_prompt=decoder,
-    )
+    return decode
+
+
+def _sam2_decode(model: Sam, image: torch.Tensor, box: torch.Tensor) -> Callable[[], object]:
+    """SAM 2's decoding as `SAM2ImagePredictor._predict` runs it (box corners as points,
+    high-resolution maps), without the upscaling to the image's size."""
+    encoder: Any = model.image_encoder
+    embedding, high_res = encoder.encode(image)
+    corners = box.reshape(-1, 2, 2)
+    labels = torch.tensor([[2, 3]], device=box.device)
+
+    def decode() -> object:
+        sparse, dense = model.prompt_encoder(points=(corners, labels), boxes=None, masks=None)
+        return model.mask_decoder(
+            image_embeddings=embedding,
+            image_pe=model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=True,
+            repeat_image=False,
+            high_res_features=list(high_res),
+        )
+
+    return decode
 
 
 def _synchronize(device: torch.device) -> None:

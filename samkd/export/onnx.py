@@ -31,6 +31,7 @@ from torch import nn
 from samkd.errors import UsageError
 from samkd.files import atomic_path
 from samkd.models import build_sam
+from samkd.models.registry import is_sam2_type
 
 ENCODER_FILE = "image_encoder.onnx"
 DECODER_FILE = "decoder.onnx"
@@ -112,7 +113,12 @@ def require_export_extra() -> None:
 
 def check_exportable(model_type: str, image_size: int) -> None:
     """Refuse an image encoder whose weights exceed one ONNX file (vit_h), before building
-    it (on the meta device: no memory)."""
+    it (on the meta device: no memory), and SAM 2 models (teachers: not exported)."""
+    if is_sam2_type(model_type):
+        raise UsageError(
+            f"model type {model_type!r} is SAM 2, a teacher: samkd exports SAM and MobileSAM "
+            "models (segment-anything's ONNX decoder); export the student distilled from it"
+        )
     model = build_sam(model_type, image_size=image_size, device="meta")
     size = sum(p.numel() * p.element_size() for p in model.image_encoder.parameters())
     if size >= MAX_ONNX_BYTES:

@@ -108,6 +108,7 @@ class TeacherReport:
     images_total: int
     decoder_tensors: int
     taps: list[TapReport] = field(default_factory=list)
+    frame: str = "longest_side"
 
 
 @dataclass
@@ -412,7 +413,14 @@ def _teacher_report(teacher: TeacherSpec, images_done: int, images_total: int) -
         images_done=images_done,
         images_total=images_total,
         decoder_tensors=0,
+        frame=teacher.frame,
     )
+
+
+def _describe(teacher: TeacherReport) -> str:
+    """A teacher's name and model type, and its frame when it is not the pipeline's."""
+    frame = ", square frame" if teacher.frame == "square" else ""
+    return f"{teacher.name} ({teacher.model_type}{frame})"
 
 
 def _tap_layout(teacher: str, name: str, dataset: h5py.Dataset, plan: dict[str, Any]) -> TapReport:
@@ -517,7 +525,7 @@ def render_report(report: FeatureFileReport, console: Any = None) -> None:
     )
     tap_bytes = sum(tap.bytes_on_disk for teacher in report.teachers for tap in teacher.taps)
     console.print(
-        f"teachers: {', '.join(t.name for t in report.teachers) or '-'}; feature data "
+        f"teachers: {', '.join(_describe(t) for t in report.teachers) or '-'}; feature data "
         f"{format_bytes(tap_bytes)}, the rest is the teachers' stored decoders and the index"
         + "".join(f"; {key} {value}" for key, value in report.compute.items())
     )

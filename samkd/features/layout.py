@@ -176,6 +176,7 @@ def write_teacher_attrs(group: h5py.Group, teacher: TeacherSpec) -> None:
     group.attrs["checkpoint_sha256"] = teacher.checkpoint_sha256 or ""
     group.attrs["taps"] = json.dumps(teacher.tap_names)
     group.attrs["tap_kinds"] = json.dumps({tap.name: tap.kind for tap in teacher.taps})
+    group.attrs["frame"] = teacher.frame
 
 
 def write_index_file(

@@ -1,4 +1,5 @@
-"""Teacher pseudo-masks: segment-anything's automatic mask generation on a stored embedding.
+"""Teacher pseudo-masks: the automatic mask generation of the teacher's family on a stored
+embedding (segment-anything's; a SAM 2 teacher's, sam2's `SAM2AutomaticMaskGenerator`).
 
     masks = generate_pseudo_masks(teacher, embedding, (480, 640), settings.extract.pseudo_masks)
     masks[0]       # {"size": [480, 640], "counts": "...", "predicted_iou": 0.97, ...}
@@ -9,6 +10,10 @@ box NMS), with one crop (the whole image) and no small-region clean-up (it needs
 its predictor differs: `EmbeddingPredictor.set_image` installs the given embedding instead of
 running the image encoder. The masks are COCO RLE (pycocotools) at the original image size,
 stored in a feature file as one JSON string per image (`encode_rows`, `decode_rows`).
+
+A SAM 2 teacher's generator runs the same way on its stored features (`Sam2Features`: the
+embedding and the two high-resolution maps), through `samkd.models.sam2_predictor`, in the
+teacher's frame.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
 
 from samkd.data.images import ResizeLongestSide
+from samkd.models.sam2_decoding import Sam2Features
 
 if TYPE_CHECKING:
     from samkd.settings import MaskGeneratorSettings, PseudoMaskSettings
@@ -101,7 +107,7 @@ def embedding_mask_generator(
 
 def generate_pseudo_masks(
     model: Sam,
-    embedding: torch.Tensor,
+    embedding: torch.Tensor | Sam2Features,
     original_size: tuple[int, int],
     options: PseudoMaskSettings,
 ) -> list[dict[str, Any]]:
@@ -110,8 +116,9 @@ def generate_pseudo_masks(
     Arguments:
       model (Sam): the teacher; only its prompt encoder and mask decoder run (its image
         encoder's `img_size` gives the input size), on the embedding's device.
-      embedding (torch.Tensor): `256 x h x w` or `1 x 256 x h x w`, the teacher's embedding
-        of the image (as stored in the feature file).
+      embedding (torch.Tensor or Sam2Features): `256 x h x w` or `1 x 256 x h x w`, the
+        teacher's embedding of the image (as stored in the feature file); a SAM 2 teacher's
+        features of that one image.
       original_size (tuple(int, int)): `(H, W)` of the image file.
       options (PseudoMaskSettings): the generator's settings (`extract.pseudo_masks`).
 
@@ -121,7 +128,12 @@ def generate_pseudo_masks(
         (COCO RLE at the original size). The same inputs give the same list.
     """
     height, width = (int(side) for side in original_size)
-    generator = embedding_mask_generator(model, embedding, (height, width), options)
+    if isinstance(embedding, Sam2Features):
+        from samkd.models.sam2_predictor import mask_generator
+
+        generator: Any = mask_generator(model, options, embedding, (height, width))
+    else:
+        generator = embedding_mask_generator(model, embedding, (height, width), options)
     # The pixels are never read: a broadcast view stands in for the image.
     placeholder = np.broadcast_to(np.zeros((1, 1, 3), dtype=np.uint8), (height, width, 3))
     with torch.inference_mode():

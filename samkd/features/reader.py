@@ -8,6 +8,7 @@ Every row read is checked against the crc32 stored with it at extraction (see
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import mmap
@@ -464,14 +465,7 @@ def _select_teachers(
                     f"(has {teacher.tap_names})"
                 )
             chosen = tuple(teacher.tap(tap) for tap in taps)
-            teacher = TeacherSpec(
-                teacher.name,
-                teacher.model_type,
-                teacher.image_size,
-                chosen,
-                teacher.checkpoint_name,
-                teacher.checkpoint_sha256,
-            )
+            teacher = dataclasses.replace(teacher, taps=chosen)
         selected.append(teacher)
     return selected
 

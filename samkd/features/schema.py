@@ -20,7 +20,10 @@ A feature file (`features.h5`) holds, for N images and one or more teachers:
                                       "" (its rows of every tap are zeros, and done is set)
     /images                           attrs: preprocessing (JSON)
     /teachers/<name>                  attrs: model_type, checkpoint_name, checkpoint_sha256,
-                                             image_size, taps (JSON list), tap_kinds (JSON)
+                                             image_size, taps (JSON list), tap_kinds (JSON),
+                                             frame ("longest_side", or "square": SAM 2's
+                                             input, the whole image resized to S x S; its
+                                             spatial taps are in that frame)
     /teachers/<name>/taps/<tap>       (N, *tap_shape) float16 (or float32), chunks (1, *tap_shape),
                                       compression none / gzip / lzf. Encoder maps are
                                       N x C x H x W; attention taps are coarse maps
@@ -28,7 +31,8 @@ A feature file (`features.h5`) holds, for N images and one or more teachers:
     /teachers/<name>/crc32/<tap>      (N,) uint32, zlib.crc32 of each stored sample's bytes
     /teachers/<name>/done             (N,) bool, per-image completion flag
     /teachers/<name>/decoder/<key>    the teacher's `prompt_encoder.*` and `mask_decoder.*`
-                                      weights (state-dict keys, original dtype)
+                                      weights (SAM 2: `sam_prompt_encoder.*` and
+                                      `sam_mask_decoder.*`; state-dict keys, original dtype)
     /teachers/<name>/pseudo_masks     (N,) utf-8 strings, only for the teacher of
                                       extract.pseudo_masks: per image, its automatic masks as
                                       a JSON list of {"size": [H, W], "counts": COCO RLE
@@ -71,6 +75,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from samkd.models.registry import is_sam2_type
+from samkd.models.taps import ENCODER_HIGH_RES
+
 SCHEMA_VERSION = 1
 # A file listing skipped images is version 2, so that samkd versions without the list
 # refuse it rather than read the skipped images' zeros as features; other files stay 1.
@@ -97,6 +104,8 @@ StorageDtype = Literal["float16", "float32"]
 Compression = Literal["none", "gzip", "lzf"]
 JoinLayout = Literal["copy", "virtual"]
 TapKind = Literal["spatial", "attention", "other"]
+# A teacher's input frame (`samkd.models.frames`); files without one are longest_side.
+LONGEST_SIDE = "longest_side"
 
 
 class FeatureStoreError(RuntimeError):
@@ -158,7 +167,7 @@ class TapSpec:
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """What identifies one teacher's features: model, weights, input size and taps."""
+    """What identifies one teacher's features: model, weights, input size and frame, taps."""
 
     name: str
     model_type: str
@@ -166,6 +175,7 @@ class TeacherSpec:
     taps: tuple[TapSpec, ...]
     checkpoint_name: str | None = None
     checkpoint_sha256: str | None = None
+    frame: str = LONGEST_SIDE
 
     def tap(self, name: str) -> TapSpec:
         for tap in self.taps:
@@ -304,6 +314,7 @@ def _teacher_to_json(teacher: TeacherSpec) -> dict[str, Any]:
         "image_size": teacher.image_size,
         "checkpoint_name": teacher.checkpoint_name,
         "checkpoint_sha256": teacher.checkpoint_sha256,
+        "frame": teacher.frame,
         "taps": [{"name": t.name, "shape": list(t.shape), "kind": t.kind} for t in teacher.taps],
     }
 
@@ -317,6 +328,7 @@ def teacher_from_json(record: Mapping[str, Any]) -> TeacherSpec:
         taps=taps,
         checkpoint_name=record.get("checkpoint_name"),
         checkpoint_sha256=record.get("checkpoint_sha256"),
+        frame=record.get("frame", LONGEST_SIDE),
     )
 
 
@@ -345,6 +357,9 @@ def describe_difference(stored: Mapping[str, Any], planned: Mapping[str, Any]) -
         for key in ("model_type", "image_size", "checkpoint_name", "checkpoint_sha256"):
             if old[key] != new[key]:
                 return f"teacher '{name}' was extracted with {key} {old[key]}, now {new[key]}"
+        was, now = old.get("frame", LONGEST_SIDE), new.get("frame", LONGEST_SIDE)
+        if was != now:
+            return f"teacher '{name}' was extracted in frame {was}, now {now}"
         old_taps = {tap["name"]: tap for tap in old["taps"]}
         new_taps = {tap["name"]: tap for tap in new["taps"]}
         if list(old_taps) != list(new_taps):
@@ -472,8 +487,12 @@ def file_sha256(path: Path, block_size: int = 1 << 20) -> str:
 
 
 def teacher_taps(settings: Any, teacher: Any) -> list[str]:
-    """The taps stored for one teacher: its own `taps`, else `extract.taps`."""
-    return list(teacher.taps or settings.extract.taps)
+    """The taps stored for one teacher: its own `taps`, else `extract.taps`; with
+    `extract.high_res`, a SAM 2 teacher's high-resolution maps too."""
+    taps = list(teacher.taps or settings.extract.taps)
+    if settings.extract.high_res and is_sam2_type(teacher.model_type):
+        taps += [tap for tap in ENCODER_HIGH_RES if tap not in taps]
+    return taps
 
 
 def pseudo_mask_plan(settings: Any) -> dict[str, Any] | None:
@@ -494,6 +513,7 @@ def plan_from_settings(
     preprocessing: Mapping[str, Any],
     image_size: int | None = None,
     compute: Mapping[str, str] | None = None,
+    frames: Mapping[str, str] | None = None,
 ) -> ExtractionPlan:
     """The plan of `samkd extract`: teachers, taps and storage options from `samkd.settings`.
 
@@ -501,8 +521,9 @@ def plan_from_settings(
     `tap_shapes[teacher][tap]` is the per-image shape each teacher produces for each of its
     taps (`teacher_taps`) (attention taps: the coarse G^2 x G^2 map); `preprocessing` is
     whatever decides the teacher's input pixels (resize, pad, normalisation); `image_size`
-    defaults to `settings.data.image_size`; `compute` is how the teachers run. The
-    pseudo-masks are those of `extract.pseudo_masks` (`pseudo_mask_plan`).
+    defaults to `settings.data.image_size`; `compute` is how the teachers run; `frames`,
+    each teacher's input frame (default `longest_side`). The pseudo-masks are those of
+    `extract.pseudo_masks` (`pseudo_mask_plan`).
     """
     extract = settings.extract
     teachers = []
@@ -519,6 +540,7 @@ def plan_from_settings(
                 ),
                 checkpoint_name=checkpoint.name if checkpoint else None,
                 checkpoint_sha256=file_sha256(checkpoint) if checkpoint else None,
+                frame=(frames or {}).get(teacher.name, LONGEST_SIDE),
             )
         )
     return ExtractionPlan(

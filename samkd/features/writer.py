@@ -80,7 +80,7 @@ from samkd.features.storage import (
     storage_errors,
 )
 from samkd.files import atomic_path, existing_folder, format_bytes, publish, temporary_path
-from samkd.models.registry import DECODER_PREFIXES
+from samkd.models.registry import DECODER_PREFIXES, SAM2_DECODER_PREFIXES
 
 ArrayLike = np.ndarray | torch.Tensor
 ProgressCallback = Callable[[str, int], None]
@@ -148,11 +148,12 @@ def stored_sample(
 
 
 def decoder_state(state_dict: Mapping[str, ArrayLike]) -> dict[str, np.ndarray]:
-    """The `prompt_encoder.*` and `mask_decoder.*` entries of a SAM state dict, as numpy."""
+    """The `prompt_encoder.*` and `mask_decoder.*` entries of a SAM state dict (a SAM 2 one's
+    `sam_prompt_encoder.*` and `sam_mask_decoder.*`), as numpy."""
     state = {
         key: to_numpy(value).copy()
         for key, value in state_dict.items()
-        if key.startswith(DECODER_PREFIXES)
+        if key.startswith(DECODER_PREFIXES + SAM2_DECODER_PREFIXES)
     }
     if not state:
         raise FeatureStoreError(

@@ -184,10 +184,28 @@ def _check_fits(
     expected: Mapping[str, torch.Tensor], state: StateDict, source: str, model_type: str
 ) -> None:
     mismatch = describe_mismatch(expected, state)
-    if mismatch:
+    if not mismatch:
+        return
+    given, wanted = weights_family(state), weights_family(expected)
+    # Naming the families helps most across SAM generations (a SAM 1 file for a SAM 2 type).
+    if given and wanted and given != wanted and "SAM 2" in given + wanted:
         raise CheckpointError(
-            f"checkpoint {source} does not fit model type {model_type!r}: {mismatch}"
+            f"checkpoint {source} holds {given} weights, but model type {model_type!r} is "
+            f"{wanted}: {mismatch}"
         )
+    raise CheckpointError(f"checkpoint {source} does not fit model type {model_type!r}: {mismatch}")
+
+
+def weights_family(state: Mapping[str, torch.Tensor]) -> str | None:
+    """Which family a state dict's keys are of (SAM 1's ViT, MobileSAM's TinyViT, SAM 2 or
+    SAM 2.1), or None when they are of none."""
+    if any(key.startswith("sam_mask_decoder.") for key in state):
+        return "SAM 2.1" if "no_obj_embed_spatial" in state else "SAM 2"
+    if any(key.startswith("image_encoder.layers.") for key in state):
+        return "MobileSAM (TinyViT)"
+    if any(key.startswith("image_encoder.blocks.") for key in state):
+        return "SAM 1 (ViT)"
+    return None
 
 
 def describe_mismatch(

@@ -6,7 +6,10 @@ Tap names are the same on every model type:
 - `encoder.block.<i>`: output of ViT block `i` or of TinyViT stage `i` (which includes the
   stage's patch merging), as B x C x h x w.
 - `encoder.qk.<i>`: an `AttentionCapture` of attention block `i`; TinyViT's attention blocks are
-  numbered across stages in order.
+  numbered across stages in order. On SAM 2's Hiera, only the global-attention blocks whose
+  tokens are at stride 16 (those of its third stage) have one.
+- `encoder.high_res.0`, `encoder.high_res.1` (SAM 2 only): the two high-resolution maps its
+  mask decoder takes, after `conv_s0` / `conv_s1`: B x 32 x H/4 x W/4 and B x 64 x H/8 x W/8.
 - `decoder.upscaled`: mask decoder's upscaled image embedding, N x 32 x 4h x 4w, before the
   product with the per-mask hypernetwork weights (N = images x prompts in that call).
 - `decoder.mask_logits`: low-resolution mask logits returned by the mask decoder.
@@ -36,6 +39,7 @@ from samkd.models.tiny_vit import TinyViT, TinyViTBlock
 ENCODER_EMBED = "encoder.embed"
 ENCODER_BLOCK = "encoder.block"
 ENCODER_QK = "encoder.qk"
+ENCODER_HIGH_RES = ("encoder.high_res.0", "encoder.high_res.1")
 DECODER_UPSCALED = "decoder.upscaled"
 DECODER_MASK_LOGITS = "decoder.mask_logits"
 DECODER_IOU = "decoder.iou"
@@ -126,7 +130,9 @@ def _tap_points(model: Sam) -> dict[str, Attach]:
     encoder = model.image_encoder
     decoder = model.mask_decoder
     points: dict[str, Attach] = {ENCODER_EMBED: _output_tap(ENCODER_EMBED, encoder, _same)}
-    if isinstance(encoder, ImageEncoderViT):
+    if is_sam2(model):
+        points.update(_hiera_tap_points(model))
+    elif isinstance(encoder, ImageEncoderViT):
         for i, block in enumerate(encoder.blocks):
             points[f"{ENCODER_BLOCK}.{i}"] = _output_tap(f"{ENCODER_BLOCK}.{i}", block, _to_bchw)
         for i, block in enumerate(encoder.blocks):
@@ -139,10 +145,70 @@ def _tap_points(model: Sam) -> dict[str, Attach]:
             points[f"{ENCODER_QK}.{i}"] = _tiny_vit_attention_tap(f"{ENCODER_QK}.{i}", block)
     else:
         raise TapError(f"no taps for image encoder {type(encoder).__name__}")
-    points[DECODER_UPSCALED] = _output_tap(DECODER_UPSCALED, decoder.output_upscaling, _same)
+    points[DECODER_UPSCALED] = _output_tap(DECODER_UPSCALED, upscaling_output(decoder), _same)
     points[DECODER_MASK_LOGITS] = _output_tap(DECODER_MASK_LOGITS, decoder, _item(0))
     points[DECODER_IOU] = _output_tap(DECODER_IOU, decoder, _item(1))
     return points
+
+
+def is_sam2(model: nn.Module) -> bool:
+    """Whether `model` is a SAM 2 model (`samkd.models.sam2_model.Sam2Model`), told without
+    importing the optional sam2 package."""
+    return getattr(model, "family", None) == "sam2"
+
+
+def upscaling_output(mask_decoder: nn.Module) -> nn.Module:
+    """The module whose output is the mask decoder's upscaled embedding `N x 32 x 4h x 4w`:
+    the last of `output_upscaling`, which SAM 2 calls part by part (adding its
+    high-resolution maps) and SAM calls as a whole."""
+    upscaling: nn.Sequential = mask_decoder.output_upscaling  # type: ignore[assignment]
+    return upscaling[-1]
+
+
+def _hiera_tap_points(model: nn.Module) -> dict[str, Attach]:
+    """SAM 2's blocks, their stride-16 global attention, and the high-resolution maps."""
+    encoder: Any = model.image_encoder
+    trunk: Any = encoder.trunk
+    decoder: Any = model.mask_decoder
+    points: dict[str, Attach] = {}
+    for i, block in enumerate(trunk.blocks):
+        points[f"{ENCODER_BLOCK}.{i}"] = _output_tap(f"{ENCODER_BLOCK}.{i}", block, _to_bchw)
+    for i in stride16_global_blocks(trunk):
+        points[f"{ENCODER_QK}.{i}"] = _hiera_attention_tap(f"{ENCODER_QK}.{i}", trunk.blocks[i])
+    for name, conv in zip(ENCODER_HIGH_RES, (decoder.conv_s0, decoder.conv_s1), strict=True):
+        points[name] = _output_tap(name, conv, _same)
+    return points
+
+
+def stride16_global_blocks(trunk: Any) -> list[int]:
+    """Hiera's global-attention blocks (window 0) in its third stage, at stride 16."""
+    stage_ends: list[int] = list(trunk.stage_ends)
+    return [
+        i
+        for i, block in enumerate(trunk.blocks)
+        if block.window_size == 0 and stage_ends[1] < i <= stage_ends[2] and not block.q_stride
+    ]
+
+
+def _hiera_attention_tap(name: str, block: nn.Module) -> Attach:
+    attention: Any = block.attn
+
+    def capture(qkv: torch.Tensor, grid: tuple[int, int]) -> AttentionCapture:
+        # qkv: B x H x W x 3C (a global block attends over the whole grid), as
+        # [q, k, v] x heads x head_dim; scaled-dot-product attention's default scale.
+        batch = qkv.shape[0]
+        per_head = qkv.reshape(batch, grid[0] * grid[1], 3, attention.num_heads, -1)
+        query, key = per_head.permute(2, 0, 3, 1, 4).unbind(0)[:2]
+        return AttentionCapture(
+            query=query,
+            key=key,
+            scale=query.shape[-1] ** -0.5,
+            grid=grid,
+            window=0,
+            padded_grid=grid,
+        )
+
+    return _grid_and_qkv_tap(name, block, attention.qkv, capture)
 
 
 def _output_tap(name: str, module: nn.Module, convert: Callable[[Any], torch.Tensor]) -> Attach:

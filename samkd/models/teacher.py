@@ -10,7 +10,9 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam
 from torch import nn
 
 from samkd.models.fast_attention import optimize_teacher
-from samkd.models.registry import build_prompt_decoder, build_sam
+from samkd.models.frames import LONGEST_SIDE, Frame
+from samkd.models.registry import build_prompt_decoder, build_sam, model_type_info
+from samkd.models.sam2_build import require_sam2
 
 # A teacher without a checkpoint gets random weights from this seed, drawn on the CPU: every
 # job, rank and rerun then sees the same teacher, so stored and online features agree.
@@ -33,10 +35,13 @@ def build_teacher(
     *,
     fast: bool = False,
     compile: bool = False,
+    frame: Frame | None = None,
 ) -> Sam:
     """A frozen teacher on `device`: its checkpoint's weights, or seeded random weights (the
-    global random state is left as it was). `fast` puts its image encoder on the fast path
-    (`samkd.models.fast_attention`), `compile` also compiling it."""
+    global random state is left as it was). `fast` puts a SAM ViT's image encoder on the fast
+    path (`samkd.models.fast_attention`), `compile` also compiling it; SAM 2's Hiera already
+    runs scaled-dot-product attention. `frame`: a SAM 2 teacher's input frame (default its
+    own, `square`)."""
     if checkpoint is None:
         logger.warning(f"teacher {model_type} has no checkpoint: using seeded random weights")
         with torch.random.fork_rng(devices=[]):
@@ -45,14 +50,30 @@ def build_teacher(
     else:
         model = build_sam(model_type, image_size=image_size, checkpoint=checkpoint)
     frozen(model.to(device))
-    if fast:
+    if model_type_info(model_type).sam2 is not None:
+        model.frame = frame or model.frame
+    elif fast:
         optimize_teacher(model, compile=compile)
     return model
+
+
+def prompt_decoder_for(model_type: str, image_size: int, frame: Frame | None = None) -> nn.Module:
+    """The prompt encoder and mask decoder of `model_type` alone (`PromptDecoder`, or SAM 2's
+    `Sam2PromptDecoder`), as a feature file stores them; `frame`: a SAM 2 decoder's."""
+    spec = model_type_info(model_type).sam2
+    if spec is None:
+        return PromptDecoder(image_size)
+    require_sam2(model_type)
+    from samkd.models.sam2_prompt_decoder import Sam2PromptDecoder
+
+    return Sam2PromptDecoder(spec, image_size, frame or "square")
 
 
 class PromptDecoder(nn.Module):
     """A teacher's prompt encoder and mask decoder alone (state-dict keys as in `Sam`), as
     stored in feature files."""
+
+    frame: Frame = LONGEST_SIDE
 
     def __init__(self, image_size: int) -> None:
         super().__init__()

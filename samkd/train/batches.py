@@ -8,6 +8,9 @@ Photometric changes and flips keep stored teacher features valid:
   so a flipped teacher map approximates the teacher's features of the flipped image; the flip
   is off by default and refused with attention matching, whose coarse maps are not mirrored.
 
+Models in the `square` frame (SAM 2) take each image resized to `S x S`
+(`Sample.square_image`): a flip mirrors it and a teacher's stored square maps whole.
+
 Geometric changes (crop, scale jitter, quarter turns; `samkd.data.geometry`) are online only:
 they change the image that the teachers see, so they run on the image at original resolution
 and its masks while the sample is read, boxes and prompts are drawn from the transformed
@@ -28,6 +31,7 @@ from torch.utils.data import Dataset
 
 from samkd.data import Geometry, Sample, SegmentationDataset
 from samkd.features import FeatureStore, FeatureStoreError
+from samkd.models.frames import SQUARE, Frame
 from samkd.train.label_free import LabelFree
 
 LOW_RES_FACTOR = 4  # SAM's mask logits are 4x the embedding grid: image_size / 4
@@ -94,12 +98,14 @@ class TrainingSample:
 
 @dataclass
 class TrainingBatch:
-    """Student inputs `B x 3 x S x S`, the samples, and online teachers' inputs when they
-    differ from the student's (photometric augmentation)."""
+    """Student inputs `B x 3 x S x S`, the samples, online teachers' inputs when they differ
+    from the student's (photometric augmentation), and the images in the `square` frame when
+    a model takes them (`B x 3 x S x S`, None otherwise)."""
 
     images: torch.Tensor
     samples: list[TrainingSample]
     teacher_images: torch.Tensor | None = None
+    square_images: torch.Tensor | None = None
 
     @property
     def skipped(self) -> list[str]:
@@ -116,8 +122,19 @@ class TrainingBatch:
             for item in self.samples
         )
 
-    def teacher_inputs(self) -> torch.Tensor:
+    def teacher_inputs(self, frame: Frame = "longest_side") -> torch.Tensor:
+        """Online teachers' input in `frame`."""
+        if frame == SQUARE:
+            return self.frame_inputs(frame)
         return self.images if self.teacher_images is None else self.teacher_images
+
+    def frame_inputs(self, frame: Frame) -> torch.Tensor:
+        """The images as a model in `frame` takes them (the student's, in `longest_side`)."""
+        if frame != SQUARE:
+            return self.images
+        if self.square_images is None:
+            raise ValueError("a model in the square frame needs the batch's square images")
+        return self.square_images
 
     def to(self, device: torch.device) -> TrainingBatch:
         """The batch's tensors on `device`. The copies do not block: a blocking host-to-device
@@ -130,17 +147,21 @@ class TrainingBatch:
                 teacher: {tap: t.to(device, non_blocking=True) for tap, t in taps.items()}
                 for teacher, taps in item.teacher_features.items()
             }
-        teacher_images = self.teacher_images
+        teacher_images, square = self.teacher_images, self.square_images
         if teacher_images is not None:
             teacher_images = teacher_images.to(device, non_blocking=True)
+        if square is not None:
+            square = square.to(device, non_blocking=True)
         images = self.images.to(device, non_blocking=True)
-        return TrainingBatch(images, self.samples, teacher_images)
+        return TrainingBatch(images, self.samples, teacher_images, square)
 
     def pin_memory(self) -> TrainingBatch:
         """Page-locked copies of what `to` moves, so that those copies are asynchronous."""
         self.images = self.images.pin_memory()
         if self.teacher_images is not None:
             self.teacher_images = self.teacher_images.pin_memory()
+        if self.square_images is not None:
+            self.square_images = self.square_images.pin_memory()
         for item in self.samples:
             item.low_res_targets = item.low_res_targets.pin_memory()
             if item.task_weights is not None:
@@ -193,6 +214,10 @@ class DistillationDataset(Dataset[TrainingSample]):
         self.seed = seed
         self.label_free = label_free or LabelFree()
         self.epoch = 0
+        # Stored teachers whose maps cover the whole image (square frame): a flip mirrors all.
+        self.square_teachers = frozenset(
+            teacher.name for teacher in (store.teachers if store else []) if teacher.frame == SQUARE
+        )
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -217,7 +242,9 @@ class DistillationDataset(Dataset[TrainingSample]):
         flip = bool(rng.random() < self.augmentation.flip_probability)
         if flip:
             image_size = sample.image.shape[-1]
-            features = flip_features(features, sample.input_size[1], image_size)
+            features = flip_features(
+                features, sample.input_size[1], image_size, self.square_teachers
+            )
             sample = flip_sample(sample)
         clean_image = sample.image
         sample.image = photometric(clean_image, sample.input_size, self.augmentation, rng)
@@ -288,14 +315,19 @@ def flip_sample(sample: Sample) -> Sample:
         point_labels=sample.point_labels,
         prompt_kinds=sample.prompt_kinds,
         skipped=sample.skipped,
+        square_image=None if sample.square_image is None else sample.square_image.flip(-1),
     )
 
 
 def flip_features(
-    features: dict[str, dict[str, torch.Tensor]], input_width: int, image_size: int
+    features: dict[str, dict[str, torch.Tensor]],
+    input_width: int,
+    image_size: int,
+    square: frozenset[str] = frozenset(),
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Mirror every `C x H x W` feature map inside the columns that cover the image (the rest
-    is padding); other taps are left as they are."""
+    is padding; all of them for the teachers in `square`, whose maps cover the whole image);
+    other taps are left as they are."""
     flipped: dict[str, dict[str, torch.Tensor]] = {}
     for teacher, taps in features.items():
         flipped[teacher] = {}
@@ -303,7 +335,9 @@ def flip_features(
             if tensor.ndim != 3:
                 flipped[teacher][tap] = tensor
                 continue
-            valid = -(-input_width * tensor.shape[-1] // image_size)
+            valid = tensor.shape[-1]
+            if teacher not in square:
+                valid = -(-input_width * tensor.shape[-1] // image_size)
             mirrored = tensor.clone()
             mirrored[..., :valid] = tensor[..., :valid].flip(-1)
             flipped[teacher][tap] = mirrored
@@ -327,4 +361,7 @@ def collate_training(items: list[TrainingSample]) -> TrainingBatch:
                 for item in items
             ]
         )
-    return TrainingBatch(images, items, teacher_images)
+    square = None
+    if all(item.sample.square_image is not None for item in items):
+        square = torch.stack([item.sample.square_image for item in items])  # type: ignore[misc]
+    return TrainingBatch(images, items, teacher_images, square)

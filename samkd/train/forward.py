@@ -7,7 +7,7 @@ or points), as SAM's prompt encoder takes one kind per call.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -16,6 +16,9 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam
 from torch import nn
 
 from samkd.models import DECODER_MASK_LOGITS, DECODER_UPSCALED, ENCODER_EMBED, capture_taps
+from samkd.models.frames import valid_key
+from samkd.models.sam2_decoding import predict_all_masks
+from samkd.models.taps import ENCODER_HIGH_RES, is_sam2, upscaling_output
 from samkd.train.batches import TrainingBatch
 
 
@@ -54,12 +57,14 @@ class DecoderOutputs:
     """For every prompted object of a batch, in group order: all four of SAM's outputs,
     `mask_logits` N x 4 x 4h x 4w and `iou` N x 4 (output 0 is the single-mask output,
     1-3 the multimask ones), `ambiguous` N bool (a single point: the multimask outputs are
-    the ones to use), `upscaled` N x 32 x 4h x 4w (when recorded)."""
+    the ones to use), `upscaled` N x 32 x 4h x 4w (when recorded); `valid` N x 1 x 4h x 4w
+    bool for outputs mapped from another frame (`samkd.train.frames`), else None."""
 
     mask_logits: torch.Tensor
     iou: torch.Tensor
     ambiguous: torch.Tensor
     upscaled: torch.Tensor | None
+    valid: torch.Tensor | None = None
 
 
 def prompt_groups(batch: TrainingBatch, device: torch.device) -> list[PromptGroup]:
@@ -136,7 +141,7 @@ def embed_points(
     `torch.where` selects them on the device.
 
     coords: `n x K x 2` in the input frame; labels: `n x K` (1 foreground, 0 background,
-    -1 padding).
+    -1 padding; SAM 2 also gives box corners as points, 2 top-left and 3 bottom-right).
     """
     coords = coords + 0.5  # the centre of the pixel
     if pad:
@@ -147,20 +152,26 @@ def embed_points(
     weights = prompt_encoder.point_embeddings
     embedding = embedding + torch.where(label == 0, weights[0].weight, 0.0)
     embedding = embedding + torch.where(label == 1, weights[1].weight, 0.0)
+    embedding = embedding + torch.where(label == 2, weights[2].weight, 0.0)
+    embedding = embedding + torch.where(label == 3, weights[3].weight, 0.0)
     return torch.where(label == -1, prompt_encoder.not_a_point_embed.weight, embedding)
 
 
 def encode_prompts(
-    prompt_encoder: PromptEncoder, group: PromptGroup
+    prompt_encoder: PromptEncoder, group: PromptGroup, boxes_as_points: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`PromptEncoder.forward`, free of host-device syncs: sparse embeddings `n x T x C`
     (points, then box corners) and dense ones `n x C x h x w` (the mask prompt's where the
-    group feeds one back, else SAM's "no mask" embedding)."""
+    group feeds one back, else SAM's "no mask" embedding). `boxes_as_points`: as
+    `SAM2ImagePredictor` prompts SAM 2, the box corners as points labelled 2 and 3, then the
+    clicks, then a padding point."""
     sparse = []
-    if group.point_coords is not None and group.point_labels is not None:
+    if boxes_as_points:
+        sparse.append(embed_points(prompt_encoder, *_points_with_box(group), pad=True))
+    elif group.point_coords is not None and group.point_labels is not None:
         pad = group.boxes is None
         sparse.append(embed_points(prompt_encoder, group.point_coords, group.point_labels, pad))
-    if group.boxes is not None:
+    if group.boxes is not None and not boxes_as_points:
         sparse.append(prompt_encoder._embed_boxes(group.boxes))
     dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
     height, width = prompt_encoder.image_embedding_size
@@ -169,6 +180,20 @@ def encode_prompts(
         masks = prompt_encoder.mask_downscaling(group.mask_inputs)
         dense = torch.where(group.mask_feedback[:, None, None, None], masks, dense)
     return torch.cat(sparse, dim=1), dense
+
+
+def _points_with_box(group: PromptGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n x K x 2` coordinates and `n x K` labels: the box's corners (labels 2, 3), then the
+    group's points."""
+    coords, labels = [], []
+    if group.boxes is not None:
+        corners = group.boxes.reshape(-1, 2, 2)
+        coords.append(corners)
+        labels.append(torch.tensor([2, 3], device=corners.device).expand(len(corners), 2))
+    if group.point_coords is not None and group.point_labels is not None:
+        coords.append(group.point_coords.to(dtype=torch.float32))
+        labels.append(group.point_labels.long())
+    return torch.cat(coords, dim=1), torch.cat(labels, dim=1)
 
 
 @contextmanager
@@ -182,7 +207,7 @@ def recorded_upscaling(mask_decoder: MaskDecoder, enabled: bool) -> Iterator[lis
     def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
         outputs.append(output)
 
-    handle = mask_decoder.output_upscaling.register_forward_hook(hook)
+    handle = upscaling_output(mask_decoder).register_forward_hook(hook)
     try:
         yield outputs
     finally:
@@ -195,20 +220,31 @@ def run_decoder(
     embeddings: torch.Tensor,
     groups: Sequence[PromptGroup],
     record_upscaled: bool,
+    high_res: Sequence[torch.Tensor] | None = None,
 ) -> DecoderOutputs:
     """Decode every group against its image's embedding (`B x 256 x h x w`), keeping all four
-    mask outputs so that training can use the single-mask or the multimask ones per object."""
+    mask outputs so that training can use the single-mask or the multimask ones per object.
+
+    high_res: a SAM 2 decoder's two high-resolution maps of the batch (`encoder.high_res.0/1`,
+    see `samkd.models.sam2_decoding`); None for SAM's."""
     dense_pe = prompt_encoder.get_dense_pe()
     logits, scores = [], []
     with recorded_upscaling(mask_decoder, record_upscaled) as upscaled:
         for group in groups:
-            sparse, dense = encode_prompts(prompt_encoder, group)
-            group_logits, group_scores = mask_decoder.predict_masks(
-                image_embeddings=embeddings[group.sample : group.sample + 1],
-                image_pe=dense_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-            )
+            sparse, dense = encode_prompts(prompt_encoder, group, high_res is not None)
+            image = embeddings[group.sample : group.sample + 1]
+            if high_res is None:
+                group_logits, group_scores = mask_decoder.predict_masks(
+                    image_embeddings=image,
+                    image_pe=dense_pe,
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                )
+            else:
+                maps = [level[group.sample : group.sample + 1] for level in high_res]
+                group_logits, group_scores = predict_all_masks(
+                    mask_decoder, image, dense_pe, sparse, dense, maps
+                )
             logits.append(group_logits)
             scores.append(group_scores)
     return DecoderOutputs(
@@ -222,8 +258,11 @@ def run_decoder(
 def encoder_forward(
     model: Sam, images: torch.Tensor, taps: Sequence[str]
 ) -> tuple[torch.Tensor, dict[str, object]]:
-    """Image embeddings `B x 256 x h x w` and the requested encoder taps."""
+    """Image embeddings `B x 256 x h x w` and the requested encoder taps (with a SAM 2 model's
+    high-resolution maps, which its decoder takes, always)."""
     encoder_taps = [tap for tap in taps if tap.startswith("encoder.") and tap != ENCODER_EMBED]
+    if is_sam2(model):
+        encoder_taps = list(dict.fromkeys([*encoder_taps, *ENCODER_HIGH_RES]))
     with capture_taps(model, encoder_taps) as captured:
         embeddings = model.image_encoder(images)
         features: dict[str, object] = dict(captured)
@@ -231,11 +270,22 @@ def encoder_forward(
     return embeddings, features
 
 
+def high_res_of(features: Mapping[str, object]) -> tuple[torch.Tensor, ...] | None:
+    """A SAM 2 model's two high-resolution maps among its encoder `features`, else None."""
+    maps = [features.get(name) for name in ENCODER_HIGH_RES]
+    if not all(isinstance(level, torch.Tensor) for level in maps):
+        return None
+    return tuple(level for level in maps if isinstance(level, torch.Tensor))
+
+
 def decoder_features(outputs: DecoderOutputs, taps: Sequence[str]) -> dict[str, torch.Tensor]:
-    """The decoder taps among `taps`, from a decoder run."""
+    """The decoder taps among `taps`, from a decoder run (with their valid cells, for outputs
+    mapped from another frame)."""
     features: dict[str, torch.Tensor] = {}
     if DECODER_UPSCALED in taps and outputs.upscaled is not None:
         features[DECODER_UPSCALED] = outputs.upscaled
     if DECODER_MASK_LOGITS in taps:
         features[DECODER_MASK_LOGITS] = outputs.mask_logits
+    if outputs.valid is not None:
+        features.update({valid_key(tap): outputs.valid for tap in list(features)})
     return features

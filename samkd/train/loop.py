@@ -21,6 +21,7 @@ from samkd.errors import UsageError
 from samkd.files import check_writable
 from samkd.models import save_state_dict
 from samkd.models.lora import merged_state_dict
+from samkd.models.taps import is_sam2
 from samkd.runtime import (
     Distributed,
     barrier,
@@ -228,7 +229,8 @@ def _train(
     if dist.is_main:
         exported = run_dir / EXPORT_NAME
         save_state_dict(merged_state_dict(student, settings.student.lora), exported)
-        layout = f"{settings.student.model_type}, segment-anything state-dict layout"
+        family = "sam2" if is_sam2(student) else "segment-anything"
+        layout = f"{settings.student.model_type}, {family} state-dict layout"
         console.print(f"exported the student ({layout}) to {exported}")
     if log is not None:
         log.close()

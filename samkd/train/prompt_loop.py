@@ -11,7 +11,9 @@ grid (`4h x 4w`, 64 x 64 at 256 px) inside the unpadded image, at the centre of 
 cell in the input frame.
 
 Every teacher decodes the same prompt sequence, with its own previous logits as mask prompts.
-The sequence is built under `no_grad`; gradients flow through every iteration's outputs.
+The sequence is built under `no_grad`; gradients flow through every iteration's outputs. A
+model in another frame (SAM 2's `square`) gets the prompts and its fed-back logits mapped into
+its frame, and its outputs mapped back (`samkd.train.frames`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from dataclasses import dataclass
 import torch
 from segment_anything.modeling import MaskDecoder, PromptEncoder
 
+from samkd.models.frames import LONGEST_SIDE, Frame
 from samkd.settings import TrainSettings
 from samkd.train.clicks import ClickMode, hash_uniform, mix_seed, sample_clicks
-from samkd.train.forward import DecoderOutputs, PromptGroup, group_task_weights, run_decoder
+from samkd.train.forward import DecoderOutputs, PromptGroup, group_task_weights
+from samkd.train.frames import decode_in_frame
 
 
 @dataclass(frozen=True)
@@ -49,12 +53,27 @@ class PromptLoop:
 @dataclass(frozen=True)
 class TeacherDecoder:
     """A frozen teacher's prompt encoder and mask decoder, and its image embeddings
-    `B x 256 x h x w` for the batch."""
+    `B x 256 x h x w` for the batch (a SAM 2 teacher's also its high-resolution maps), in
+    its `frame`."""
 
     name: str
     prompt_encoder: PromptEncoder
     mask_decoder: MaskDecoder
     embeddings: torch.Tensor
+    high_res: tuple[torch.Tensor, ...] | None = None
+    frame: Frame = LONGEST_SIDE
+
+    def decode(self, groups: Sequence[PromptGroup], record_upscaled: bool) -> DecoderOutputs:
+        """The teacher's outputs for `groups` (prompts in the student's frame), in that frame."""
+        return decode_in_frame(
+            self.prompt_encoder,
+            self.mask_decoder,
+            self.embeddings,
+            groups,
+            record_upscaled,
+            self.high_res,
+            self.frame,
+        )
 
 
 @dataclass(frozen=True)
@@ -181,29 +200,32 @@ def run_prompt_loop(
     teachers: Sequence[TeacherDecoder],
     record_upscaled: bool,
     seed: int,
+    student_high_res: Sequence[torch.Tensor] | None = None,
+    student_frame: Frame = LONGEST_SIDE,
 ) -> list[Iteration]:
     """Decode `loop.iterations` times, student (with gradients) and teachers (without).
 
     embeddings: the student's `B x 256 x h x w`; targets: ground truth `N x 4h x 4w` in the
-    order of `groups`' objects; seed: non-negative, fixes the random clicks and feedback.
+    order of `groups`' objects; seed: non-negative, fixes the random clicks and feedback;
+    student_high_res, student_frame: a SAM 2 student's high-resolution maps and frame.
     """
     image_size = prompt_encoder.input_image_size[0]
     student_groups = list(groups)
     teacher_groups = {teacher.name: list(groups) for teacher in teachers}
     iterations = []
     for index in range(loop.iterations):
-        student = run_decoder(
-            prompt_encoder, mask_decoder, embeddings, student_groups, record_upscaled
+        student = decode_in_frame(
+            prompt_encoder,
+            mask_decoder,
+            embeddings,
+            student_groups,
+            record_upscaled,
+            student_high_res,
+            student_frame,
         )
         with torch.no_grad():
             outputs = {
-                teacher.name: run_decoder(
-                    teacher.prompt_encoder,
-                    teacher.mask_decoder,
-                    teacher.embeddings,
-                    teacher_groups[teacher.name],
-                    record_upscaled,
-                )
+                teacher.name: teacher.decode(teacher_groups[teacher.name], record_upscaled)
                 for teacher in teachers
             }
         iterations.append(Iteration(student, outputs))

@@ -25,9 +25,12 @@ from samkd.features import (
     read_decoder_state_dict,
 )
 from samkd.models import DECODER_PREFIXES, build_sam, load_state_dict_file
+from samkd.models.frames import SQUARE
 from samkd.models.lora import add_lora
+from samkd.models.registry import SAM2_UNUSED_PREFIXES, is_sam2_type
+from samkd.models.taps import is_sam2
 from samkd.runtime import Distributed, Precision, input_image_size
-from samkd.settings import Settings, check_micro_batch, load_settings
+from samkd.settings import Settings, check_micro_batch, load_settings, model_frame
 from samkd.train.batches import Augmentation, DistillationDataset, collate_training
 from samkd.train.forward import ENCODER_EMBED, encoder_forward
 from samkd.train.optim import encoder_layer_lr_scales, part_lr_scales
@@ -53,25 +56,35 @@ UNUSED_PREFIXES = (
     "prompt_encoder.mask_downscaling.",
 )
 MASK_PROMPT_PREFIX = "prompt_encoder.mask_downscaling."
+SAM2_MASK_PROMPT_PREFIX = "sam_prompt_encoder.mask_downscaling."
 
 
 def build_student(settings: Settings, device: torch.device) -> Sam:
     """The student, trainable, with unused and always-frozen parts excluded from training;
-    with `student.lora`, only its adapters (and `train_parts`) train."""
+    with `student.lora`, only its adapters (and `train_parts`) train. A SAM 2 student runs in
+    its frame (`student.frame`)."""
+    sam2 = is_sam2_type(settings.student.model_type)
+    if sam2:
+        check_sam2_student(settings)
     student = build_sam(
         settings.student.model_type,
         image_size=input_image_size(settings),
         checkpoint=settings.student.checkpoint,
         gradient_checkpointing=settings.student.gradient_checkpointing,
     ).to(device)
+    if sam2:
+        student.frame = model_frame(settings.student.model_type, settings.student.frame)
     if settings.student.decoder_from is not None:
         inherited = teacher_decoder_state(settings, settings.student.decoder_from)
         student.load_state_dict({**student.state_dict(), **inherited}, strict=True)
     if settings.student.lora.rank:
         add_lora(student, settings.student.lora)
     unused: tuple[str, ...] = UNUSED_PREFIXES
+    if sam2:
+        unused = (*SAM2_UNUSED_PREFIXES, SAM2_MASK_PROMPT_PREFIX)
     if settings.train.prompt_iters > 1:
-        unused = tuple(prefix for prefix in unused if prefix != MASK_PROMPT_PREFIX)
+        mask_prompts = (MASK_PROMPT_PREFIX, SAM2_MASK_PROMPT_PREFIX)
+        unused = tuple(prefix for prefix in unused if prefix not in mask_prompts)
     for name, parameter in student.named_parameters():
         if name.startswith(unused):
             parameter.requires_grad_(False)
@@ -81,10 +94,41 @@ def build_student(settings: Settings, device: torch.device) -> Sam:
     return student
 
 
+def check_sam2_student(settings: Settings) -> None:
+    """What a SAM 2 student does not support, as a one-line `UsageError`: it trains with SAM's
+    task loss (as SAM 2 was trained; e.g. a small teacher for the demo), not distilled."""
+    student = settings.student
+    refused = {
+        "teachers": "distillation trains SAM and MobileSAM students; a SAM 2 student trains "
+        "with the task loss only",
+        "student.decoder_from": "it would take a SAM 1 decoder",
+        "student.lora.rank": "LoRA targets SAM's and MobileSAM's layers",
+        "train.layer_decay": "layer decay counts ViT and TinyViT blocks",
+        "train.augment.brightness": "photometric changes apply to the longest_side input",
+        "train.augment.contrast": "photometric changes apply to the longest_side input",
+    }
+    values = {
+        "teachers": settings.teachers,
+        "student.decoder_from": student.decoder_from,
+        "student.lora.rank": student.lora.rank,
+        "train.layer_decay": settings.train.layer_decay != 1,
+        "train.augment.brightness": settings.train.augment.brightness,
+        "train.augment.contrast": settings.train.augment.contrast,
+    }
+    for key, value in values.items():
+        if value:
+            raise UsageError(
+                f"{key} is not supported with the SAM 2 student {student.model_type}: "
+                f"{refused[key]}"
+            )
+
+
 def lr_scales(settings: Settings, student: Sam) -> dict[nn.Parameter, float]:
     """Each student parameter's learning rate as a multiple of `train.lr`: its part's
     `train.lr_scale`, times `train.layer_decay`'s factor in the image encoder."""
     scales = part_lr_scales(student, settings.train.lr_scale.model_dump())
+    if is_sam2(student):  # refused unless 1 (`check_sam2_student`)
+        return scales
     layers = encoder_layer_lr_scales(student.image_encoder, settings.train.layer_decay)
     for parameter, factor in layers.items():
         scales[parameter] *= factor
@@ -121,6 +165,17 @@ def set_train_mode(student: nn.Module, frozen_bn: bool) -> None:
                 module.eval()
 
 
+def needs_square_inputs(settings: Settings) -> bool:
+    """Whether a model of the run takes the square frame's inputs: the student, or an online
+    teacher (stored teachers never run)."""
+    if model_frame(settings.student.model_type, settings.student.frame) == SQUARE:
+        return True
+    distillation = settings.distillation
+    if distillation.use_precomputed_features:
+        return False
+    return any(model_frame(t.model_type, t.frame) == SQUARE for t in settings.teachers)
+
+
 def build_train_dataset(settings: Settings) -> SegmentationDataset:
     if settings.data.train is None:
         raise UsageError("no training data: set data.train (a dataset folder)")
@@ -132,7 +187,7 @@ def build_train_dataset(settings: Settings) -> SegmentationDataset:
         max_positive=prompts.max_points,
         num_negative=prompts.num_negative_points,
     )
-    return build_dataset(
+    dataset = build_dataset(
         settings.data.train,
         layout=settings.data.layout,
         annotation_file=settings.data.annotation_file,
@@ -143,6 +198,8 @@ def build_train_dataset(settings: Settings) -> SegmentationDataset:
         max_objects=prompts.max_objects,
         seed=settings.train.seed,
     )
+    dataset.square_inputs = needs_square_inputs(settings)
+    return dataset
 
 
 def build_validation(
@@ -166,6 +223,7 @@ def build_validation(
         prompts=PromptSampler(mode="box", box_jitter=0.0),
         seed=settings.train.seed,
     )
+    images.square_inputs = needs_square_inputs(settings)
     with_teachers = None
     distillation = settings.distillation
     if teachers and not distillation.use_precomputed_features:
@@ -249,6 +307,11 @@ def check_teacher_identity(store: FeatureStore, settings: Settings) -> None:
             raise FeatureStoreError(
                 f"{prefix} as {teacher.model_type}, the settings say {entry.model_type}"
             )
+        frame = model_frame(entry.model_type, entry.frame)
+        if teacher.frame != frame:
+            raise FeatureStoreError(
+                f"{prefix} in the {teacher.frame} frame, the settings say {frame}"
+            )
         if entry.checkpoint is None:
             continue
         sha256 = file_sha256(entry.checkpoint)
@@ -270,7 +333,7 @@ def build_teachers(
     """Frozen teachers: decoders from the feature file, or whole models when online."""
     teachers = []
     for entry in settings.teachers:
-        encoder_taps = stored_taps(required[entry.name])
+        encoder_taps = stored_taps(required[entry.name], is_sam2_type(entry.model_type))
         if settings.distillation.use_precomputed_features:
             assert settings.distillation.features is not None
             teacher = load_precomputed_teacher(
@@ -353,7 +416,8 @@ def build_distillation(
     required = {t.name: provisional.required_teacher_taps(t.name) for t in settings.teachers}
     store = None
     if settings.distillation.use_precomputed_features:
-        stored = {name: stored_taps(taps) for name, taps in required.items()}
+        sam2 = {entry.name: is_sam2_type(entry.model_type) for entry in settings.teachers}
+        stored = {name: stored_taps(taps, sam2[name]) for name, taps in required.items()}
         store = open_feature_store(settings, dataset, stored)
     teachers = build_teachers(settings, required, device)
     image_size = input_image_size(settings)

@@ -15,6 +15,7 @@ from torch import nn
 from samkd.distill import DistillationObjective
 from samkd.errors import UsageError
 from samkd.models import DECODER_UPSCALED, AttentionCapture
+from samkd.models.frames import LONGEST_SIDE, Frame
 from samkd.runtime import Distributed, Precision
 from samkd.settings import Settings
 from samkd.train.batches import TrainingBatch
@@ -26,9 +27,10 @@ from samkd.train.forward import (
     encoder_forward,
     group_targets,
     group_task_weights,
+    high_res_of,
     prompt_groups,
-    run_decoder,
 )
+from samkd.train.frames import decode_in_frame
 from samkd.train.progress import Progress
 from samkd.train.prompt_loop import Iteration, PromptLoop, TeacherDecoder, run_prompt_loop
 from samkd.train.task_loss import (
@@ -37,7 +39,13 @@ from samkd.train.task_loss import (
     combine_task_losses,
     sam_task_loss,
 )
-from samkd.train.teachers import Teacher, split_taps, teacher_decoders, teacher_features
+from samkd.train.teachers import (
+    Teacher,
+    native_features,
+    split_taps,
+    teacher_decoders,
+    teacher_features,
+)
 from samkd.train.terms import (
     KD_WEIGHTED,
     LOSS_TOTAL,
@@ -55,7 +63,9 @@ class DistillationStep(nn.Module):
     that DistributedDataParallel synchronises them all with one call of `forward`.
 
     With a prompt loop (`samkd.train.prompt_loop`), each task and decoder term is its mean over
-    the loop's iterations."""
+    the loop's iterations. A SAM 2 student in the `square` frame (its `frame`) takes the
+    batch's square images, and its outputs are mapped into the pipeline's frame
+    (`samkd.train.frames`)."""
 
     def __init__(
         self,
@@ -71,6 +81,7 @@ class DistillationStep(nn.Module):
         self.schema = schema
         self.task_loss = task_loss
         self.loop = loop
+        self.student_frame: Frame = getattr(student, "frame", LONGEST_SIDE)
         taps = objective.required_student_taps() if objective is not None else []
         self.encoder_taps, self.decoder_taps = split_taps(taps)
         if loop is not None and loop.click_target == "teacher" and not self.decoder_taps:
@@ -100,6 +111,7 @@ class DistillationStep(nn.Module):
         (every teacher with decoder terms); seed: fixes the loop's random draws.
         """
         embeddings, student_features = encoder_forward(self.student, images, self.encoder_taps)
+        high_res = high_res_of(student_features)
         means: dict[str, torch.Tensor] = {}
         looped = self.loop is not None and loop_teachers is not None
         if groups and looped:
@@ -114,15 +126,19 @@ class DistillationStep(nn.Module):
                 loop_teachers,
                 record_upscaled=DECODER_UPSCALED in self.decoder_taps,
                 seed=seed,
+                student_high_res=high_res,
+                student_frame=self.student_frame,
             )
             means.update(self._loop_means(iterations, targets, group_task_weights(groups)))
         elif groups:
-            decoded = run_decoder(
+            decoded = decode_in_frame(
                 self.student.prompt_encoder,
                 self.student.mask_decoder,
                 embeddings,
                 groups,
-                record_upscaled=DECODER_UPSCALED in self.decoder_taps,
+                DECODER_UPSCALED in self.decoder_taps,
+                high_res,
+                self.student_frame,
             )
             student_features.update(decoder_features(decoded, self.decoder_taps))
             if self.task_loss and targets is not None:
@@ -322,15 +338,17 @@ def micro_step(
     targets = group_targets(batch, groups) if groups else None
     module = step_module_of(parts.forward)
     taps = module.decoder_taps
+    images = batch.frame_inputs(module.student_frame)
     with parts.precision.autocast(parts.device):
+        native = native_features(parts.teachers, batch)
         if module.loop is None:
-            features = teacher_features(parts.teachers, batch, groups, taps)
-            return parts.forward(batch.images, groups, targets, features, unit_counts, loss_weights)
+            features = teacher_features(parts.teachers, batch, groups, taps, native)
+            return parts.forward(images, groups, targets, features, unit_counts, loss_weights)
         # The loop decodes the teachers itself, with the prompts it builds.
-        features = teacher_features(parts.teachers, batch, groups, [])
-        decoders = teacher_decoders(parts.teachers, features) if taps else []
+        features = teacher_features(parts.teachers, batch, groups, [], native)
+        decoders = teacher_decoders(parts.teachers, native) if taps else []
         return parts.forward(
-            batch.images, groups, targets, features, unit_counts, loss_weights, decoders, seed
+            images, groups, targets, features, unit_counts, loss_weights, decoders, seed
         )
 
 

@@ -13,12 +13,14 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from samkd.data import DataError, SegmentationDataset, load_record_image, preprocess_image
+from samkd.data import DataError, SegmentationDataset, load_record_image
 from samkd.data.errors import handle_error
 from samkd.errors import UsageError
+from samkd.evaluate.predict import encode_images
 from samkd.features import FeatureStore
 from samkd.features.pseudo_masks import generate_pseudo_masks
 from samkd.files import atomic_path
+from samkd.models.frames import frame_input
 from samkd.runtime import Precision, progress_bar
 from samkd.settings import Settings
 from samkd.train.label_free import LabelFree
@@ -87,12 +89,12 @@ def online_pseudo_masks(
                     handle_error(error, settings.data.on_error, "image skipped")
                     bar.advance(task)
                     continue
-                pixels, _ = preprocess_image(image, dataset.image_size)
+                pixels = frame_input(image, dataset.image_size, teacher.frame)
                 with torch.inference_mode(), precision.autocast(device):
-                    embedding = teacher.model.image_encoder(pixels[None].to(device))
+                    embedding = encode_images(teacher.model, pixels[None].to(device))
                 size = (image.shape[0], image.shape[1])
                 masks[record.image_id] = generate_pseudo_masks(
-                    teacher.model, embedding.float(), size, options
+                    teacher.model, embedding.to(device, torch.float32), size, options
                 )
             bar.advance(task)
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from samkd.data import Sample, SegmentationDataset
 from samkd.evaluate.metrics import mask_iou
-from samkd.evaluate.predict import encode_images
+from samkd.evaluate.predict import encode_images, model_inputs
 from samkd.evaluate.prompts import box_prompts
 from samkd.evaluate.quality import decode
 from samkd.runtime import Distributed, Precision
@@ -54,12 +54,13 @@ def box_ious(student: Any, samples: list[Sample], precision: Precision) -> torch
     """Box-prompted single-mask IoU of every object of `samples` (`N`, on the CPU)."""
     ious = []
     with precision.autocast(student.device):
-        embeddings = encode_images(student, torch.stack([s.image for s in samples]))
-        for embedding, sample in zip(embeddings, samples, strict=True):
+        embeddings = encode_images(student, model_inputs(student, samples))
+        for position, sample in enumerate(samples):
             if sample.masks.shape[0]:
                 prompts, masks = box_prompts(sample.masks), sample.masks
+                embedding = embeddings[position : position + 1]
                 predicted = decode(
-                    student, embedding[None], prompts, masks, sample.original_size, "single"
+                    student, embedding, prompts, masks, sample.original_size, "single"
                 )
                 ious.append(mask_iou(predicted, masks))
     return torch.cat(ious) if ious else torch.zeros(0)
@@ -79,7 +80,8 @@ def term_sums(
     targets = group_targets(batch, groups) if groups else None
     with validation.precision.autocast(device):
         features = teacher_features(validation.teachers, batch, groups, step_module.decoder_taps)
-        _, sums = step_module(batch.images, groups, targets, features, unit_counts, no_weights)
+        images = batch.frame_inputs(step_module.student_frame)
+        _, sums = step_module(images, groups, targets, features, unit_counts, no_weights)
     return sums, unit_counts
 
 
