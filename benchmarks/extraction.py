@@ -4,7 +4,9 @@ Efficiency = images/s of `run_extract` (dataset scan, plan and shape probe, teac
 DataLoader workers decoding PNGs, inference, float16 conversion, the HDF5 writer thread and
 the shard join) / images/s of the same teacher's `image_encoder` alone on random preprocessed
 tensors of the same batch size, after one warm-up batch. Target: >= 0.9, i.e. the I/O hidden
-behind the encoder by the workers and the writer thread.
+behind the encoder by the workers and the writer thread. SAM 2.1 Hiera-T and Hiera-B+ run at
+1024 px beside ViT-B (SAM 2's bare encoder includes its two high-resolution projections), with
+the bytes each stores per image, with and without its high-resolution maps.
 
     python -m benchmarks --only extraction
 """
@@ -28,8 +30,11 @@ from rich.console import Console
 import samkd.extract
 from benchmarks.common import NOISE_NOTE, ResultTable, Section, ratio
 from samkd.demo.shapes import write_shapes_dataset
-from samkd.extract import run_extract
+from samkd.extract import probe_tap_shapes, run_extract
+from samkd.files import format_bytes
 from samkd.models import build_sam
+from samkd.models.registry import is_sam2_type
+from samkd.models.taps import ENCODER_HIGH_RES
 from samkd.settings import load_settings
 
 NAME = "extraction"
@@ -43,14 +48,27 @@ class Config:
     num_images: int
     batch_size: int
     rounds: int
+    high_res: bool = False  # also store a SAM 2 teacher's high-resolution maps
 
     @property
     def label(self) -> str:
-        return f"{self.model_type} @ {self.image_size} px"
+        return f"{self.model_type} @ {self.image_size} px" + (
+            " + high-res" if self.high_res else ""
+        )
+
+    def taps(self) -> list[str]:
+        return ["encoder.embed", *(ENCODER_HIGH_RES if self.high_res else ())]
 
 
-FULL = (Config("vit_mini", 256, 64, 4, 2), Config("vit_b", 256, 32, 4, 2))
-QUICK = (Config("vit_mini", 128, 4, 2, 1),)
+FULL = (
+    Config("vit_mini", 256, 64, 4, 2),
+    Config("vit_b", 256, 32, 4, 2),
+    Config("vit_b", 1024, 4, 2, 1),
+    Config("sam2.1_hiera_t", 1024, 4, 2, 1),
+    Config("sam2.1_hiera_t", 1024, 4, 2, 1, high_res=True),
+    Config("sam2.1_hiera_b+", 1024, 4, 2, 1),
+)
+QUICK = (Config("vit_mini", 128, 4, 2, 1), Config("hiera_mini", 128, 4, 2, 1, high_res=True))
 
 
 @dataclass(frozen=True)
@@ -101,6 +119,13 @@ def timed_extraction_loop(seconds: list[float], batch_ends: list[float]) -> Iter
         yield
 
 
+def stored_bytes(config: Config, high_res: bool) -> int:
+    """float16 bytes per image of the teacher's embedding (and its high-resolution maps)."""
+    taps = ["encoder.embed", *(ENCODER_HIGH_RES if high_res else ())]
+    shapes = probe_tap_shapes(config.model_type, taps, config.image_size, 16)
+    return sum(2 * math.prod(shape) for shape in shapes.values())
+
+
 def extract_seconds(config: Config, data: Path, output: Path) -> tuple[float, float, float]:
     """(whole run_extract, extraction loop, steady state) seconds, writing a real HDF5 file;
     the steady state runs from the end of the first batch to the end of the loop."""
@@ -114,6 +139,7 @@ def extract_seconds(config: Config, data: Path, output: Path) -> tuple[float, fl
             f"teachers=[{{name: teacher, model_type: {config.model_type}}}]",
             f"extract.output={output}",
             f"extract.batch_size={config.batch_size}",
+            f"extract.high_res={config.high_res}",
             "extract.device=cpu",
         ],
         environ={},
@@ -168,7 +194,12 @@ def section(timings: dict[Config, Timing]) -> Section:
             "loop-only efficiency",
             "steady img/s",
             "steady efficiency",
+            "s / image",
         ]
+    )
+    sizes = ResultTable(
+        ["teacher", "encoder.embed / image", "with high-res maps / image", "ratio"],
+        title="Bytes stored per image (float16)",
     )
     for config, timing in timings.items():
         bare = config.num_images / timing.bare_s
@@ -186,7 +217,18 @@ def section(timings: dict[Config, Timing]) -> Section:
             ratio(loop, bare),
             f"{steady:.2f}",
             ratio(steady, bare),
+            f"{timing.total_s / config.num_images:.2f}",
         )
+        if not config.high_res:
+            embed = stored_bytes(config, high_res=False)
+            sam2 = is_sam2_type(config.model_type)
+            full = stored_bytes(config, high_res=True) if sam2 else None
+            sizes.add(
+                f"{config.model_type} @ {config.image_size} px",
+                format_bytes(embed),
+                "-" if full is None else format_bytes(full),
+                "-" if full is None else f"{full / embed:.1f}x",
+            )
     efficiencies = {
         c.label: c.num_images / t.total_s / (c.num_images / t.bare_s) for c, t in timings.items()
     }
@@ -220,14 +262,18 @@ def section(timings: dict[Config, Timing]) -> Section:
             "end of the loop, the rate a long extraction settles at. "
             f"Target: efficiency >= {TARGET}. Best of alternating rounds."
         ),
-        tables=[table],
+        tables=[table, sizes],
         notes=[
             f"Target met end to end for: {', '.join(met) or 'none'}; in the steady state for: "
             f"{', '.join(steady_met) or 'none'}.",
             "The tiny `vit_mini` teacher makes fixed costs (building and initialising the "
             "teacher, worker start-up, joining shards) a large share of a short run; the "
             "larger teacher is closer to the steady state that matters for real extraction. "
-            "Tap shapes are planned on the meta device, at no cost.",
+            "Tap shapes are planned on the meta device, at no cost. *s / image* is the whole "
+            "run's; at 1024 px a few images make fixed costs small next to the encoder.",
+            "A SAM 2 teacher's high-resolution maps (`extract.high_res`, `--high-res`) are 3x "
+            "the bytes of its embedding: what its decoder needs from the file (decoder terms, "
+            "the prompt loop, unlabelled teacher masks during training, eval agreement).",
             "On 2 CPU cores the DataLoader workers and the writer thread compete with the "
             "encoder for the same cores, which a GPU run does not; `benchmarks/gpu_check.sh` "
             "measures the GPU case.",

@@ -94,7 +94,7 @@ def model_frame(model_type: str, frame: str = "auto") -> Literal["longest_side",
 FRAME_DESCRIPTION = (
     "input frame: auto (the model's own: square for SAM 2, which resizes the whole image to "
     "S x S; longest_side for SAM and MobileSAM, which resize the longest side to S and pad), "
-    "longest_side, or square (SAM 2 only); see docs/frames.md"
+    "longest_side, or square (SAM 2 only); see docs/sam2.md"
 )
 
 

@@ -30,6 +30,7 @@ FOLDERS = [
     "cpu_demo",
     "label_free",
     "domain_teacher",
+    "sam2_teacher",
 ]
 runner = CliRunner()
 
@@ -222,6 +223,21 @@ def test_taps_and_pairs_exist_in_the_models(path: Path, tmp_path: Path) -> None:
 def test_mobilesam_recipe_trains_on_the_embedding_alone(tmp_path: Path) -> None:
     settings = load_example(EXAMPLES / "mobilesam_recipe" / "settings.yaml", tmp_path)
     assert settings.train.task_loss is False
+
+
+def test_sam2_teacher_recipe(tmp_path: Path) -> None:
+    settings = load_example(EXAMPLES / "sam2_teacher" / "settings.yaml", tmp_path)
+    assert [(t.model_type, t.frame) for t in settings.teachers] == [("sam2.1_hiera_b+", "auto")]
+    assert settings.student.model_type == "vit_t" and settings.student.decoder_from is None
+    assert enabled_terms(settings) == {"encoder", "decoder"}
+    # The decoder terms run SAM 2's decoder from the file: it needs the high-resolution maps.
+    assert settings.extract.high_res and settings.distillation.use_precomputed_features
+    assert settings.extract.output == settings.distillation.features
+    assert settings.extract.pseudo_masks.enabled
+    assert settings.data.prompts.unlabelled == "teacher_masks"
+    readme = (EXAMPLES / "sam2_teacher" / "README.md").read_text()
+    assert "estimates: no GPU has run this yet" in readme
+    assert f"--teacher {settings.teachers[0].name}" in readme
 
 
 DOMAIN = EXAMPLES / "domain_teacher"

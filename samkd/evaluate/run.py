@@ -101,18 +101,18 @@ def stored_teacher(
 ) -> tuple[Sam, FeatureStore, str, TeacherSpec]:
     """A teacher made of its stored decoder, the store that holds its embeddings (a SAM 2
     teacher's also its high-resolution maps), and the teacher's stored description."""
-    with_taps = FeatureStore(features, taps=[ENCODER_EMBED])
-    names = [spec.name for spec in with_taps.teachers]
+    stored = FeatureStore(features).teachers
+    names = [spec.name for spec in stored]
     name = teacher or names[0]
     if name not in names:
         raise UsageError(f"{features}: no teacher '{name}' (has {', '.join(names)})")
-    spec = next(spec for spec in with_taps.teachers if spec.name == name)
+    spec = next(spec for spec in stored if spec.name == name)
     image_size = spec.image_size
     decoder = prompt_decoder_for(spec.model_type, image_size, spec.frame)  # type: ignore[arg-type]
     decoder.load_state_dict(read_decoder_state_dict(features, name), strict=True)
     if not is_sam2(decoder):
         model = Sam(StoredEmbeddings(image_size), decoder.prompt_encoder, decoder.mask_decoder)
-        return model.to(device).eval(), with_taps, name, spec
+        return model.to(device).eval(), FeatureStore(features, taps=[ENCODER_EMBED]), name, spec
     taps = [ENCODER_EMBED, *ENCODER_HIGH_RES]
     missing = [tap for tap in taps if tap not in spec.tap_names]
     if missing:
