@@ -22,9 +22,10 @@ TAP_HELP = (
     "Feature taps: encoder.embed (neck output, B x 256 x H/16 x W/16), encoder.block.<i> "
     "(block or stage i), encoder.qk.<i> (attention block i, stored as a coarse attention map), "
     "and a SAM 2 teacher's encoder.high_res.0 / .1 (the two high-resolution maps its decoder "
-    "takes; --high-res stores both). Decoder taps (decoder.upscaled, decoder.mask_logits, decoder.iou) depend on the prompts, "
-    "so extract refuses them: training computes the ones it needs from the stored "
-    "encoder.embed, with each teacher's prompt encoder and mask decoder stored in the file."
+    "takes; --high-res stores both). Decoder taps (decoder.upscaled, decoder.mask_logits, "
+    "decoder.iou) depend on the prompts, so extract refuses them: training computes the ones "
+    "it needs from the stored encoder.embed, with each teacher's prompt encoder and mask "
+    "decoder stored in the file."
 )
 
 app = typer.Typer(

@@ -31,7 +31,7 @@ SAM2_TYPES = tuple(
 
 def test_model_types() -> None:
     sam1 = ("vit_b", "vit_l", "vit_h", "vit_t", "vit_mini", "vit_t_mini")
-    assert MODEL_TYPES == (*sam1, *SAM2_TYPES, "hiera_mini")
+    assert (*sam1, *SAM2_TYPES, "hiera_mini") == MODEL_TYPES
     assert set(TEACHER_TYPES) == {"vit_b", "vit_l", "vit_h", "vit_mini", *SAM2_TYPES, "hiera_mini"}
     assert set(STUDENT_TYPES) == {"vit_t", "vit_t_mini"}
     assert default_image_size("vit_h") == 1024
