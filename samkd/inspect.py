@@ -371,7 +371,10 @@ def summarize_checkpoint(path: Path) -> dict[str, Any]:
     lora = {k: v for k, v in student.items() if is_adapter(k)}
     parts = {
         part: sum(
-            v.numel() for k, v in student.items() if k.startswith(f"{part}.") and k not in lora
+            v.numel()
+            for k, v in student.items()
+            # SAM 2 names its prompt encoder and mask decoder sam_prompt_encoder, ...
+            if k.startswith((f"{part}.", f"sam_{part}.")) and k not in lora
         )
         for part in MODEL_PARTS
     }
@@ -400,12 +403,26 @@ def _guess_model_type(weights: dict[str, torch.Tensor], settings: dict[str, Any]
         return str(settings["student"]["model_type"])
     if "image_encoder.layers.0.blocks.0.conv1.c.weight" in weights:
         return "TinyViT (vit_t family)"
+    if "image_encoder.trunk.patch_embed.proj.weight" in weights:
+        return _guess_sam2_type(weights)
     blocks = {k.split(".")[2] for k in weights if k.startswith("image_encoder.blocks.")}
     width = weights.get("image_encoder.patch_embed.proj.weight")
     known = {(12, 768): "vit_b", (24, 1024): "vit_l", (32, 1280): "vit_h"}
     if width is not None:
         return known.get((len(blocks), width.shape[0]), f"SAM ViT ({len(blocks)} blocks)")
     return "unknown"
+
+
+def _guess_sam2_type(weights: dict[str, torch.Tensor]) -> str:
+    """A SAM 2 model type from its Hiera's width and number of blocks (and 2 or 2.1)."""
+    blocks = {k.split(".")[3] for k in weights if k.startswith("image_encoder.trunk.blocks.")}
+    width = weights["image_encoder.trunk.patch_embed.proj.weight"].shape[0]
+    known = {(12, 96): "t", (16, 96): "s", (24, 112): "b+", (48, 144): "l"}
+    if (len(blocks), width) == (5, 32):
+        return "hiera_mini"
+    version = "sam2.1" if "no_obj_embed_spatial" in weights else "sam2"
+    size = known.get((len(blocks), width))
+    return f"{version}_hiera_{size}" if size else f"SAM 2 Hiera ({len(blocks)} blocks)"
 
 
 def render_checkpoint(summary: dict[str, Any], console: Console) -> None:

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from typer.testing import CliRunner
@@ -64,6 +65,15 @@ def test_checkpoint_summary(tmp_path: Path) -> None:
     wrapped = tmp_path / "wrapped.pt"
     torch.save({"model": torch.load(path, weights_only=True)}, wrapped)
     assert summarize_checkpoint(wrapped)["total_parameters"] == summary["total_parameters"]
+
+
+def test_sam2_checkpoint_summary(tmp_path: Path) -> None:
+    pytest.importorskip("sam2")
+    path = tmp_path / "hiera.pt"
+    torch.save({"model": build_sam("hiera_mini").state_dict()}, path)  # the official wrapping
+    summary = summarize_checkpoint(path)
+    assert summary["model_type"] == "hiera_mini"
+    assert summary["parameters"]["mask_decoder"] > 4_000_000  # sam_mask_decoder.*
 
 
 def test_unknown_path_is_one_line_error(tmp_path: Path) -> None:

@@ -55,13 +55,14 @@ class ModelSpec:
         return model.to(device).eval()
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The spec as reports give it; a SAM 2 model's with its frame."""
+        spec = {
             "label": self.label,
             "model_type": self.model_type,
             "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
             "image_size": self.image_size,
-            "frame": self.frame,
         }
+        return spec | ({"frame": self.frame} if self.model_type in SAM2_MODEL_TYPES else {})
 
 
 def student_spec(settings: Settings) -> ModelSpec:

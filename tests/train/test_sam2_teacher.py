@@ -21,12 +21,18 @@ from samkd.features import FeatureStoreError  # noqa: E402
 from samkd.models import build_teacher  # noqa: E402
 from samkd.settings import SettingsError  # noqa: E402
 from samkd.train import run_train  # noqa: E402
+from samkd.train.batches import collate_training  # noqa: E402
+from samkd.train.forward import prompt_groups  # noqa: E402
+from samkd.train.step import micro_step  # noqa: E402
+from samkd.train.terms import UnitCounts  # noqa: E402
 
 from .conftest import KEEP_ALL_MASKS, make_settings  # noqa: E402
 from .test_conditions import (  # noqa: E402
+    ABSOLUTE,
     assert_logs_close,
     comparable,
     image_ids,
+    meta_parts,
     partly_labelled,
     torchrun,
     train_records,
@@ -158,8 +164,9 @@ def test_refusals_are_one_line(tmp_path: Path, four: Path) -> None:
 
 def test_two_ranks_with_mixed_families_equal_one_process(tmp_path: Path, four: Path) -> None:
     """gloo, online: a SAM 1 and a SAM 2 teacher (its own frame) in one run, decoder terms;
-    two of the four images unlabelled, prompted by grid points. 2 ranks x 1 image give one
-    process's batch of 2 (the prompt loop's draws depend on the rank: tested alone)."""
+    two of the four images unlabelled, prompted by grid points. 2 ranks x 2 micro-batches of
+    1 image give one process's batch of 4 (the prompt loop's draws depend on the rank: tested
+    alone)."""
     ids = image_ids(four)
     data = partly_labelled(four, tmp_path / "data", [ids[1], ids[3]])
     assignments = [
@@ -173,6 +180,8 @@ def test_two_ranks_with_mixed_families_equal_one_process(tmp_path: Path, four: P
         "data.prompts.unlabelled=points",
         "data.prompts.unlabelled_points=2",
         "student.freeze_bn_stats=true",
+        "train.batch_size=4",
+        "train.grad_accumulation=2",
         "train.steps=2",
     ]
     config = tmp_path / "config.yaml"
@@ -182,7 +191,7 @@ def test_two_ranks_with_mixed_families_equal_one_process(tmp_path: Path, four: P
         torchrun(config, port=29531), capture_output=True, text=True, env=environment, timeout=600
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    single = make_settings(*assignments)
+    single = make_settings(*assignments, "train.grad_accumulation=1")
     single.train.output_dir = tmp_path / "single"
     run_train(single)
     ranks, alone = train_records(tmp_path / "ddp"), train_records(tmp_path / "single")
@@ -190,6 +199,51 @@ def test_two_ranks_with_mixed_families_equal_one_process(tmp_path: Path, four: P
     for record in alone:
         for name in ("kd/v/decoder_kl", "kd/h/decoder_kl", "kd/h/encoder_mse"):
             assert record[name] > 0, name
+
+
+def test_the_step_with_a_sam2_teacher_stays_on_the_meta_device(tmp_path: Path, four: Path) -> None:
+    """Every tensor the step makes (frames' grids and valid cells, SAM 2's prompt labels)
+    follows its inputs' device: labelled and unlabelled images together, then none."""
+    ids = image_ids(four)
+    data = partly_labelled(four, tmp_path / "data", [ids[0]])
+    settings = make_settings(
+        f"data.train={data}",
+        "student.model_type=vit_t_mini",
+        "data.num_workers=0",
+        SAM2_TEACHER,
+        *TERMS,
+        "data.prompts.unlabelled=points",
+        "distillation.use_precomputed_features=false",
+        f"train.output_dir={tmp_path / 'run'}",
+    )
+    parts, dataset = meta_parts(settings, data)
+    schema = parts.forward.schema
+    for indices in ([0, 1], [0]):
+        batch = collate_training([dataset[i] for i in indices]).to(parts.device)
+        groups = prompt_groups(batch, parts.device)
+        counts = UnitCounts(len(indices), sum(len(g.objects) for g in groups))
+        units = schema.unit_counts(counts.vector(parts.device), last_micro_step=True)
+        weights = schema.loss_weights(1.0, counts.vector(parts.device), 1)
+        loss, sums = micro_step(parts, batch, groups, units, weights)
+        loss.backward()
+        assert loss.device.type == "meta" and sums.device.type == "meta"
+
+
+def test_bf16_autocast_with_a_sam2_teacher_matches_fp32(tmp_path: Path, four: Path) -> None:
+    common = [
+        SAM2_TEACHER,
+        *TERMS,
+        "distillation.use_precomputed_features=false",
+        "train.steps=1",
+        "train.lr=1e-12",
+    ]
+    for precision in ("fp32", "bf16"):
+        run_train(settings_for(four, tmp_path / precision, *common, f"train.precision={precision}"))
+    fp32, bf16 = first_record(tmp_path / "fp32"), first_record(tmp_path / "bf16")
+    for name, value in fp32.items():
+        if name.startswith(("task/", "kd/", "loss/")):
+            tolerance = ABSOLUTE.get(name, 1e-4)
+            assert bf16[name] == pytest.approx(value, rel=0.1, abs=tolerance), name
 
 
 def test_sam2_student_trains_supervised_and_becomes_a_teacher(
