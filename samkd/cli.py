@@ -248,7 +248,11 @@ def evaluate(
         Path | None, typer.Option("--json", help="Write every number to this JSON file.")
     ] = None,
     overlays: Annotated[
-        Path | None, typer.Option(help="Save a few overlay PNGs in this folder.")
+        Path | None,
+        typer.Option(
+            help="Draw the first eval.overlay_images images in this folder, one PNG each: "
+            "ground truth, predicted masks, prompts and IoUs."
+        ),
     ] = None,
     amg: Annotated[
         bool,
@@ -371,15 +375,20 @@ def export(
     source: Annotated[
         Path | None,
         typer.Argument(
-            help="A training run folder (its student.pt, model type and image size) or a "
-            "checkpoint (default: --checkpoint / student.checkpoint).",
+            help="A training run folder (its student.pt) or a checkpoint (default: --checkpoint "
+            "/ student.checkpoint); a run's student.pt and checkpoints/*.pt are exported with "
+            "the run's model type and image size.",
             show_default=False,
         ),
     ] = None,
     config: ConfigOption = None,
     assignments: SetOption = None,
     model_type: Annotated[
-        str | None, typer.Option(help="Model type of a checkpoint (default: student.model_type).")
+        str | None,
+        typer.Option(
+            help="Model type of a checkpoint that no training run wrote (default: "
+            "student.model_type)."
+        ),
     ] = None,
     checkpoint: Annotated[
         Path | None, typer.Option(help="Weights to export (instead of SOURCE).", show_default=False)
@@ -406,10 +415,6 @@ def export(
     files against PyTorch."""
     if source is not None and checkpoint is not None:
         raise _fail("pass SOURCE or --checkpoint, not both")
-    if source is not None and source.is_dir() and model_type is not None:
-        raise _fail(
-            f"{source} is a run folder, which has its own model type; leave out --model-type"
-        )
     flags = {
         "student.model_type": model_type,
         "student.checkpoint": str(checkpoint) if checkpoint else None,

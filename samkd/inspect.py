@@ -20,7 +20,13 @@ from samkd.data.images import load_rgb_image
 from samkd.data.layouts import LayoutChoice, read_layout
 from samkd.data.masks import MASK_THRESHOLD
 from samkd.errors import UsageError
-from samkd.evaluate.metrics import LARGE_AREA, SIZE_NAMES, SMALL_AREA, size_bucket
+from samkd.evaluate.metrics import (
+    LARGE_AREA,
+    SIZE_NAMES,
+    SMALL_AREA,
+    empty_mask_warning,
+    size_bucket,
+)
 from samkd.features import FeatureStore, file_sha256, inspect_feature_file, render_report
 from samkd.features.layout import PSEUDO_MASK_COUNTS
 from samkd.features.pseudo_masks import decode_pseudo_masks
@@ -103,7 +109,8 @@ def _show(summary: dict[str, Any], as_json: bool, console: Console, render: Any)
 
 
 def summarize_run(run_dir: Path, plot: bool = True) -> dict[str, Any]:
-    """Steps, best validation mIoU and when, lambda_kd changes, skipped steps, last terms."""
+    """Steps, best validation mIoU and when, the share of empty predicted masks at the last
+    validation, lambda_kd changes, skipped steps, last terms."""
     records = read_metrics(run_dir / "metrics.jsonl")
     train = [record for record in records if record.get("kind") == "train"]
     val = [record for record in records if record.get("kind") == "val"]
@@ -122,6 +129,7 @@ def summarize_run(run_dir: Path, plot: bool = True) -> dict[str, Any]:
         "best_val_miou": None if best is None else best["val/miou"],
         "best_step": None if best is None else best["step"],
         "last_val_miou": val[-1]["val/miou"] if val else None,
+        "last_val_empty_fraction": val[-1].get("val/empty_fraction") if val else None,
         "lambda_kd_changes": changes,
         "skipped_steps": train[-1].get("skipped_steps", 0) if train else 0,
         "nonfinite_terms": sorted({t for r in train for t in r.get("nonfinite_terms", [])}),
@@ -187,6 +195,9 @@ def render_run(summary: dict[str, Any], console: Console) -> None:
     if best is not None:
         table.add_row("best val mIoU", f"{best:.4f} at step {summary['best_step']}")
         table.add_row("last val mIoU", f"{summary['last_val_miou']:.4f}")
+    empty = summary["last_val_empty_fraction"]
+    if empty is not None:
+        table.add_row("last val empty masks", f"{empty:.0%}")
     skipped = str(summary["skipped_steps"])
     if summary["nonfinite_terms"]:
         skipped += f" ({', '.join(summary['nonfinite_terms'])})"
@@ -206,6 +217,9 @@ def render_run(summary: dict[str, Any], console: Console) -> None:
     console.print(terms)
     if "plot" in summary:
         console.print(f"loss curves: {summary['plot']}")
+    warning = empty_mask_warning(empty, "last validation")
+    if warning is not None:
+        console.print(Text(f"warning: {warning}"), style="yellow", soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- pseudo-masks

@@ -725,6 +725,11 @@ class EvalSettings(StrictModel):
     )
     device: Device = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     seed: int = Field(0, description="torch seed (e.g. random weights when no checkpoint is set)")
+    overlay_images: int = Field(
+        8,
+        ge=1,
+        description="images `--overlays` draws at most, one PNG each (the first with objects)",
+    )
     amg: AmgSettings = Field(
         AmgSettings(), description="automatic mask generation (`samkd eval --amg`)"
     )
