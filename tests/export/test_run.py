@@ -1,6 +1,7 @@
 """`samkd export` end to end, its one-line errors, and `samkd eval --onnx`."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,14 +52,15 @@ def test_missing_source_is_one_line(tmp_path: Path) -> None:
 
 
 def test_checkpoint_of_another_model_type_is_one_line(tmp_path: Path, checkpoint: Path) -> None:
+    weights = shutil.copy(checkpoint, tmp_path / "weights.pt")  # outside its run folder
     result = runner.invoke(
         app,
-        ["export", str(checkpoint), "--model-type", "vit_mini", "-o", str(tmp_path),
+        ["export", str(weights), "--model-type", "vit_mini", "-o", str(tmp_path / "onnx"),
          "--set", f"data.image_size={IMAGE_SIZE}"],
     )  # fmt: skip
     assert result.exit_code == 1
     message = one_line_error(result)
-    assert message.startswith(f"error: checkpoint {checkpoint} does not fit model type 'vit_mini'")
+    assert message.startswith(f"error: checkpoint {weights} does not fit model type 'vit_mini'")
 
 
 def test_cli_exports_a_run_folder(exported: Export, run_folder: Path) -> None:
