@@ -199,13 +199,13 @@ def test_dense_images_give_a_few_readable_overlays_and_empty_masks_a_warning(
     """150 small objects per image, a model whose masks are all empty (trained at 128 px,
     taken from its run folder): at most eval.overlay_images pictures, the objects outlined
     in them, and one warning line."""
-    data = write_dense_dataset(tmp_path / "cells", images=3, objects=150)
+    data = write_dense_dataset(tmp_path / "cells", images=2, objects=150)
     json_path = tmp_path / "eval.json"
     result = CliRunner().invoke(
         app,
         ["eval", "--checkpoint", str(empty_mask_run.folder / "student.pt"), "--data", str(data),
          "--overlays", str(tmp_path / "overlays"), "--json", str(json_path),
-         "--set", "eval.overlay_images=2", "--set", "eval.prompts=[box]",
+         "--set", "eval.overlay_images=1", "--set", "eval.prompts=[box]",
          "--set", "eval.multimask=false", "--set", "eval.speed=false",
          "--set", "data.num_workers=0"],
     )  # fmt: skip
@@ -218,9 +218,9 @@ def test_dense_images_give_a_few_readable_overlays_and_empty_masks_a_warning(
     report = json.loads(json_path.read_text())
     assert report["model"]["image_size"] == 128
     assert report["quality"]["box"]["single"]["empty_fraction"] == 1.0
-    assert report["quality"]["box"]["single"]["count"] == 450
+    assert report["quality"]["box"]["single"]["count"] == 300
     drawn = sorted((tmp_path / "overlays").iterdir())
-    assert [path.name for path in drawn] == ["cells_0.png", "cells_1.png"]
+    assert [path.name for path in drawn] == ["cells_0.png"]
     for path in drawn:
         with Image.open(path) as picture:
             pixels = np.asarray(picture.convert("RGB"))

@@ -26,7 +26,10 @@ MIXED_PROMPTS = [
 
 def test_single_clicks_give_every_multimask_output_a_gradient(shapes: Path) -> None:
     settings = make_settings(
-        f"data.train={shapes}", "student.model_type=vit_t_mini", "data.image_size=64", *MIXED_PROMPTS
+        f"data.train={shapes}",
+        "student.model_type=vit_t_mini",
+        "data.image_size=64",
+        *MIXED_PROMPTS,
     )
     cpu = torch.device("cpu")
     torch.manual_seed(0)
