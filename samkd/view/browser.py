@@ -14,6 +14,7 @@ import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +55,29 @@ def answering(url: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Server:
+    """A `samkd view` process serving its page at `url`."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+
+    def cpu_seconds(self) -> float | None:
+        """The CPU time the process has used (Linux's /proc; None elsewhere)."""
+        stat = Path(f"/proc/{self.process.pid}/stat")
+        if not stat.is_file():
+            return None
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        # utime and stime, the 14th and 15th fields, in clock ticks.
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
 def serving(
     arguments: Sequence[str | Path], log: Path, cwd: Path | None = None, threads: int = 1
-) -> Iterator[str]:
-    """`samkd view ARGUMENTS` on a free local port while the block runs; yields its URL once
-    the page answers. `threads`: torch's (OMP_NUM_THREADS). Raises RuntimeError with the
+) -> Iterator[Server]:
+    """`samkd view ARGUMENTS` on a free local port while the block runs, yielded once the
+    page answers. `threads`: torch's (OMP_NUM_THREADS). Raises RuntimeError with the
     server's output when it exits or does not answer within `START_SECONDS`."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
@@ -77,7 +95,7 @@ def serving(
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"samkd view did not start: {log.read_text()}")
                 time.sleep(0.1)
-            yield url
+            yield Server(url, server)
         finally:
             server.terminate()
             try:
@@ -106,8 +124,11 @@ def click_pixel(page: Any, selector: str, x: float, y: float, original_width: in
     """Click pixel `(x, y)` of the original image shown (enlarged by a whole factor) in the
     `<img>` that `selector` names, at the centre of the pixel's square."""
     image = page.locator(selector)
+    # Wait until the picture is decoded: before, it has no natural size.
+    natural = image.evaluate(
+        "element => element.decode().then(() => [element.naturalWidth, element.naturalHeight])"
+    )
     box = image.bounding_box()
-    natural = image.evaluate("element => [element.naturalWidth, element.naturalHeight]")
     scale = natural[0] // original_width
     # As Gradio maps a click back to the image: fitted, centred, never shown larger.
     shown = min(box["width"] / natural[0], box["height"] / natural[1], 1)

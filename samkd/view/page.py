@@ -4,6 +4,7 @@ for a training run's curves, summary and settings."""
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,9 @@ TITLE = "samkd view"
 # Seconds between checks of the run's metrics.jsonl while the run tab refreshes.
 REFRESH_SECONDS = 2.0
 IMAGE_HEIGHT = 440
+# The pictures a click sends: JPEG encodes a 512 px picture in 2 ms where PNG takes 25 times
+# longer (BENCHMARKS.md, `view`); the plots of the run tab stay PNG, for their thin lines.
+PICTURES = "jpeg"
 # Every 10 minutes, Gradio deletes the pictures it sent more than an hour ago.
 CACHE_CLEANING = (600, 3600)
 # The masks tab's events run one at a time: a click, an undo and a new image never race.
@@ -65,7 +69,7 @@ class Outputs:
             gr.Image(
                 label=f"{label}: mask (red), object (green)",
                 interactive=False,
-                format="png",
+                format=PICTURES,
                 height=IMAGE_HEIGHT,
                 elem_id=f"view-panel-{n}",
             )
@@ -74,7 +78,7 @@ class Outputs:
         self.overlaid = gr.Image(
             label=f"{' vs '.join(self.labels)}: both masks",
             interactive=False,
-            format="png",
+            format=PICTURES,
             height=IMAGE_HEIGHT,
             visible=False,
             elem_id="view-overlaid",
@@ -89,6 +93,7 @@ class Outputs:
                     columns=3,
                     height=180,
                     object_fit="contain",
+                    format=PICTURES,
                     elem_id=f"view-choices-{n}",
                 )
                 for n, label in enumerate(self.labels)
@@ -165,7 +170,7 @@ def _masks_tab(viewer: Viewer, page: gr.Blocks) -> None:
         canvas = gr.Image(
             label="click here",
             interactive=False,
-            format="png",
+            format=PICTURES,
             height=IMAGE_HEIGHT,
             elem_id="view-canvas",
         )
@@ -195,6 +200,14 @@ def _masks_tab(viewer: Viewer, page: gr.Blocks) -> None:
             return [gr.skip()] * (len(views) + 1)
         return show(_guarded(lambda: viewer.open(uploaded_image(pixels))), shown_mask, layout_name)
 
+    def redraw(change: Callable[[PageState], PageState] | None) -> Callable[..., list[Any]]:
+        """An event that applies `change` (None: none) to the state and shows it."""
+
+        def apply(old: PageState, shown_mask: str, layout_name: str) -> list[Any]:
+            return show(old if change is None else change(old), shown_mask, layout_name)
+
+        return apply
+
     def clicked(
         old: PageState, click_mode: str, shown_mask: str, layout_name: str, event: gr.SelectData
     ) -> list[Any]:
@@ -206,21 +219,16 @@ def _masks_tab(viewer: Viewer, page: gr.Blocks) -> None:
 
     settings = [shown, layout]
     targets = [state, *views]
-    queue = {"concurrency_id": MASKS_QUEUE}
-    picker.change(pick, [picker, *settings], targets, **queue)
+    picker.change(pick, [picker, *settings], targets, concurrency_id=MASKS_QUEUE)
     previous.click(lambda image_id: step(image_id, -1), picker, picker)
     following.click(lambda image_id: step(image_id, 1), picker, picker)
-    upload.upload(uploaded, [upload, *settings], targets, **queue)
-    canvas.select(clicked, [state, mode, *settings], targets, **queue)
-    undo.click(
-        lambda old, *rest: show(viewer.undo(old), *rest), [state, *settings], targets, **queue
-    )
-    clear.click(
-        lambda old, *rest: show(viewer.clear(old), *rest), [state, *settings], targets, **queue
-    )
+    upload.upload(uploaded, [upload, *settings], targets, concurrency_id=MASKS_QUEUE)
+    canvas.select(clicked, [state, mode, *settings], targets, concurrency_id=MASKS_QUEUE)
+    undo.click(redraw(viewer.undo), [state, *settings], targets, concurrency_id=MASKS_QUEUE)
+    clear.click(redraw(viewer.clear), [state, *settings], targets, concurrency_id=MASKS_QUEUE)
     for control in settings:
-        control.change(lambda old, *rest: show(old, *rest), [state, *settings], targets, **queue)
-    page.load(pick, [picker, *settings], targets, **queue)
+        control.change(redraw(None), [state, *settings], targets, concurrency_id=MASKS_QUEUE)
+    page.load(pick, [picker, *settings], targets, concurrency_id=MASKS_QUEUE)
 
 
 def _guarded(open_image: Any) -> PageState:
@@ -247,12 +255,8 @@ def _run_tab(run_folder: Path | None) -> None:
             value=True, label=f"refresh every {REFRESH_SECONDS:g} s", scale=1, elem_id="run-follow"
         )
     status = gr.Markdown(elem_id="run-status")
-    curves = gr.Image(
-        label="curves: every logged number against the step",
-        interactive=False,
-        format="png",
-        elem_id="run-curves",
-    )
+    # No label over the plot: it would hide the first panel's title.
+    curves = gr.Image(interactive=False, format="png", show_label=False, elem_id="run-curves")
     with gr.Row():
         summary = gr.HTML(elem_id="run-summary")
         terms = gr.HTML(elem_id="run-terms")

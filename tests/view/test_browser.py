@@ -1,6 +1,7 @@
 """`samkd view` in a real browser: the command serves the page, Chromium (driven by Playwright)
 clicks on an object, and the page shows both models' masks and the IoU `samkd eval`'s code
-computes for that click; the run tab lists every logged term and follows the log.
+computes for that click (and for a box); an upload gets masks without IoU; the run tab lists
+every logged term and follows the log.
 
 With SAMKD_SCREENSHOT_DIR set, the test looks at the CPU demo's models (`bash
 scripts/demo.sh` first) and saves the README's screenshot there.
@@ -67,8 +68,8 @@ def served(tmp_path: Path, student_run: Path, teacher_run: Path, shapes: Path) -
     require("gradio")
     student, teacher, data = the_models(tmp_path, student_run, teacher_run, shapes)
     arguments = [student, teacher, "--data", data]
-    with serving(arguments, tmp_path / "server.log", cwd=REPO_ROOT, threads=1) as url:
-        yield Served(url, student, teacher, data)
+    with serving(arguments, tmp_path / "server.log", cwd=REPO_ROOT, threads=1) as server:
+        yield Served(server.url, student, teacher, data)
 
 
 @pytest.fixture
@@ -202,6 +203,17 @@ def test_click_compare_and_follow_the_run(served: Served, browser: Any) -> None:
     if SCREENSHOTS:
         Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(Path(SCREENSHOTS) / "view.jpg"), full_page=True, quality=85)
+
+    # An uploaded picture has no ground truth: masks, but no IoU.
+    picture = next((served.data / "image").iterdir())
+    page.locator("#view-upload input[type=file]").set_input_files(str(picture))
+    page.wait_for_function(
+        "document.querySelector('#view-summary')?.innerText.includes('no ground truth')"
+    )
+    page.locator("#view-click-mode").get_by_text("positive point").click()
+    click_pixel(page, "#view-canvas img", 10, 10, expected.width)
+    page.wait_for_selector("#view-results-table[data-prompts='1']", timeout=WAIT_MS)
+    assert page.locator("#view-results td[data-model='1'][data-field='iou']").inner_text() == "-"
 
     page.get_by_role("tab", name="Training run").click()
     page.wait_for_selector("#run-terms tr[data-term]", timeout=WAIT_MS)
