@@ -110,7 +110,13 @@ class PromptSettings(StrictModel):
     )
     min_points: int = Field(1, ge=1, description="fewest positive points per object")
     max_points: int = Field(1, ge=1, description="most positive points per object")
-    num_negative_points: int = Field(0, ge=0, description="negative points per object")
+    num_negative_points: int = Field(
+        0,
+        ge=0,
+        description="negative points per object prompted by two or more positive points (one "
+        "positive point stays a single click, which trains the multimask outputs); needs "
+        "max_points >= 2",
+    )
     max_objects: int = Field(16, ge=1, description="objects per image at most")
     unlabelled: Literal["none", "points", "teacher_masks"] = Field(
         "none",
@@ -126,6 +132,12 @@ class PromptSettings(StrictModel):
     def _point_range(self) -> PromptSettings:
         if self.min_points > self.max_points:
             raise ValueError(f"min_points {self.min_points} exceeds max_points {self.max_points}")
+        if self.num_negative_points and self.max_points == 1:
+            raise ValueError(
+                f"num_negative_points {self.num_negative_points} needs max_points >= 2: a prompt "
+                "of one positive point is a single click (SAM's ambiguous prompt) and takes no "
+                "negative points"
+            )
         return self
 
 
