@@ -271,10 +271,11 @@ def run(quick: bool) -> Section:
         clicks = click_seconds(models, size.clicks, threads)
         one_thread = click_seconds(models, size.clicks, 1) if threads > 1 else None
         weights = "the CPU demo's trained runs" if models.trained else "random weights"
+        variable = os.environ.get("OMP_NUM_THREADS", "unset")
         notes.append(
             f"Models: {weights} ({STUDENT_TYPE} and {TEACHER_TYPE} at {size.image_size} px); "
             f"{len(clicks.answers)} clicks on objects' centre points; "
-            f"{threads} torch threads."
+            f"{threads} torch threads (OMP_NUM_THREADS {variable})."
         )
         if find_chromium() is not None:
             first_image, in_browser = browser_seconds(models, folder, max(3, size.clicks // 4))

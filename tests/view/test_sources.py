@@ -108,11 +108,14 @@ def test_missing_gradio_is_a_one_line_error_naming_the_extra(
     [
         (["nowhere"], "nowhere: not a training run folder, checkpoint or samkd export folder"),
         ([], "error: nothing to look at: pass a run folder, checkpoint or export folder, "),
+        # The models run on eval.device: one that is not there stops the command.
+        (["STUDENT", "--set", "eval.device=cuda:99"], "error: device 'cuda:99' was asked for"),
     ],
 )
-def test_cli_errors_before_serving(tmp_path: Path, arguments: list[str], message: str) -> None:
+def test_cli_errors_before_serving(student_run: Path, arguments: list[str], message: str) -> None:
     require("gradio")
-    result = runner.invoke(app, ["view", *(str(tmp_path / name) for name in arguments)])
+    given = [str(student_run) if argument == "STUDENT" else argument for argument in arguments]
+    result = runner.invoke(app, ["view", *given])
     assert result.exit_code == 1
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
