@@ -428,3 +428,89 @@ def export(
 
     with one_line_errors(settings.logging.level == "DEBUG"):
         run_export(settings, source)
+
+
+@app.command()
+def view(
+    sources: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="One or two models: a training run folder (its student.pt, else its latest "
+            "checkpoint, model type and image size), a checkpoint (of --model-type) or a "
+            "samkd export folder (or its image_encoder*.onnx file).",
+            show_default=False,
+        ),
+    ] = None,
+    config: ConfigOption = None,
+    assignments: SetOption = None,
+    teacher: Annotated[
+        str | None,
+        typer.Option(
+            help="Also show this teacher: a name from a run folder's (or --config's) "
+            "teachers, or a model type (weights: --teacher-checkpoint).",
+            show_default=False,
+        ),
+    ] = None,
+    teacher_checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="Weights of the --teacher model type.", show_default=False),
+    ] = None,
+    model_type: Annotated[
+        str | None,
+        typer.Option(help="Model type of a checkpoint SOURCE (default: student.model_type)."),
+    ] = None,
+    image_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Input size of a checkpoint SOURCE and of a --teacher model type "
+            "(data.image_size; default: the type's own size).",
+            show_default=False,
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Dataset folder to pick images from (any layout; ground truth gives IoUs).",
+            show_default=False,
+        ),
+    ] = None,
+    run: Annotated[
+        Path | None,
+        typer.Option(
+            help="Training run folder of the run tab (default: the first run folder SOURCE).",
+            show_default=False,
+        ),
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Address to serve on (0.0.0.0: every network interface).")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int | None,
+        typer.Option(help="Port (default: the first free one from 7860).", show_default=False),
+    ] = None,
+    share: Annotated[
+        bool, typer.Option("--share", help="Also make a public link through Gradio's servers.")
+    ] = False,
+    print_config: PrintConfigOption = False,
+) -> None:
+    """Serve a local web page to click on images and compare the masks of a student and its
+    teacher, and to follow a training run's curves (needs pip install 'samkd[view]')."""
+    flags = {
+        "student.model_type": model_type,
+        "data.image_size": image_size,
+    }
+    settings = resolve_settings(config, assignments, flags, print_config)
+    from samkd.view import run_view
+
+    with one_line_errors(settings.logging.level == "DEBUG"):
+        run_view(
+            settings,
+            sources or [],
+            teacher=teacher,
+            teacher_checkpoint=teacher_checkpoint,
+            data=data,
+            run=run,
+            host=host,
+            port=port,
+            share=share,
+        )

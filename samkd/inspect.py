@@ -112,6 +112,18 @@ def summarize_run(run_dir: Path, plot: bool = True) -> dict[str, Any]:
     """Steps, best validation mIoU and when, the share of empty predicted masks at the last
     validation, lambda_kd changes, skipped steps, last terms."""
     records = read_metrics(run_dir / "metrics.jsonl")
+    summary = summarize_records(run_dir, records)
+    if plot and summary["train_records"]:
+        try:
+            summary["plot"] = str(plot_run(records, run_dir / PLOT_NAME))
+        except OSError as error:
+            # The summary is still worth printing: the run folder may be read-only.
+            summary["plot_error"] = f"{run_dir / PLOT_NAME}: not written: {error.strerror}"
+    return summary
+
+
+def summarize_records(run_dir: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """`summarize_run`'s summary of the run in `run_dir` that logged `records`."""
     train = [record for record in records if record.get("kind") == "train"]
     val = [record for record in records if record.get("kind") == "val"]
     best = max(val, key=lambda record: record["val/miou"], default=None)
@@ -136,12 +148,6 @@ def summarize_run(run_dir: Path, plot: bool = True) -> dict[str, Any]:
         "last_terms": {k: v for k, v in (train[-1] if train else {}).items() if "/" in k},
         "exported": str(run_dir / "student.pt") if (run_dir / "student.pt").exists() else None,
     }
-    if plot and train:
-        try:
-            summary["plot"] = str(plot_run(records, run_dir / PLOT_NAME))
-        except OSError as error:
-            # The summary is still worth printing: the run folder may be read-only.
-            summary["plot_error"] = f"{run_dir / PLOT_NAME}: not written: {error.strerror}"
     return summary
 
 
@@ -157,21 +163,26 @@ def loss_terms(records: list[dict[str, Any]]) -> list[str]:
     return list(names)
 
 
-def plot_run(records: list[dict[str, Any]], path: Path) -> Path:
-    """One panel per loss term plus validation mIoU, saved as a PNG (atomically)."""
+def plot_run(
+    records: list[dict[str, Any]], path: Path, panels: Sequence[str] | None = None
+) -> Path:
+    """One panel per loss term plus validation mIoU, or per name in `panels` (`val/` names
+    from the validation records, the others from the training records), saved as a PNG
+    (atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    terms = loss_terms(records)
+    train = [record for record in records if record.get("kind") == "train"]
     val = [record for record in records if record.get("kind") == "val"]
-    panels = terms + (["val/miou"] if val else [])
+    if panels is None:
+        panels = loss_terms(records) + (["val/miou"] if val else [])
     columns = min(4, len(panels))
     rows = -(-len(panels) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 2.8 * rows), squeeze=False)
     for axis, name in zip(axes.flat, panels, strict=False):
-        source = val if name == "val/miou" else records
+        source = val if name.startswith("val/") else train
         points = [(r["step"], r[name]) for r in source if name in r and r[name] is not None]
         axis.plot(
             [p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None

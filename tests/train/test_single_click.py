@@ -4,11 +4,8 @@
 from pathlib import Path
 
 import torch
-from rich.console import Console
 
-from samkd.demo.shapes import write_shapes_dataset
-from samkd.evaluate import run_eval
-from samkd.train import run_train, setup
+from samkd.train import setup
 from samkd.train.batches import DistillationDataset, collate_training
 from samkd.train.forward import group_targets, prompt_groups, run_decoder
 from samkd.train.step import task_terms
@@ -24,7 +21,7 @@ MIXED_PROMPTS = [
 ]
 
 
-def test_single_clicks_give_every_multimask_output_a_gradient(shapes: Path) -> None:
+def test_single_clicks_give_the_multimask_outputs_a_gradient(shapes: Path) -> None:
     settings = make_settings(
         f"data.train={shapes}",
         "student.model_type=vit_t_mini",
