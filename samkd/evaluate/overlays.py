@@ -6,7 +6,8 @@ outline in its own colour, the prompt in the same colour (box, or points: a dot 
 positive click, a ring for a negative one), and the object's IoU written in its colour at the
 top left of its ground truth. Small images are drawn enlarged, huge ones reduced, so that
 outlines and numbers keep a readable size. `side_by_side` puts panels (student, teacher) in
-one picture.
+one picture. `draw_overlay` tints one object's masks (`samkd view`), `draw_masks` fills many
+(automatic masks).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from samkd.evaluate.metrics import mask_iou
 from samkd.evaluate.predict import ObjectPrompts
 from samkd.files import atomic_path
 
+# `draw_overlay`'s tints of one object's ground truth and prediction.
+TINT_GROUND_TRUTH = np.array([0, 200, 0], dtype=np.float32)
+TINT_PREDICTION = np.array([230, 30, 30], dtype=np.float32)
 # Distinct colours for many masks of one image (matplotlib's tab10), used in turn.
 MASK_PALETTE = np.array(
     [
@@ -223,6 +227,27 @@ def side_by_side(panels: Sequence[Image.Image]) -> Image.Image:
     for panel in panels:
         picture.paste(panel, (left, 0))
         left += panel.width + PANEL_GAP
+    return picture
+
+
+def draw_overlay(
+    image: np.ndarray,
+    predicted: torch.Tensor,
+    target: torch.Tensor,
+    box: torch.Tensor | None = None,
+) -> Image.Image:
+    """One object: ground truth tinted green, prediction tinted red (overlap looks brown),
+    box in yellow.
+
+    image: `H x W x 3` uint8; predicted, target: `H x W` bool; box: `4` XYXY or None.
+    """
+    canvas = image.astype(np.float32)
+    for mask, colour in ((target, TINT_GROUND_TRUTH), (predicted, TINT_PREDICTION)):
+        selected = mask.numpy()
+        canvas[selected] = 0.55 * canvas[selected] + 0.45 * colour
+    picture = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
+    if box is not None:
+        ImageDraw.Draw(picture).rectangle([float(v) for v in box], outline=(255, 220, 0), width=2)
     return picture
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from samkd.errors import UsageError
-from samkd.export.run import RUN_SETTINGS
+from samkd.evaluate.spec import RUN_SETTINGS
 from samkd.inspect import loss_terms, plot_run, summarize_records
 
 METRICS_FILE = "metrics.jsonl"

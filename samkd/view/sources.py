@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 
 from samkd.errors import UsageError
+from samkd.evaluate.onnx_session import ENCODER_FILE
 from samkd.evaluate.predict import PromptableModel
-from samkd.evaluate.run import ModelSpec, teacher_spec
-from samkd.export.onnx import ENCODER_FILE
-from samkd.export.run import RUN_SETTINGS, RUN_WEIGHTS
+from samkd.evaluate.spec import RUN_SETTINGS, RUN_WEIGHTS, ModelSpec, teacher_spec
 from samkd.models import MODEL_TYPES, model_type_info
 from samkd.runtime import input_image_size
 from samkd.settings import Settings, load_settings
@@ -149,7 +148,7 @@ def model_sources(
 def load_model(source: SourceSpec, device: torch.device) -> LoadedModel:
     """Build (or open, for ONNX) one model."""
     if source.onnx is not None:
-        from samkd.export import OnnxSam
+        from samkd.evaluate.onnx_session import OnnxSam
 
         exported = OnnxSam.load(source.onnx)
         info = exported.info

@@ -151,7 +151,7 @@ def test_onnx_and_checkpoint_give_the_same_mask(
     tmp_path: Path, student_run: Path, images: DatasetImages
 ) -> None:
     pytest.importorskip("onnxruntime")
-    from samkd.evaluate.run import ModelSpec
+    from samkd.evaluate.spec import ModelSpec
     from samkd.export.run import write_pair
 
     spec = ModelSpec("pt", "vit_t_mini", student_run / "student.pt", IMAGE_SIZE)
