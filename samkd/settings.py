@@ -440,6 +440,14 @@ class TaskLossWeightSettings(StrictModel):
     iou: NonNegativeFloat = Field(
         1.0, description="weight of the predicted IoU's squared error (task/iou_mse)"
     )
+    other_outputs: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of a single click's focal and dice given to its two multimask "
+        "outputs other than the best (relaxed winner-takes-all: 0, SAM's rule, trains the best "
+        "alone; above 0 keeps all three trained, for a decoder trained from scratch)",
+    )
 
     @model_validator(mode="after")
     def _some_weight(self) -> TaskLossWeightSettings:
