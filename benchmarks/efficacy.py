@@ -97,6 +97,9 @@ QUICK_CONFIG = Config(FAST, None, points_per_side=4, seeds=(0, 1), eval_images=3
 # outputs; two or three with a negative point), for every model: the 3-click evaluation needs
 # decoders that have seen several points.
 PROMPTS_SETTINGS = {"mode": "mixed", "max_points": 3, "num_negative_points": 1}
+# Teacher and students train from a decoder whose multimask outputs start untrained: a tenth of
+# a single click's loss goes to the two outputs it does not pick, so that all three learn.
+OTHER_OUTPUTS = 0.1
 # The students prompt at most 3 objects of an image, as many as ground truth has at most:
 # rows c-e then decode as many prompts on an unlabelled image as on a labelled one, not 16.
 STUDENT_PROMPTS = {**PROMPTS_SETTINGS, "max_objects": 3, "unlabelled_points": 3}
@@ -292,10 +295,12 @@ def write_settings(paths: Paths, size: DemoSize) -> None:
     decoder; the students prompt at most as many objects an image as ground truth has."""
     teacher = teacher_settings(paths, size)
     teacher["data"]["prompts"] = PROMPTS_SETTINGS
+    teacher["train"]["task_loss_weights"] = {"other_outputs": OTHER_OUTPUTS}
     write_yaml(teacher, paths.teacher_config)
     student = student_settings(paths, size)
     student["data"]["prompts"] = STUDENT_PROMPTS
     student["train"]["frozen_until"] = {}
+    student["train"]["task_loss_weights"] = {"other_outputs": OTHER_OUTPUTS}
     write_yaml(student, paths.student_config)
 
 
@@ -417,7 +422,9 @@ def description(config: Config, facts: dict[str, Any]) -> str:
         f"and point prompts ({size.teacher_steps} steps; {teacher_text}). Students: "
         f"`vit_t_mini`, a random encoder and the teacher's prompt encoder and mask decoder, all "
         f"trained, {size.student_steps} steps of batch {size.batch_size} with box and point "
-        f"prompts (boxes, single clicks, or 2-3 points and a negative one), the same batches in "
+        f"prompts (boxes, single clicks, or 2-3 points and a negative one), "
+        f"{OTHER_OUTPUTS:g} of a single click's mask loss on the two multimask outputs it does "
+        "not pick (`train.task_loss_weights.other_outputs`), the same batches in "
         "every row of a seed; encoder MSE in rows b-e, plus the decoder terms (MSE, cosine, "
         f"KL) in c-e, on at most {STUDENT_PROMPTS['max_objects']} objects (or "
         f"{STUDENT_PROMPTS['unlabelled_points']} grid points) an image. Each row runs with seeds "
