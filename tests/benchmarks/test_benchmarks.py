@@ -9,8 +9,8 @@ import pytest
 from benchmarks.__main__ import BENCHMARKS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# The sections' quick runs take 2 minutes together; the three longest (a minute and a quarter)
-# run with `nox -s slow`.
+# The sections' quick runs take 2 minutes together; the longest (the three that took a minute
+# and a quarter, and `view`, which starts servers and a browser) run with `nox -s slow`.
 FAST_SECTIONS = (
     "feature_store",
     "extraction",
@@ -21,7 +21,7 @@ FAST_SECTIONS = (
     "amg",
     "export",
 )
-SLOW_SECTIONS = ("loss_cost", "efficacy", "real_size")
+SLOW_SECTIONS = ("loss_cost", "efficacy", "real_size", "view")
 
 
 def assert_quick_run_writes(sections: tuple[str, ...], output: Path) -> None:
