@@ -59,8 +59,7 @@ SHAPES = ((96, 128), (72, 128))
 
 def train_teacher(data: Path, run_dir: Path, size: Size) -> Path:
     """hiera_mini trained with SAM's task loss in the square frame, as the demo trains its
-    teacher but with box or single-point prompts (`mixed`): single points train the multimask
-    outputs, which SAM 2 falls back to when its single mask is unstable; returns its weights."""
+    teacher (box prompts); returns its weights."""
     settings = load_settings(
         None,
         [
@@ -68,7 +67,6 @@ def train_teacher(data: Path, run_dir: Path, size: Size) -> Path:
             f"data.image_size={size.image_size}",
             "data.num_workers=1",
             "student.model_type=hiera_mini",
-            "data.prompts.mode=mixed",
             f"train.output_dir={run_dir}",
             f"train.steps={size.steps}",
             f"train.batch_size={size.batch_size}",
@@ -185,8 +183,8 @@ def section(
         description=(
             f"`hiera_mini` trained in the square frame by `samkd train` ({size.steps} steps, "
             f"batch {size.batch_size}, {size.image_size} px, {size.train_images} generated 3:4 "
-            f"images, box or single-point prompts; {trained:.0f} s), then box prompts (single "
-            f"mask) on {size.test_images} held-out images of each shape. *native*: the "
+            f"images, box prompts; {trained:.0f} s), then box prompts (single mask) on "
+            f"{size.test_images} held-out images of each shape. *native*: the "
             "teacher in its own frame (`SAM2ImagePredictor`'s way); *mapped*: prompts from "
             "the student's frame mapped in and the logits mapped into the student's frame, "
             "post-processed there (what distillation compares); *padded*: the same weights "
