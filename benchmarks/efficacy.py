@@ -13,7 +13,8 @@ train:
     b. encoder distillation, 80% of the images without masks;
     c. b + decoder distillation on grid points of the unlabelled images (`points`);
     d. b + decoder distillation on the teacher's automatic masks (`teacher_masks`);
-    e. d + the prompt loop (`train.prompt_iters: 3`).
+    e. d + the prompt loop (`train.prompt_iters: 3`);
+    f. d + the teacher masks as targets of SAM's task loss too (`train.pseudo_mask_weight: 0.5`).
 
 Each row trains once per seed (`train.seed`: the student's initialisation, the batch order and
 the prompts) and is evaluated on held-out test images with box, centre-point and 3-click
@@ -101,7 +102,7 @@ PROMPTS_SETTINGS = {"mode": "mixed", "max_points": 3, "num_negative_points": 1}
 # a single click's loss goes to the two outputs it does not pick, so that all three learn.
 OTHER_OUTPUTS = 0.1
 # The students prompt at most 3 objects of an image, as many as ground truth has at most:
-# rows c-e then decode as many prompts on an unlabelled image as on a labelled one, not 16.
+# rows c-f then decode as many prompts on an unlabelled image as on a labelled one, not 16.
 STUDENT_PROMPTS = {**PROMPTS_SETTINGS, "max_objects": 3, "unlabelled_points": 3}
 # SAM's filters (predicted IoU > 0.88, stability >= 0.95) keep few masks of the small teacher:
 # every mask is kept instead, de-duplicated by box NMS, the 16 highest-IoU ones per image.
@@ -119,6 +120,10 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "e": (
         "d + prompt loop (3 iterations)",
         [*DECODER, "data.prompts.unlabelled=teacher_masks", "train.prompt_iters=3"],
+    ),
+    "f": (
+        "d + teacher masks as task-loss targets (weight 0.5)",
+        [*DECODER, "data.prompts.unlabelled=teacher_masks", "train.pseudo_mask_weight=0.5"],
     ),
 }
 TEACHER_ROW = "teacher"
@@ -208,7 +213,7 @@ class Inputs:
     student_config: Path
     teacher_weights: Path
     labelled: Path  # every image with its masks (row a)
-    few_labelled: Path  # a fifth of them (rows b-e)
+    few_labelled: Path  # a fifth of them (rows b-f)
     features: Path
     test: Path
 
@@ -416,7 +421,7 @@ def description(config: Config, facts: dict[str, Any]) -> str:
     )
     return (
         f"The CPU demo's data and models: {size.train_images} generated training images "
-        f"({size.train_images // LABELLED_EVERY} keep their masks in rows b-e), "
+        f"({size.train_images // LABELLED_EVERY} keep their masks in rows b-f), "
         f"{min(config.eval_images, size.test_images)} held-out test images, "
         f"{size.image_size} px. Teacher: `vit_mini` trained on every training image with box "
         f"and point prompts ({size.teacher_steps} steps; {teacher_text}). Students: "
@@ -425,8 +430,8 @@ def description(config: Config, facts: dict[str, Any]) -> str:
         f"prompts (boxes, single clicks, or 2-3 points and a negative one), "
         f"{OTHER_OUTPUTS:g} of a single click's mask loss on the two multimask outputs it does "
         "not pick (`train.task_loss_weights.other_outputs`), the same batches in "
-        "every row of a seed; encoder MSE in rows b-e, plus the decoder terms (MSE, cosine, "
-        f"KL) in c-e, on at most {STUDENT_PROMPTS['max_objects']} objects (or "
+        "every row of a seed; encoder MSE in rows b-f, plus the decoder terms (MSE, cosine, "
+        f"KL) in c-f, on at most {STUDENT_PROMPTS['max_objects']} objects (or "
         f"{STUDENT_PROMPTS['unlabelled_points']} grid points) an image. Each row runs with seeds "
         f"{', '.join(map(str, config.seeds))} (`train.seed`: initialisation, batch order, "
         "prompts), each training and evaluation in a process of its own on one thread. "

@@ -92,7 +92,13 @@ def mapped_masks(
     height, width = sample.input_size  # type: ignore[attr-defined]
     pipeline = torch.tensor(resize_boxes(boxes.numpy(), original, image_size)).float()
     features = encode_images(model, model_inputs(model, [sample]))  # type: ignore[list-item]
-    group = PromptGroup(0, torch.arange(len(boxes)), boxes=pipeline, input_size=(height, width))
+    count = len(boxes)
+    group = PromptGroup(
+        torch.zeros(count, dtype=torch.long),
+        torch.arange(count),
+        boxes=pipeline,
+        input_sizes=torch.tensor([[height, width]]).expand(count, 2),
+    )
     with torch.inference_mode():
         outputs = decode_in_frame(
             model.prompt_encoder,

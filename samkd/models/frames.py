@@ -49,69 +49,77 @@ def valid_key(tap: str) -> str:
 
 @dataclass(frozen=True)
 class FrameMap:
-    """The mapping between the pipeline frame and a `square` model's frame for one image.
+    """The mapping between the pipeline frame and a `square` model's frame for `N` images.
 
-    input_size: `(h, w)` of the image inside the pipeline's `S x S` input (before padding);
+    input_sizes: `(h, w)` of each image inside the pipeline's `S x S` input (before padding),
+    `N x 2` (on the maps' device, so that mapping needs no host copy), or one `(h, w)` for all;
     image_size: `S`, the side of both inputs.
     """
 
-    input_size: tuple[int, int]
+    input_sizes: torch.Tensor | tuple[int, int]
     image_size: int
 
     def points_to_model(self, coords: torch.Tensor) -> torch.Tensor:
-        """`... x 2` `(x, y)` pipeline-frame pixel coordinates -> the square frame's."""
-        height, width = self.input_size
-        scale = coords.new_tensor([self.image_size / width, self.image_size / height])
-        return coords * scale
+        """`N x ... x 2` `(x, y)` pipeline-frame pixel coordinates -> the square frame's."""
+        heights, widths = self._sizes(coords.device)
+        # In float64 and then rounded, as Python computes a single image's scale.
+        scale = torch.cat(
+            [self.image_size / widths.double(), self.image_size / heights.double()], 1
+        )
+        return coords * scale.to(coords.dtype).reshape(len(scale), *[1] * (coords.ndim - 2), 2)
 
     def boxes_to_model(self, boxes: torch.Tensor) -> torch.Tensor:
         """`N x 4` XYXY boxes -> the square frame's."""
         return self.points_to_model(boxes.reshape(-1, 2, 2)).reshape(-1, 4)
 
-    def valid_cells(self, grid: int, device: torch.device) -> torch.Tensor:
-        """`grid x grid` bool: the pipeline cells whose centre lies on the image."""
-        rows, columns = self._pipeline_fractions(grid, device)
-        return (rows < 1)[:, None] & (columns < 1)[None, :]
-
     def to_pipeline(
         self, maps: torch.Tensor, fill: float = 0.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Square-frame maps `N x C x g x g` -> the pipeline frame's `N x C x g x g` and the
-        valid cells `g x g` (bool). Invalid cells (on the padding) hold `fill`."""
+        valid cells `N x 1 x g x g` (bool: the cell's centre lies on the image). Invalid cells
+        (on the padding) hold `fill`."""
         grid = maps.shape[-1]
         rows, columns = self._pipeline_fractions(grid, maps.device)
         sampled = _sample(maps, rows, columns)
-        valid = (rows < 1)[:, None] & (columns < 1)[None, :]
+        valid = ((rows < 1)[:, :, None] & (columns < 1)[:, None, :])[:, None]
+        valid = valid.expand(len(maps), -1, -1, -1)
         return torch.where(valid, sampled, torch.full_like(sampled, fill)), valid
 
     def to_model(self, maps: torch.Tensor) -> torch.Tensor:
         """Pipeline-frame maps `N x C x g x g` (e.g. mask logits fed back as mask prompts) ->
         the square frame's: each square cell samples the pipeline map at its image position."""
         grid = maps.shape[-1]
-        height, width = self.input_size
+        heights, widths = self._sizes(maps.device)
         centres = (torch.arange(grid, device=maps.device, dtype=torch.float32) + 0.5) / grid
         # A square cell at image fraction f lies at pipeline pixel f * h, of the S-pixel input.
-        return _sample(maps, centres * height / self.image_size, centres * width / self.image_size)
+        return _sample(
+            maps, centres * heights / self.image_size, centres * widths / self.image_size
+        )
+
+    def _sizes(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Heights and widths, `N x 1` each (`1 x 1` for one size for all)."""
+        sizes = torch.as_tensor(self.input_sizes, device=device).reshape(-1, 2)
+        return sizes[:, :1], sizes[:, 1:]
 
     def _pipeline_fractions(
         self, grid: int, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Where each pipeline cell's centre lies as a fraction of the image's height (rows)
-        and width (columns); 1 or more: on the padding."""
-        height, width = self.input_size
+        """Where each pipeline cell's centre lies as a fraction of each image's height (rows)
+        and width (columns), `N x g` each; 1 or more: on the padding."""
+        heights, widths = self._sizes(device)
         centres = (torch.arange(grid, device=device, dtype=torch.float32) + 0.5) * (
             self.image_size / grid
         )
-        return centres / height, centres / width
+        return centres / heights, centres / widths
 
 
 def _sample(maps: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """Bilinear samples of `maps` (`N x C x g x g`, covering [0, 1] of both axes) at the row
-    and column fractions given (`g` each), clamped to the border."""
+    and column fractions given (`N x g` each, or `1 x g` for all maps), clamped to the border."""
     ys = rows * 2 - 1
     xs = columns * 2 - 1
-    grid = torch.stack(torch.broadcast_tensors(xs[None, :], ys[:, None]), dim=-1)
-    grid = grid[None].expand(maps.shape[0], -1, -1, -1)
+    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)
+    grid = grid.expand(maps.shape[0], -1, -1, -1)
     # float32: grid_sample takes no reduced precision on every device.
     return F.grid_sample(
         maps.float(), grid, mode="bilinear", padding_mode="border", align_corners=False

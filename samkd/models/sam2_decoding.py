@@ -19,25 +19,25 @@ import torch
 
 def predict_all_masks(
     mask_decoder: Any,
-    image_embedding: torch.Tensor,
+    image_embeddings: torch.Tensor,
     image_pe: torch.Tensor,
     sparse: torch.Tensor,
     dense: torch.Tensor,
     high_res: Sequence[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask logits `n x 4 x 4h x 4w` and predicted IoUs `n x 4` of `n` prompts of one image.
+    """Mask logits `n x 4 x 4h x 4w` and predicted IoUs `n x 4` of `n` prompts.
 
-    image_embedding: `1 x 256 x h x w`; sparse: `n x T x 256`; dense: `n x 256 x h x w`;
-    high_res: that image's `1 x 32 x 4h x 4w` and `1 x 64 x 2h x 2w` maps. Output 0 is SAM 2's
-    single-mask answer (see the module docstring); the object score is not applied, as
-    `SAM2ImagePredictor` does not apply it.
+    image_embeddings: `n x 256 x h x w`, each prompt's image's; sparse: `n x T x 256`; dense:
+    `n x 256 x h x w`; high_res: those images' `n x 32 x 4h x 4w` and `n x 64 x 2h x 2w`
+    maps. Output 0 is SAM 2's single-mask answer (see the module docstring); the object score
+    is not applied, as `SAM2ImagePredictor` does not apply it.
     """
     logits, scores, _, _ = mask_decoder.predict_masks(
-        image_embeddings=image_embedding,
+        image_embeddings=image_embeddings,
         image_pe=image_pe,
         sparse_prompt_embeddings=sparse,
         dense_prompt_embeddings=dense,
-        repeat_image=True,
+        repeat_image=False,
         high_res_features=list(high_res),
     )
     if mask_decoder.dynamic_multimask_via_stability and not mask_decoder.training:

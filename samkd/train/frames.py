@@ -28,7 +28,7 @@ NO_MASK_LOGIT = -32.0
 
 def model_group(group: PromptGroup, image_size: int) -> PromptGroup:
     """`group`'s prompts (and fed-back mask logits) in a square model's frame."""
-    frame = FrameMap(group.input_size or (image_size, image_size), image_size)
+    frame = frame_of(group, image_size)
     return dataclasses.replace(
         group,
         boxes=None if group.boxes is None else frame.boxes_to_model(group.boxes),
@@ -36,8 +36,14 @@ def model_group(group: PromptGroup, image_size: int) -> PromptGroup:
             None if group.point_coords is None else frame.points_to_model(group.point_coords)
         ),
         mask_inputs=None if group.mask_inputs is None else frame.to_model(group.mask_inputs),
-        input_size=(image_size, image_size),
+        input_sizes=None,
     )
+
+
+def frame_of(group: PromptGroup, image_size: int) -> FrameMap:
+    """The frames of `group`'s objects' images (the whole input where sizes are not given)."""
+    sizes = (image_size, image_size) if group.input_sizes is None else group.input_sizes
+    return FrameMap(sizes, image_size)
 
 
 def outputs_to_pipeline(
@@ -54,10 +60,10 @@ def outputs_to_pipeline(
         strict=True,
     )
     for group, group_logits, group_upscaled in parts:
-        frame = FrameMap(group.input_size or (image_size, image_size), image_size)
+        frame = frame_of(group, image_size)
         mapped, cells = frame.to_pipeline(group_logits, NO_MASK_LOGIT)
         logits.append(mapped.to(group_logits.dtype))
-        valid.append(cells.expand(len(group.objects), 1, *cells.shape))
+        valid.append(cells)
         if group_upscaled is not None:
             upscaled.append(frame.to_pipeline(group_upscaled)[0].to(group_upscaled.dtype))
     return dataclasses.replace(
@@ -105,11 +111,7 @@ def encoder_to_pipeline(
         value = features[tap]
         if tap in ENCODER_HIGH_RES or not isinstance(value, torch.Tensor) or value.ndim != 4:
             continue
-        images, cells = [], []
-        for image, size in zip(value, input_sizes, strict=True):
-            one, valid = FrameMap(size, image_size).to_pipeline(image[None])
-            images.append(one.to(value.dtype))
-            cells.append(valid[None, None])
-        mapped[tap] = torch.cat(images)
-        mapped[valid_key(tap)] = torch.cat(cells)
+        one, valid = FrameMap(torch.tensor(input_sizes), image_size).to_pipeline(value)
+        mapped[tap] = one.to(value.dtype)
+        mapped[valid_key(tap)] = valid
     return mapped

@@ -21,7 +21,7 @@ FAST_SECTIONS = (
     "amg",
     "export",
 )
-SLOW_SECTIONS = ("loss_cost", "efficacy", "real_size", "view", "frames")
+SLOW_SECTIONS = ("loss_cost", "efficacy", "real_size", "view", "frames", "sam2_efficacy")
 
 
 def assert_quick_run_writes(sections: tuple[str, ...], output: Path) -> None:

@@ -72,7 +72,8 @@ def test_mask_cells_land_on_the_same_cells_after_mapping() -> None:
     mapped, valid = FrameMap(INPUT_SIZE, SIZE).to_pipeline(square_low_res(masks))
     teacher = mapped[:, 0] > 0.5
     grid = SIZE // 4
-    assert valid.shape == (grid, grid)
+    assert valid.shape == (len(masks), 1, grid, grid)
+    valid = valid[0, 0]
     assert valid[:19].all() and not valid[20:].any()  # 77 / 4 = 19.25 rows of image
     assert not student[:, 20:].any()
     # Cells farther than one cell from the object's boundary agree exactly.
@@ -90,6 +91,7 @@ def test_maps_round_trip_through_the_square_frame() -> None:
     smooth = torch.sin(rows / 5) + torch.cos(columns / 7)
     frame = FrameMap(INPUT_SIZE, SIZE)
     back, valid = frame.to_pipeline(frame.to_model(smooth[None, None]))
+    valid = valid[0, 0]
     torch.testing.assert_close(back[0, 0][valid][:-32], smooth[valid][:-32], atol=0.05, rtol=0)
 
 
@@ -122,7 +124,12 @@ def test_box_prompt_lands_on_the_same_object_in_both_frames() -> None:
         assert high_res is not None
         predictor._features = {"image_embed": embedding, "high_res_feats": list(high_res)}
         predictor._orig_hw, predictor._is_image_set = [(HEIGHT, WIDTH)], True
-        group = PromptGroup(0, torch.arange(2), boxes=student_boxes, input_size=INPUT_SIZE)
+        group = PromptGroup(
+            torch.zeros(2, dtype=torch.long),
+            torch.arange(2),
+            boxes=student_boxes,
+            input_sizes=torch.tensor([INPUT_SIZE, INPUT_SIZE]),
+        )
         outputs = decode_in_frame(
             model.prompt_encoder, model.mask_decoder, embedding, [group], False, high_res, "square"
         )
@@ -131,3 +138,46 @@ def test_box_prompt_lands_on_the_same_object_in_both_frames() -> None:
         torch.testing.assert_close(outputs.iou[index, 1:], torch.from_numpy(iou))
         expected, _ = frame.to_pipeline(torch.from_numpy(low_res)[None], -32.0)
         torch.testing.assert_close(outputs.mask_logits[index, 1:].clamp(-32, 32), expected[0])
+
+
+def test_a_group_of_images_of_different_sizes_decodes_as_each_alone() -> None:
+    """One prompt group holding objects of two images with different aspect ratios maps each
+    object through its own image's frame: the same logits, IoUs and valid cells as decoding
+    each image's object alone."""
+    model = perturbed(build_sam("hiera_mini", image_size=SIZE), seed=3)
+    pixels = torch.stack(
+        [
+            preprocess_square(non_square_image(HEIGHT, WIDTH), SIZE),
+            preprocess_square(non_square_image(WIDTH, HEIGHT // 2), SIZE),
+        ]
+    )
+    sizes = torch.tensor([INPUT_SIZE, (SIZE, HEIGHT // 2 * SIZE // WIDTH)])
+    boxes = torch.tensor([[10.0, 8.0, 60.0, 50.0], [4.0, 20.0, 30.0, 90.0]])
+    with torch.no_grad():
+        embedding, features = encoder_forward(model, pixels, [])
+        high_res = high_res_of(features)
+
+        def decode(images: list[int]) -> object:
+            group = PromptGroup(
+                torch.tensor(images),
+                torch.arange(len(images)),
+                boxes=boxes[images],
+                input_sizes=sizes[images],
+            )
+            return decode_in_frame(
+                model.prompt_encoder,
+                model.mask_decoder,
+                embedding,
+                [group],
+                False,
+                high_res,
+                "square",
+            )
+
+        together = decode([0, 1])
+        alone = [decode([0]), decode([1])]
+    for index, one in enumerate(alone):
+        torch.testing.assert_close(together.mask_logits[index], one.mask_logits[0])
+        torch.testing.assert_close(together.iou[index], one.iou[0])
+        assert torch.equal(together.valid[index], one.valid[0])
+    assert not torch.equal(together.valid[0], together.valid[1])

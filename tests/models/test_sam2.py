@@ -153,7 +153,10 @@ def test_eval_and_training_decoding_equal_sam2_image_predictor() -> None:
     # Training: the same box in the student's frame, as the dataset makes it (77 x 128).
     box = resize_boxes(BOX[None], (96, 160), 128)
     group = PromptGroup(
-        0, torch.tensor([0]), boxes=torch.tensor(box, dtype=torch.float32), input_size=(77, 128)
+        torch.tensor([0]),
+        torch.tensor([0]),
+        boxes=torch.tensor(box, dtype=torch.float32),
+        input_sizes=torch.tensor([[77, 128]]),
     )
     with torch.no_grad():
         embedding, encoded = encoder_forward(model, pixels[None], [])

@@ -266,13 +266,15 @@ def test_each_iteration_adds_one_corrective_click_per_object(feedback_p: float) 
         embeddings = student.image_encoder(torch.randn(1, 3, 128, 128))
         teacher_embeddings = teacher.image_encoder(torch.randn(1, 3, 128, 128))
     groups = [
-        PromptGroup(0, torch.tensor([0, 1]), boxes=torch.tensor([[8.0, 8, 60, 60]] * 2)),
         PromptGroup(
-            0,
+            torch.tensor([0, 0]), torch.tensor([0, 1]), boxes=torch.tensor([[8.0, 8, 60, 60]] * 2)
+        ),
+        PromptGroup(
+            torch.tensor([0]),
             torch.tensor([2]),
             point_coords=torch.tensor([[[30.0, 30.0]]]),
             point_labels=torch.tensor([[1]]),
-            input_size=(96, 128),
+            input_sizes=torch.tensor([[96, 128]]),
         ),
     ]
     targets = square_targets(3, 32)
