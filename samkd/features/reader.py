@@ -201,6 +201,14 @@ class FeatureStore:
             self._skip(image_id, error)
             return {}
 
+    def prefetch(self, images: Sequence[int | str]) -> None:
+        """Ask the disk now for the rows of `images` (indices or ids) that will be read next:
+        a batch's reads then wait for the disk together rather than one after the other.
+        Only a hint (`posix_fadvise`): nothing is read or checked here."""
+        rows = [self._row(image) for image in images]
+        for tap in self._taps.values():
+            tap.rows.advise(rows, self._descriptors)
+
     def pseudo_masks(self, index: int | str) -> list[dict[str, Any]]:
         """The teacher automatic masks of one image (see `samkd.features.pseudo_masks`):
         COCO RLE records at the original image size, highest predicted IoU first; `[]` for

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -56,6 +57,23 @@ def test_direct_reads_equal_reads_through_hdf5(
             for tap, tensor in taps.items():
                 assert torch.equal(tensor, by_hdf5[teacher][tap]), (index, teacher, tap)
     assert all(tap.rows.offsets[0] is None for tap in through_hdf5._taps.values())
+
+
+def test_prefetch_asks_the_disk_for_each_row(
+    feature_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    advised: list[tuple[int, int, int]] = []
+
+    def advise(descriptor: int, offset: int, length: int, advice: int) -> None:
+        advised.append((offset, length, advice))
+
+    store = FeatureStore(feature_file, teachers=["vit_h"], taps=["encoder.embed"])
+    monkeypatch.setattr(samkd.features.rows.os, "posix_fadvise", advise)
+    store.prefetch([1, "img_0004.jpg"])
+    offsets = store._taps["vit_h", "encoder.embed"].rows.offsets[0]
+    assert offsets is not None
+    size, soon = 256 * 16 * 16 * 2, os.POSIX_FADV_WILLNEED  # float16 rows
+    assert advised == [(offsets[1], size, soon), (offsets[4], size, soon)]
 
 
 def test_worker_outputs_are_in_shared_memory(monkeypatch: pytest.MonkeyPatch) -> None:
