@@ -25,6 +25,7 @@ from benchmarks import (
     loss_cost,
     preset_speed,
     real_size,
+    scale,
     teacher_fast_path,
     train_step,
 )
@@ -42,6 +43,7 @@ BENCHMARKS: dict[str, Callable[[bool], Section]] = {
     amg.NAME: amg.run,
     export_speed.NAME: export_speed.run,
     real_size.NAME: real_size.run,
+    scale.NAME: scale.run,
 }
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 SECTION_PATTERN = re.compile(r"<!-- benchmark:(\S+) -->\n(.*?)<!-- /benchmark:\1 -->", re.S)
