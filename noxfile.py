@@ -23,14 +23,14 @@ def install_project(session: nox.Session, extras: str, torch: list[str] = TORCH)
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite (pass pytest arguments after --)."""
-    install_project(session, "test,export")
+    install_project(session, "test,export,view")
     session.run("pytest", *session.posargs)
 
 
 @nox.session(default=False)
 def slow(session: nox.Session) -> None:
     """Run the real-size tests (minutes on a 2-core CPU), which the default run leaves out."""
-    install_project(session, "test,export")
+    install_project(session, "test,export,view")
     session.run("pytest", "-m", "slow", *session.posargs)
 
 

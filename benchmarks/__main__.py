@@ -28,6 +28,7 @@ from benchmarks import (
     scale,
     teacher_fast_path,
     train_step,
+    view_speed,
 )
 from benchmarks.common import Section, section_markdown, this_machine
 
@@ -44,6 +45,7 @@ BENCHMARKS: dict[str, Callable[[bool], Section]] = {
     export_speed.NAME: export_speed.run,
     real_size.NAME: real_size.run,
     scale.NAME: scale.run,
+    view_speed.NAME: view_speed.run,
 }
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 SECTION_PATTERN = re.compile(r"<!-- benchmark:(\S+) -->\n(.*?)<!-- /benchmark:\1 -->", re.S)

@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from benchmarks.common import ResultTable, Section
-from benchmarks.efficacy import FULL_CONFIG, ROWS
+from benchmarks.efficacy import FULL_CONFIG, ROWS, student_run
 from samkd.demo.run import Paths
 from samkd.demo.shapes import write_shapes_dataset
 from samkd.errors import UsageError
@@ -55,7 +55,7 @@ def efficacy_reports() -> tuple[Path, dict[str, dict[str, Any]]]:
     test = paths.root / "test-eval"
     reports = {}
     for row in STUDENT_ROWS:
-        weights = paths.root / f"student-{row}" / "student.pt"
+        weights = student_run(paths, row, FULL_CONFIG.seeds[0]) / "student.pt"
         if not weights.is_file() or not test.is_dir():
             raise UsageError(f"{weights}: missing; run `python -m benchmarks --only efficacy`")
         reports[row] = evaluate(paths.student_config, test, f"student.checkpoint={weights}")
@@ -99,7 +99,8 @@ def run(quick: bool) -> Section:
         "Everything mode: automatic masks of the efficacy models",
         (
             f"`samkd eval --amg --teacher teacher` on {teacher['images']} held-out test images "
-            f"of the efficacy section, with its teacher and students {', '.join(STUDENT_ROWS)}: "
+            f"of the efficacy section, with its teacher and students {', '.join(STUDENT_ROWS)} "
+            f"(seed {FULL_CONFIG.seeds[0]}): "
             "segment-anything's automatic mask generator through each model's own image "
             f"encoder, {POINTS_PER_SIDE}x{POINTS_PER_SIDE} points, no predicted-IoU or "
             "stability filter, box NMS 0.7, no crops. Recall: the share of ground-truth objects "

@@ -15,10 +15,9 @@ import torch
 from rich.console import Console
 
 from benchmarks.common import NOISE_NOTE, ResultTable, Section
+from samkd.evaluate.onnx_session import INT8, OnnxFiles, OnnxSam, measure_onnx_speed
 from samkd.evaluate.speed import SpeedReport, measure_speed
 from samkd.export import run_export
-from samkd.export.onnx import INT8, OnnxFiles
-from samkd.export.session import OnnxSam, measure_onnx_speed
 from samkd.models import build_sam
 from samkd.settings import load_settings
 

@@ -248,7 +248,11 @@ def evaluate(
         Path | None, typer.Option("--json", help="Write every number to this JSON file.")
     ] = None,
     overlays: Annotated[
-        Path | None, typer.Option(help="Save a few overlay PNGs in this folder.")
+        Path | None,
+        typer.Option(
+            help="Draw the first eval.overlay_images images in this folder, one PNG each: "
+            "ground truth, predicted masks, prompts and IoUs."
+        ),
     ] = None,
     amg: Annotated[
         bool,
@@ -371,15 +375,20 @@ def export(
     source: Annotated[
         Path | None,
         typer.Argument(
-            help="A training run folder (its student.pt, model type and image size) or a "
-            "checkpoint (default: --checkpoint / student.checkpoint).",
+            help="A training run folder (its student.pt) or a checkpoint (default: --checkpoint "
+            "/ student.checkpoint); a run's student.pt and checkpoints/*.pt are exported with "
+            "the run's model type and image size.",
             show_default=False,
         ),
     ] = None,
     config: ConfigOption = None,
     assignments: SetOption = None,
     model_type: Annotated[
-        str | None, typer.Option(help="Model type of a checkpoint (default: student.model_type).")
+        str | None,
+        typer.Option(
+            help="Model type of a checkpoint that no training run wrote (default: "
+            "student.model_type)."
+        ),
     ] = None,
     checkpoint: Annotated[
         Path | None, typer.Option(help="Weights to export (instead of SOURCE).", show_default=False)
@@ -406,10 +415,6 @@ def export(
     files against PyTorch."""
     if source is not None and checkpoint is not None:
         raise _fail("pass SOURCE or --checkpoint, not both")
-    if source is not None and source.is_dir() and model_type is not None:
-        raise _fail(
-            f"{source} is a run folder, which has its own model type; leave out --model-type"
-        )
     flags = {
         "student.model_type": model_type,
         "student.checkpoint": str(checkpoint) if checkpoint else None,
@@ -423,3 +428,89 @@ def export(
 
     with one_line_errors(settings.logging.level == "DEBUG"):
         run_export(settings, source)
+
+
+@app.command()
+def view(
+    sources: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="One or two models: a training run folder (its student.pt, else its latest "
+            "checkpoint, model type and image size), a checkpoint (of --model-type) or a "
+            "samkd export folder (or its image_encoder*.onnx file).",
+            show_default=False,
+        ),
+    ] = None,
+    config: ConfigOption = None,
+    assignments: SetOption = None,
+    teacher: Annotated[
+        str | None,
+        typer.Option(
+            help="Also show this teacher: a name from a run folder's (or --config's) "
+            "teachers, or a model type (weights: --teacher-checkpoint).",
+            show_default=False,
+        ),
+    ] = None,
+    teacher_checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="Weights of the --teacher model type.", show_default=False),
+    ] = None,
+    model_type: Annotated[
+        str | None,
+        typer.Option(help="Model type of a checkpoint SOURCE (default: student.model_type)."),
+    ] = None,
+    image_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Input size of a checkpoint SOURCE and of a --teacher model type "
+            "(data.image_size; default: the type's own size).",
+            show_default=False,
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Dataset folder to pick images from (any layout; ground truth gives IoUs).",
+            show_default=False,
+        ),
+    ] = None,
+    run: Annotated[
+        Path | None,
+        typer.Option(
+            help="Training run folder of the run tab (default: the first run folder SOURCE).",
+            show_default=False,
+        ),
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Address to serve on (0.0.0.0: every network interface).")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int | None,
+        typer.Option(help="Port (default: the first free one from 7860).", show_default=False),
+    ] = None,
+    share: Annotated[
+        bool, typer.Option("--share", help="Also make a public link through Gradio's servers.")
+    ] = False,
+    print_config: PrintConfigOption = False,
+) -> None:
+    """Serve a local web page to click on images and compare the masks of a student and its
+    teacher, and to follow a training run's curves (needs pip install 'samkd[view]')."""
+    flags = {
+        "student.model_type": model_type,
+        "data.image_size": image_size,
+    }
+    settings = resolve_settings(config, assignments, flags, print_config)
+    from samkd.view import run_view
+
+    with one_line_errors(settings.logging.level == "DEBUG"):
+        run_view(
+            settings,
+            sources or [],
+            teacher=teacher,
+            teacher_checkpoint=teacher_checkpoint,
+            data=data,
+            run=run,
+            host=host,
+            port=port,
+            share=share,
+        )

@@ -4,6 +4,7 @@ for files that other processes publish."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import secrets
@@ -11,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 TEMPORARY_SUFFIX = ".tmp"
 
@@ -78,6 +80,12 @@ def atomic_path(
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def write_json(data: Any, path: Path) -> None:
+    """Write `data` as indented JSON under a temporary name, then rename it into place."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def wait_until(ready: Callable[[], bool], poll_seconds: float = 5.0) -> None:

@@ -20,7 +20,13 @@ from samkd.data.images import load_rgb_image
 from samkd.data.layouts import LayoutChoice, read_layout
 from samkd.data.masks import MASK_THRESHOLD
 from samkd.errors import UsageError
-from samkd.evaluate.metrics import LARGE_AREA, SIZE_NAMES, SMALL_AREA, size_bucket
+from samkd.evaluate.metrics import (
+    LARGE_AREA,
+    SIZE_NAMES,
+    SMALL_AREA,
+    empty_mask_warning,
+    size_bucket,
+)
 from samkd.features import FeatureStore, file_sha256, inspect_feature_file, render_report
 from samkd.features.layout import PSEUDO_MASK_COUNTS
 from samkd.features.pseudo_masks import decode_pseudo_masks
@@ -103,8 +109,21 @@ def _show(summary: dict[str, Any], as_json: bool, console: Console, render: Any)
 
 
 def summarize_run(run_dir: Path, plot: bool = True) -> dict[str, Any]:
-    """Steps, best validation mIoU and when, lambda_kd changes, skipped steps, last terms."""
+    """Steps, best validation mIoU and when, the share of empty predicted masks at the last
+    validation, lambda_kd changes, skipped steps, last terms."""
     records = read_metrics(run_dir / "metrics.jsonl")
+    summary = summarize_records(run_dir, records)
+    if plot and summary["train_records"]:
+        try:
+            summary["plot"] = str(plot_run(records, run_dir / PLOT_NAME))
+        except OSError as error:
+            # The summary is still worth printing: the run folder may be read-only.
+            summary["plot_error"] = f"{run_dir / PLOT_NAME}: not written: {error.strerror}"
+    return summary
+
+
+def summarize_records(run_dir: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """`summarize_run`'s summary of the run in `run_dir` that logged `records`."""
     train = [record for record in records if record.get("kind") == "train"]
     val = [record for record in records if record.get("kind") == "val"]
     best = max(val, key=lambda record: record["val/miou"], default=None)
@@ -122,18 +141,13 @@ def summarize_run(run_dir: Path, plot: bool = True) -> dict[str, Any]:
         "best_val_miou": None if best is None else best["val/miou"],
         "best_step": None if best is None else best["step"],
         "last_val_miou": val[-1]["val/miou"] if val else None,
+        "last_val_empty_fraction": val[-1].get("val/empty_fraction") if val else None,
         "lambda_kd_changes": changes,
         "skipped_steps": train[-1].get("skipped_steps", 0) if train else 0,
         "nonfinite_terms": sorted({t for r in train for t in r.get("nonfinite_terms", [])}),
         "last_terms": {k: v for k, v in (train[-1] if train else {}).items() if "/" in k},
         "exported": str(run_dir / "student.pt") if (run_dir / "student.pt").exists() else None,
     }
-    if plot and train:
-        try:
-            summary["plot"] = str(plot_run(records, run_dir / PLOT_NAME))
-        except OSError as error:
-            # The summary is still worth printing: the run folder may be read-only.
-            summary["plot_error"] = f"{run_dir / PLOT_NAME}: not written: {error.strerror}"
     return summary
 
 
@@ -149,21 +163,26 @@ def loss_terms(records: list[dict[str, Any]]) -> list[str]:
     return list(names)
 
 
-def plot_run(records: list[dict[str, Any]], path: Path) -> Path:
-    """One panel per loss term plus validation mIoU, saved as a PNG (atomically)."""
+def plot_run(
+    records: list[dict[str, Any]], path: Path, panels: Sequence[str] | None = None
+) -> Path:
+    """One panel per loss term plus validation mIoU, or per name in `panels` (`val/` names
+    from the validation records, the others from the training records), saved as a PNG
+    (atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    terms = loss_terms(records)
+    train = [record for record in records if record.get("kind") == "train"]
     val = [record for record in records if record.get("kind") == "val"]
-    panels = terms + (["val/miou"] if val else [])
+    if panels is None:
+        panels = loss_terms(records) + (["val/miou"] if val else [])
     columns = min(4, len(panels))
     rows = -(-len(panels) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 2.8 * rows), squeeze=False)
     for axis, name in zip(axes.flat, panels, strict=False):
-        source = val if name == "val/miou" else records
+        source = val if name.startswith("val/") else train
         points = [(r["step"], r[name]) for r in source if name in r and r[name] is not None]
         axis.plot(
             [p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None
@@ -187,6 +206,9 @@ def render_run(summary: dict[str, Any], console: Console) -> None:
     if best is not None:
         table.add_row("best val mIoU", f"{best:.4f} at step {summary['best_step']}")
         table.add_row("last val mIoU", f"{summary['last_val_miou']:.4f}")
+    empty = summary["last_val_empty_fraction"]
+    if empty is not None:
+        table.add_row("last val empty masks", f"{empty:.0%}")
     skipped = str(summary["skipped_steps"])
     if summary["nonfinite_terms"]:
         skipped += f" ({', '.join(summary['nonfinite_terms'])})"
@@ -206,6 +228,9 @@ def render_run(summary: dict[str, Any], console: Console) -> None:
     console.print(terms)
     if "plot" in summary:
         console.print(f"loss curves: {summary['plot']}")
+    warning = empty_mask_warning(empty, "last validation")
+    if warning is not None:
+        console.print(Text(f"warning: {warning}"), style="yellow", soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- pseudo-masks

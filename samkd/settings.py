@@ -110,7 +110,13 @@ class PromptSettings(StrictModel):
     )
     min_points: int = Field(1, ge=1, description="fewest positive points per object")
     max_points: int = Field(1, ge=1, description="most positive points per object")
-    num_negative_points: int = Field(0, ge=0, description="negative points per object")
+    num_negative_points: int = Field(
+        0,
+        ge=0,
+        description="negative points per object prompted by two or more positive points (one "
+        "positive point stays a single click, which trains the multimask outputs); needs "
+        "max_points >= 2",
+    )
     max_objects: int = Field(16, ge=1, description="objects per image at most")
     unlabelled: Literal["none", "points", "teacher_masks"] = Field(
         "none",
@@ -126,6 +132,12 @@ class PromptSettings(StrictModel):
     def _point_range(self) -> PromptSettings:
         if self.min_points > self.max_points:
             raise ValueError(f"min_points {self.min_points} exceeds max_points {self.max_points}")
+        if self.num_negative_points and self.max_points == 1:
+            raise ValueError(
+                f"num_negative_points {self.num_negative_points} needs max_points >= 2: a prompt "
+                "of one positive point is a single click (SAM's ambiguous prompt) and takes no "
+                "negative points"
+            )
         return self
 
 
@@ -428,6 +440,14 @@ class TaskLossWeightSettings(StrictModel):
     iou: NonNegativeFloat = Field(
         1.0, description="weight of the predicted IoU's squared error (task/iou_mse)"
     )
+    other_outputs: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of a single click's focal and dice given to its two multimask "
+        "outputs other than the best (relaxed winner-takes-all: 0, SAM's rule, trains the best "
+        "alone; above 0 keeps all three trained, for a decoder trained from scratch)",
+    )
 
     @model_validator(mode="after")
     def _some_weight(self) -> TaskLossWeightSettings:
@@ -725,6 +745,11 @@ class EvalSettings(StrictModel):
     )
     device: Device = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     seed: int = Field(0, description="torch seed (e.g. random weights when no checkpoint is set)")
+    overlay_images: int = Field(
+        8,
+        ge=1,
+        description="images `--overlays` draws at most, one PNG each (the first with objects)",
+    )
     amg: AmgSettings = Field(
         AmgSettings(), description="automatic mask generation (`samkd eval --amg`)"
     )

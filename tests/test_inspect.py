@@ -12,6 +12,7 @@ from samkd.cli import app
 from samkd.inspect import loss_terms, summarize_checkpoint, summarize_dataset, summarize_run
 from samkd.models import build_sam, save_state_dict
 
+from .conftest import EmptyMaskRun
 from .data.conftest import IMAGE_SIZES, make_dsb_dataset, make_labels_dataset, write_mask_png
 
 TERMS = ["task/focal", "kd/t/encoder_mse", "kd/t/attention_kl", "loss/total"]
@@ -118,3 +119,16 @@ def test_cli_dataset_json_and_layout_setting(tmp_path: Path) -> None:
     )
     assert forced.exit_code == 1
     assert forced.stderr.strip().startswith(f"error: {tmp_path / 'labels'}: no <id>/images/")
+
+
+def test_a_run_whose_model_predicts_empty_masks_says_so(empty_mask_run: EmptyMaskRun) -> None:
+    summary = summarize_run(empty_mask_run.folder, plot=False)
+    assert summary["last_val_empty_fraction"] == 1.0
+    result = CliRunner().invoke(app, ["inspect", str(empty_mask_run.folder)])
+    assert result.exit_code == 0, result.output
+    assert "last val empty masks" in result.stdout and "100%" in result.stdout
+    (warning,) = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    assert warning == (
+        "warning: the model predicts empty masks for 100% of objects (last validation): "
+        "undertrained or wrong input scale?"
+    )

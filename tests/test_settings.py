@@ -91,6 +91,10 @@ def test_set_addresses_list_items(tmp_path: Path) -> None:
         ("student.lora.layers=[]", "student.lora.layers: List should have at least 1 item"),
         ("student.lora.parts=[prompt_encoder]", "student.lora.parts.0: Input should be"),
         ("student.lora.dropout=1", "student.lora.dropout: Input should be less than 1"),
+        (
+            "data.prompts.num_negative_points=1",
+            "data.prompts: num_negative_points 1 needs max_points >= 2",
+        ),
     ],
 )
 def test_errors_are_one_line_and_name_the_path(assignment: str, expected: str) -> None:

@@ -25,6 +25,11 @@ _PROMPT_STREAM = 1
 PADDING_LABEL = -1
 """Label of a padding point, the value SAM's prompt encoder treats as "not a point"."""
 
+SINGLE_CLICK_NEGATIVES = (
+    "negative points need max_points >= 2: a prompt of one positive point is a single click "
+    "(SAM's ambiguous prompt) and takes no negative points"
+)
+
 
 def make_rng(seed: int, index: int, stream: int) -> np.random.Generator:
     """A generator that depends only on ``(seed, index, stream)`` (all non-negative)."""
@@ -80,7 +85,10 @@ class PromptSampler:
         min_positive: fewest positive points per ``"points"`` object.
         max_positive: most positive points; the count is uniform in
             ``[min_positive, max_positive]``.
-        num_negative: negative points per ``"points"`` object, outside the mask.
+        num_negative: negative points, outside the mask, of each ``"points"`` object with
+            two or more positive points. One positive point stays a single click, SAM's
+            ambiguous prompt, whose loss trains the three multimask outputs (as SAM and
+            SAM 2 train their first click): with negatives added, no prompt would be one.
         negative_region: draw negatives inside the jittered box (``"box"``, falling back
             to the whole image when the mask fills the box) or anywhere (``"image"``).
         box_probability: chance of a box in ``"mixed"`` mode.
@@ -105,6 +113,8 @@ class PromptSampler:
             raise ValueError("need 1 <= min_positive <= max_positive")
         if self.num_negative < 0 or self.box_jitter < 0:
             raise ValueError("num_negative and box_jitter must be >= 0")
+        if self.num_negative and self.max_positive == 1:
+            raise ValueError(SINGLE_CLICK_NEGATIVES)
         if not 0.0 <= self.box_probability <= 1.0:
             raise ValueError("box_probability must be in [0, 1]")
 
@@ -146,7 +156,7 @@ class PromptSampler:
         positives = sample_pixels(mask, num_positive, rng)
         coords[:num_positive] = positives
         labels[:num_positive] = 1
-        if self.num_negative == 0:
+        if self.num_negative == 0 or num_positive == 1:
             return
         negatives = self._sample_negatives(mask, box, rng)
         end = num_positive + len(negatives)

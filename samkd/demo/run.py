@@ -36,6 +36,7 @@ from rich.console import Console
 from rich.rule import Rule
 from rich.table import Table
 
+import samkd
 from samkd.demo.shapes import write_shapes_dataset
 
 TEACHER_TYPE = "vit_mini"
@@ -44,6 +45,9 @@ TEACHER_NAME = "teacher"
 DATA_MARKER = "demo-data.json"
 TEACHER_MARKER = "demo-key.txt"
 SUMMARY_FILE = "summary.json"
+PACKAGE = Path(samkd.__file__).parent
+# What trains a model, relative to the package: a cached teacher is retrained when it changes.
+TRAINING_CODE = ("data", "distill", "models", "train", "runtime.py", "settings.py")
 # The embedding MSE starts near 1e-2 against a task loss near 1: this weight puts the two on
 # the same scale, so the teacher's signal is not lost in the task loss.
 ENCODER_MSE_WEIGHT = 50.0
@@ -259,10 +263,24 @@ def make_datasets(paths: Paths, size: DemoSize, console: Console) -> None:
     marker.write_text(json.dumps(spec))
 
 
+def training_code_digest(package: Path = PACKAGE) -> str:
+    """sha256 of samkd's version and of the source of the code that trains a model
+    (`TRAINING_CODE` under `package`)."""
+    digest = hashlib.sha256(samkd.__version__.encode())
+    for part in TRAINING_CODE:
+        path = package / part
+        for source in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(source.relative_to(package).as_posix().encode())
+            digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
 def teacher_key(paths: Paths) -> str:
-    """Changes whenever the teacher's settings or training data change."""
+    """Changes whenever the teacher's settings, its training data or the code that trains it
+    change, so a cached teacher is always one that this code would train."""
     digest = hashlib.sha256(paths.teacher_config.read_bytes())
     digest.update((paths.data / DATA_MARKER).read_bytes())
+    digest.update(training_code_digest().encode())
     return digest.hexdigest()[:16]
 
 

@@ -35,7 +35,7 @@ from samkd.data import Sample, SegmentationDataset
 from samkd.data.dataset import load_record_image
 from samkd.errors import UsageError
 from samkd.evaluate.metrics import SIZE_NAMES, size_bucket
-from samkd.evaluate.overlays import draw_masks, save_png
+from samkd.evaluate.overlays import draw_masks, image_file_name, save_png, side_by_side, titled
 from samkd.features import FeatureStore
 from samkd.features.pseudo_masks import (
     build_mask_generator,
@@ -50,7 +50,6 @@ from samkd.settings import AmgSettings
 RECALL_THRESHOLDS = (0.5, 0.75)
 # A model mask and a teacher mask of at least this IoU count as the same mask.
 MATCH_IOU = 0.5
-OVERLAY_IMAGES = 4
 
 Rle = dict[str, Any]
 
@@ -291,6 +290,7 @@ def evaluate_amg(
     store: tuple[FeatureStore, str] | None = None,
     num_workers: int = 0,
     overlays_dir: Path | None = None,
+    overlay_images: int = 8,
 ) -> AmgEvaluation:
     """Generate and score the automatic masks of every image of `dataset`.
 
@@ -299,8 +299,8 @@ def evaluate_amg(
         scored the same way and compared with the model's.
       store: the feature file and teacher name whose stored embeddings `teacher` (a stored
         decoder, see `samkd.evaluate.run.stored_teacher`) runs on.
-      overlays_dir: where PNGs of the first images' masks go (`<id>_amg.png`, and
-        `<id>_amg_teacher.png`).
+      overlays_dir: where a PNG of each of the first `overlay_images` images' masks goes
+        (`<id>_amg.png`, the model's and the teacher's side by side).
     """
     check_amg_options(options, stored_teacher=store is not None)
     evaluation = AmgEvaluation.empty(with_teacher=teacher is not None)
@@ -313,7 +313,7 @@ def evaluate_amg(
             targets = encode_masks(sample.masks)
             areas = sample.masks.flatten(1).sum(dim=1)
             generated = generate_masks(model, image, options)
-            shown = {"amg": generated}
+            shown = {"model": generated}
             teacher_generated = None
             if teacher is not None:
                 embedding = None
@@ -322,14 +322,20 @@ def evaluate_amg(
                     stored = features.read(sample.image_id)[name][ENCODER_EMBED]
                     embedding = stored[None].to(teacher.device)
                 teacher_generated = generate_masks(teacher, image, options, embedding)
-                shown["amg_teacher"] = teacher_generated
+                shown["teacher"] = teacher_generated
             evaluation.add_image(targets, areas, generated, teacher_generated)
-            if overlays_dir is not None and position < OVERLAY_IMAGES:
-                for suffix, masks in shown.items():
-                    decoded = decode_pseudo_masks(masks.rles, sample.original_size)
-                    save_png(
-                        draw_masks(image, decoded), overlays_dir / f"{sample.image_id}_{suffix}.png"
+            if overlays_dir is not None and position < overlay_images:
+                panels = [
+                    titled(
+                        draw_masks(image, decode_pseudo_masks(masks.rles, sample.original_size)),
+                        f"{sample.image_id}: {label}'s automatic masks",
+                        f"{len(masks.rles)} masks",
+                        legend="",
                     )
+                    for label, masks in shown.items()
+                ]
+                name = image_file_name(sample.image_id, "_amg")
+                save_png(side_by_side(panels), overlays_dir / name)
             progress.advance(task)
     return evaluation
 

@@ -38,6 +38,27 @@ EXTRA_METRICS = (IMAGE_MIOU, DICE, BOUNDARY_IOU)
 """Means reported beside mIoU: per-image mIoU, per-object Dice and boundary IoU."""
 METRIC_TITLES = {IMAGE_MIOU: "image mIoU", DICE: "Dice", BOUNDARY_IOU: "boundary IoU"}
 
+EMPTY_FRACTION = "empty_fraction"
+EMPTY_WARNING_ABOVE = 0.5
+"""Above this share of objects with an empty predicted mask, evaluation says so."""
+
+
+def empty_masks(predicted: torch.Tensor) -> torch.Tensor:
+    """Which of the `... x H x W` boolean masks have no pixel (`...` bool)."""
+    return ~predicted.bool().flatten(-2).any(-1)
+
+
+def empty_mask_warning(fraction: float | None, what: str = "") -> str | None:
+    """The one line that says a model predicts empty masks for most objects (None: for at
+    most `EMPTY_WARNING_ABOVE` of them). `what`: which predictions, e.g. "box prompts"."""
+    if fraction is None or not fraction > EMPTY_WARNING_ABOVE:
+        return None
+    where = f" ({what})" if what else ""
+    return (
+        f"the model predicts empty masks for {fraction:.0%} of objects{where}: undertrained "
+        "or wrong input scale?"
+    )
+
 
 def mask_iou(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Intersection over union of boolean masks.
@@ -157,6 +178,8 @@ class IoUTable:
     extra: dict[tuple[str, str, str], list[float]] = field(
         default_factory=lambda: defaultdict(list)
     )
+    # (prompt, output) -> objects whose predicted mask is empty.
+    empty: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
 
     def add(
         self,
@@ -188,8 +211,9 @@ class IoUTable:
         areas: torch.Tensor,
     ) -> None:
         """Score one image's predicted masks against reference masks (`N x H x W` boolean
-        each) with every metric; `areas` (`N`) are the ground-truth areas that set each
-        object's size class."""
+        each) with every metric, and count the empty predictions; `areas` (`N`) are the
+        ground-truth areas that set each object's size class."""
+        self.empty[(prompt, output)] += int(empty_masks(predicted).sum())
         self.add(
             prompt,
             output,
@@ -209,6 +233,21 @@ class IoUTable:
         found = self.extra.get((metric, prompt, output))
         return sum(found) / len(found) if found else None
 
+    def empty_fraction(self, prompt: str, output: str) -> float | None:
+        """The share of a group's objects whose predicted mask is empty (None: no objects)."""
+        count = self.count(prompt, output)
+        return self.empty.get((prompt, output), 0) / count if count else None
+
+    def most_empty(self) -> tuple[str, float] | None:
+        """The group whose predictions are most often empty, as `("box prompts, single
+        output", fraction)`; None without objects."""
+        fractions = [
+            (f"{prompt} prompts, {output} output", fraction)
+            for prompt, output in self.groups()
+            if (fraction := self.empty_fraction(prompt, output)) is not None
+        ]
+        return max(fractions, key=lambda item: item[1], default=None)
+
     def count(self, prompt: str, output: str, size: str = "all") -> int:
         return len(self.values.get((prompt, output, size), ()))
 
@@ -221,12 +260,14 @@ class IoUTable:
 
     def summary(self) -> dict[str, dict[str, dict[str, float | int | None]]]:
         """`{prompt: {output: {"miou": ..., "image_miou": ..., "dice": ...,
-        "boundary_iou": ..., "count": ..., "miou_small": ..., ...}}}`."""
+        "boundary_iou": ..., "empty_fraction": ..., "count": ..., "miou_small": ...,
+        ...}}}`."""
         result: dict[str, dict[str, dict[str, float | int | None]]] = {}
         for prompt, output in self.groups():
             entry: dict[str, float | int | None] = {"miou": self.mean(prompt, output)}
             for metric in EXTRA_METRICS:
                 entry[metric] = self.metric_mean(metric, prompt, output)
+            entry[EMPTY_FRACTION] = self.empty_fraction(prompt, output)
             entry["count"] = self.count(prompt, output)
             for size in SIZE_NAMES:
                 entry[f"miou_{size}"] = self.mean(prompt, output, size)

@@ -44,6 +44,19 @@ class QualityTables:
     agreement: IoUTable = field(default_factory=IoUTable)
 
 
+@dataclass(frozen=True)
+class Shown:
+    """One model's single-output masks (`N x H x W` bool) for one prompt kind on one image,
+    and the prompts they came from (original-image coordinates), for the overlays."""
+
+    prompts: ObjectPrompts
+    masks: torch.Tensor
+
+
+ShownPrompts = dict[str, tuple[Shown, Shown | None]]
+"""By prompt kind: the model's masks and prompts, and the teacher's (None without one)."""
+
+
 def select_output(masks: torch.Tensor, targets: torch.Tensor, mode: str) -> torch.Tensor:
     """One mask per object: `N x M x H x W` predictions -> `N x H x W`."""
     if mode == "single":
@@ -97,9 +110,9 @@ def evaluate_image(
     model: PromptableModel,
     teacher: Sam | None = None,
     teacher_embedding: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """Add one image's objects to `tables`; returns the model's `box`/`single` masks (if
-    measured) keyed by prompt kind, for overlays.
+) -> ShownPrompts:
+    """Add one image's objects to `tables`; returns, for each prompt kind measured with the
+    single output, what the model (and the teacher) made of it, for overlays.
 
     image: `3 x S x S` preprocessed; targets: `N x H x W` bool at the original size;
     teacher_embedding: `1 x 256 x h x w`, the teacher's stored embedding (else it is computed).
@@ -108,19 +121,21 @@ def evaluate_image(
     embedding = encode_images(model, image[None])
     if teacher is not None and teacher_embedding is None:
         teacher_embedding = encode_images(teacher, image[None])
-    shown: dict[str, torch.Tensor] = {}
+    shown: ShownPrompts = {}
     for kind in options.prompt_names():
         for mode in options.output_modes():
             prompts = make_prompts(kind, model, embedding, targets, original_size, mode)
             masks = decode(model, embedding, prompts, targets, original_size, mode)
             tables.model.add_masks(kind, mode, masks, targets, areas)
-            if mode == "single":
-                shown[kind] = masks
             if teacher is None or teacher_embedding is None:
+                if mode == "single":
+                    shown[kind] = (Shown(prompts, masks), None)
                 continue
             own = make_prompts(kind, teacher, teacher_embedding, targets, original_size, mode)
             teacher_masks = decode(teacher, teacher_embedding, own, targets, original_size, mode)
             tables.teacher.add_masks(kind, mode, teacher_masks, targets, areas)
+            if mode == "single":
+                shown[kind] = (Shown(prompts, masks), Shown(own, teacher_masks))
             if kind.startswith("points-"):  # clicks differ; agreement needs the same prompts
                 teacher_masks = decode(
                     teacher, teacher_embedding, prompts, targets, original_size, mode

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,61 +16,27 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from samkd import __version__
-from samkd.data import Sample, SegmentationDataset, build_dataset, load_rgb_image, summarize_skipped
+from samkd.data import Sample, SegmentationDataset, load_record_image, summarize_skipped
 from samkd.errors import UsageError
 from samkd.evaluate.amg import check_amg_options, evaluate_amg, print_amg_report
-from samkd.evaluate.metrics import EXTRA_METRICS, METRIC_TITLES, SIZE_NAMES, IoUTable
-from samkd.evaluate.overlays import draw_overlay, save_png
+from samkd.evaluate.metrics import (
+    EXTRA_METRICS,
+    METRIC_TITLES,
+    SIZE_NAMES,
+    IoUTable,
+    empty_mask_warning,
+)
+from samkd.evaluate.onnx_session import OnnxSam, measure_onnx_speed
+from samkd.evaluate.overlays import draw_objects, image_file_name, save_png, side_by_side
 from samkd.evaluate.predict import PromptableModel
-from samkd.evaluate.prompts import box_prompts
-from samkd.evaluate.quality import QualityOptions, QualityTables, evaluate_image
+from samkd.evaluate.quality import QualityOptions, QualityTables, ShownPrompts, evaluate_image
+from samkd.evaluate.spec import ModelSpec, load_eval_dataset, student_spec, teacher_spec
 from samkd.evaluate.speed import measure_speed
 from samkd.features import FeatureStore, read_decoder_state_dict
-from samkd.files import atomic_path, check_writable
-from samkd.models import ENCODER_EMBED, PromptDecoder, build_sam, build_teacher
-from samkd.runtime import input_image_size, progress_bar, resolve_device
-from samkd.settings import Settings, TeacherSettings
-
-OVERLAY_IMAGES = 4
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What to build: a registry type, optional weights, and the input size."""
-
-    label: str
-    model_type: str
-    checkpoint: Path | None
-    image_size: int
-
-    def build(self, device: torch.device) -> Sam:
-        model = build_sam(self.model_type, image_size=self.image_size, checkpoint=self.checkpoint)
-        return model.to(device).eval()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "label": self.label,
-            "model_type": self.model_type,
-            "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
-            "image_size": self.image_size,
-        }
-
-
-def student_spec(settings: Settings) -> ModelSpec:
-    image_size = input_image_size(settings)
-    checkpoint = settings.student.checkpoint
-    return ModelSpec("student", settings.student.model_type, checkpoint, image_size)
-
-
-def teacher_spec(settings: Settings, teacher: str, image_size: int) -> ModelSpec:
-    """The teacher named `teacher` in the settings, or a registry model type of that name."""
-    for entry in settings.teachers:
-        if entry.name == teacher:
-            return ModelSpec(
-                f"teacher {entry.name}", entry.model_type, entry.checkpoint, image_size
-            )
-    checked = TeacherSettings.model_validate({"name": teacher, "model_type": teacher})
-    return ModelSpec(f"teacher {teacher}", checked.model_type, None, image_size)
+from samkd.files import check_writable, write_json
+from samkd.models import ENCODER_EMBED, PromptDecoder, build_teacher
+from samkd.runtime import progress_bar, resolve_device
+from samkd.settings import Settings
 
 
 class StoredEmbeddings(nn.Module):
@@ -108,19 +73,15 @@ def _first(batch: list[Sample]) -> Sample:
     return batch[0]
 
 
-def load_eval_dataset(settings: Settings, image_size: int) -> SegmentationDataset:
-    root = settings.data.val or settings.data.train
-    if root is None:
-        raise UsageError("no dataset to evaluate: pass --data FOLDER or set data.val")
-    return build_dataset(
-        root,
-        layout=settings.data.layout,
-        annotation_file=settings.data.annotation_file,
-        image_size=image_size,
-        on_error=settings.data.on_error,
-        mask_threshold=settings.data.mask_threshold,
-        seed=settings.eval.seed,
-    )
+@dataclass(frozen=True)
+class Overlays:
+    """`--overlays`: the folder, the most images drawn (`eval.overlay_images`), and the
+    labels of the model and the teacher (None: no teacher)."""
+
+    folder: Path
+    images: int
+    model: str
+    teacher: str | None = None
 
 
 def evaluate_quality(
@@ -129,16 +90,18 @@ def evaluate_quality(
     teacher: Sam | None,
     options: QualityOptions,
     num_workers: int,
-    overlays_dir: Path | None,
+    overlays: Overlays | None,
     store: tuple[FeatureStore, str] | None = None,
 ) -> tuple[QualityTables, list[str]]:
-    """Run every image through the model(s); returns the tables and skipped-item messages."""
+    """Run every image through the model(s); returns the tables and skipped-item messages.
+    The first `overlays.images` images with objects are drawn (`save_overlay`)."""
     tables = QualityTables()
     skipped: list[str] = []
+    drawn = 0
     loader = DataLoader(dataset, batch_size=1, num_workers=num_workers, collate_fn=_first)
     with progress_bar() as progress:
         task = progress.add_task("evaluating", total=len(dataset))
-        for position, sample in enumerate(loader):
+        for sample in loader:
             skipped.extend(sample.skipped)
             if sample.masks.shape[0]:
                 stored = None
@@ -156,21 +119,36 @@ def evaluate_quality(
                     teacher,
                     stored,
                 )
-                if overlays_dir is not None and position < OVERLAY_IMAGES and "box" in shown:
-                    _save_overlays(dataset, sample, shown["box"], overlays_dir)
+                if overlays is not None and drawn < overlays.images:
+                    save_overlay(dataset, sample, shown, overlays)
+                    drawn += 1
             progress.advance(task)
     return tables, skipped
 
 
-def _save_overlays(
-    dataset: SegmentationDataset, sample: Sample, masks: torch.Tensor, folder: Path
-) -> None:
-    image = load_rgb_image(dataset.records[sample.index].image_path)
-    boxes = box_prompts(sample.masks).boxes
-    assert boxes is not None
-    for number, (mask, target, box) in enumerate(zip(masks, sample.masks, boxes, strict=True)):
-        picture = draw_overlay(image, mask, target, box)
-        save_png(picture, folder / f"{sample.image_id}_obj{number}_box.png")
+def save_overlay(
+    dataset: SegmentationDataset, sample: Sample, shown: ShownPrompts, overlays: Overlays
+) -> Path:
+    """One PNG of the image (`<id>.png`): its objects as the first prompt kind measured
+    shows them (`draw_objects`), the teacher's beside the model's."""
+    record = dataset.records[sample.index]
+    image = load_record_image(record, exif_transpose=dataset.exif_transpose)
+    kind, (mine, theirs) = next(iter(shown.items()))
+    panels = [
+        draw_objects(
+            image,
+            sample.masks,
+            mine.masks,
+            mine.prompts,
+            f"{sample.image_id}: {overlays.model}, {kind} prompts",
+        )
+    ]
+    if theirs is not None:
+        title = f"{sample.image_id}: {overlays.teacher}, {kind} prompts"
+        panels.append(draw_objects(image, sample.masks, theirs.masks, theirs.prompts, title))
+    path = overlays.folder / image_file_name(sample.image_id)
+    save_png(side_by_side(panels), path)
+    return path
 
 
 def run_eval(
@@ -200,8 +178,6 @@ def run_eval(
     student = student_spec(settings)
     exported = None
     if onnx is not None:
-        from samkd.export import OnnxSam
-
         exported = OnnxSam.load(onnx)
         info = exported.info
         student = ModelSpec(f"onnx {info.precision}", info.model_type, onnx, info.image_size)
@@ -235,8 +211,14 @@ def run_eval(
     options = QualityOptions(
         tuple(settings.eval.prompts), settings.eval.num_points, settings.eval.multimask
     )
+    overlays = None
+    if overlays_dir is not None:
+        teacher_label = None if teacher_model_spec is None else teacher_model_spec.label
+        overlays = Overlays(
+            overlays_dir, settings.eval.overlay_images, model_label(student), teacher_label
+        )
     tables, skipped = evaluate_quality(
-        dataset, model, teacher_model, options, settings.data.num_workers, overlays_dir, store
+        dataset, model, teacher_model, options, settings.data.num_workers, overlays, store
     )
     report: dict[str, Any] = {
         "samkd_version": __version__,
@@ -263,6 +245,7 @@ def run_eval(
             store,
             settings.data.num_workers,
             overlays_dir,
+            settings.eval.overlay_images,
         )
         report.update(amg.to_report())
     if settings.eval.speed:
@@ -271,6 +254,9 @@ def run_eval(
             report["speed"]["teacher"] = _speed(teacher_model, settings)
     report["settings"] = settings.model_dump(mode="json")
     print_report(report, tables, teacher_model_spec is not None, console)
+    most_empty = tables.model.most_empty()
+    if most_empty is not None and (warning := empty_mask_warning(most_empty[1], most_empty[0])):
+        logger.warning(warning)
     if "amg" in report:
         print_amg_report(report, console)
     if skipped or dataset.skipped:
@@ -281,10 +267,13 @@ def run_eval(
     return report
 
 
+def model_label(spec: ModelSpec) -> str:
+    """How overlays name a model: its label and type, e.g. `student vit_t`."""
+    return f"{spec.label} {spec.model_type}"
+
+
 def _speed(model: PromptableModel, settings: Settings) -> dict[str, object]:
     if not isinstance(model, Sam):
-        from samkd.export import OnnxSam, measure_onnx_speed
-
         assert isinstance(model, OnnxSam)
         eval_settings = settings.eval
         return measure_onnx_speed(
@@ -295,24 +284,19 @@ def _speed(model: PromptableModel, settings: Settings) -> dict[str, object]:
     ).to_dict()
 
 
-def write_json(report: dict[str, Any], path: Path) -> None:
-    """Write `report` as JSON under a temporary name, then rename it into place."""
-    with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(report, indent=2) + "\n")
-
-
 def _quality_tables(title: str, table: IoUTable) -> tuple[Table, Table]:
-    """The means over objects and images, then mIoU by object size: two tables, so that each
-    fits an 80-column log."""
+    """The means over objects and images, then mIoU by object size and the share of empty
+    predicted masks: two tables, so that each fits an 80-column log."""
     extra_titles = [METRIC_TITLES[metric] for metric in EXTRA_METRICS]
     means = _table(title, ("objects", "mIoU", *extra_titles))
-    by_size = _table(f"{title}: mIoU by size", SIZE_NAMES)
+    by_size = _table(f"{title}: mIoU by size, empty masks", (*SIZE_NAMES, "empty"))
     for prompt, output in table.groups():
         extras = [_fmt(table.metric_mean(metric, prompt, output)) for metric in EXTRA_METRICS]
         count = str(table.count(prompt, output))
         means.add_row(prompt, output, count, _fmt(table.mean(prompt, output)), *extras)
         sizes = [_fmt(table.mean(prompt, output, size)) for size in SIZE_NAMES]
-        by_size.add_row(prompt, output, *sizes)
+        empty = table.empty_fraction(prompt, output)
+        by_size.add_row(prompt, output, *sizes, "-" if empty is None else f"{empty:.0%}")
     return means, by_size
 
 

@@ -8,17 +8,16 @@
   post-processing), with the input and output names, shapes and dynamic axes of its
   `scripts/export_onnx_model.py`, so the flow of its ONNX example notebook works unchanged.
 
-Both record what they are in their metadata (`samkd.*` keys), which `OnnxSam` reads back.
+Both record what they are in their metadata (`samkd.*` keys), which `OnnxSam`
+(`samkd.evaluate.onnx_session`, where the file names and keys are defined) reads back.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,22 +28,12 @@ from segment_anything.utils.onnx import SamOnnxModel
 from torch import nn
 
 from samkd.errors import UsageError
+from samkd.evaluate.onnx_session import DECODER_INPUTS, INT8, META_PRECISION
 from samkd.files import atomic_path
 from samkd.models import build_sam
 
-ENCODER_FILE = "image_encoder.onnx"
-DECODER_FILE = "decoder.onnx"
-INT8 = "int8"
 ENCODER_INPUTS = ("images",)
 ENCODER_OUTPUTS = ("image_embeddings",)
-DECODER_INPUTS = (
-    "image_embeddings",
-    "point_coords",
-    "point_labels",
-    "mask_input",
-    "has_mask_input",
-    "orig_im_size",
-)
 DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
 # Dynamic axes of segment-anything's export script; the encoder adds its batch axis.
 ENCODER_DYNAMIC_AXES = {"images": {0: "batch"}, "image_embeddings": {0: "batch"}}
@@ -55,59 +44,6 @@ EXAMPLE_ORIGINAL_SIZE = (1500.0, 2250.0)
 EXAMPLE_POINTS = 5
 # A protobuf message (one .onnx file without external data) holds at most 2 GiB.
 MAX_ONNX_BYTES = 2**31
-EXPORT_EXTRA = "pip install samkd[export]"
-
-META_MODEL_TYPE = "samkd.model_type"
-META_IMAGE_SIZE = "samkd.image_size"
-META_SINGLE_MASK = "samkd.return_single_mask"
-META_PRECISION = "samkd.precision"
-META_VERSION = "samkd.version"
-
-
-@dataclass(frozen=True)
-class OnnxFiles:
-    """The encoder and decoder files of one export (fp32, or a quantised variant)."""
-
-    encoder: Path
-    decoder: Path
-
-    @classmethod
-    def in_folder(cls, folder: Path, variant: str = "") -> OnnxFiles:
-        """`image_encoder.onnx` and `decoder.onnx` in `folder`, or `*.<variant>.onnx`."""
-        suffix = f".{variant}.onnx" if variant else ".onnx"
-        return cls(
-            folder / ENCODER_FILE.replace(".onnx", suffix),
-            folder / DECODER_FILE.replace(".onnx", suffix),
-        )
-
-    @classmethod
-    def of(cls, path: Path) -> OnnxFiles:
-        """The pair that `path` names: an export folder (its fp32 files), or one of its
-        `image_encoder*.onnx` files with the `decoder*.onnx` of the same variant beside it."""
-        if path.is_dir():
-            return cls.in_folder(path)
-        stem = ENCODER_FILE.removesuffix(".onnx")
-        if not (path.name.startswith(stem) and path.suffix == ".onnx"):
-            raise UsageError(f"{path}: expected a samkd export folder or its {stem}*.onnx file")
-        variant = path.name.removeprefix(stem).removesuffix(".onnx").lstrip(".")
-        return cls.in_folder(path.parent, variant)
-
-    def check_exist(self) -> None:
-        for path in (self.encoder, self.decoder):
-            if not path.is_file():
-                raise UsageError(f"{path} does not exist; write it with samkd export")
-
-
-def require_export_extra() -> None:
-    """A one-line `UsageError` naming the `export` extra when onnx or onnxruntime is missing."""
-    for module in ("onnx", "onnxruntime"):
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            raise UsageError(
-                f"{module} is not installed; ONNX export and evaluation need the export "
-                f"extra: {EXPORT_EXTRA}"
-            ) from None
 
 
 def check_exportable(model_type: str, image_size: int) -> None:

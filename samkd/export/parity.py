@@ -11,10 +11,10 @@ from segment_anything.modeling import Sam
 
 from samkd.data import Sample
 from samkd.evaluate.metrics import mask_iou
+from samkd.evaluate.onnx_session import DECODER_INPUTS, OnnxSam, decoder_inputs
 from samkd.evaluate.predict import PromptableModel, encode_images, predict_masks
 from samkd.evaluate.prompts import box_prompts
-from samkd.export.onnx import DECODER_INPUTS, decoder_module
-from samkd.export.session import OnnxSam, decoder_inputs
+from samkd.export.onnx import decoder_module
 from samkd.runtime import progress_bar
 from samkd.settings import ExportSettings
 

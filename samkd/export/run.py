@@ -18,8 +18,7 @@ from samkd import __version__
 from samkd.data import Sample, build_dataset
 from samkd.demo.shapes import write_shapes_dataset
 from samkd.errors import UsageError
-from samkd.evaluate.run import ModelSpec, load_eval_dataset, write_json
-from samkd.export.onnx import (
+from samkd.evaluate.onnx_session import (
     INT8,
     META_IMAGE_SIZE,
     META_MODEL_TYPE,
@@ -27,11 +26,21 @@ from samkd.export.onnx import (
     META_SINGLE_MASK,
     META_VERSION,
     OnnxFiles,
+    OnnxSam,
+    require_export_extra,
+)
+from samkd.evaluate.spec import (
+    RUN_SETTINGS,
+    RUN_WEIGHTS,
+    ModelSpec,
+    load_eval_dataset,
+    student_spec,
+)
+from samkd.export.onnx import (
     check_exportable,
     export_decoder,
     export_image_encoder,
     quantize_int8,
-    require_export_extra,
 )
 from samkd.export.parity import (
     ParityReport,
@@ -39,13 +48,9 @@ from samkd.export.parity import (
     check_tolerances,
     pytorch_reference,
 )
-from samkd.export.session import OnnxSam
-from samkd.files import check_writable
-from samkd.runtime import input_image_size
-from samkd.settings import ExportSettings, Settings, load_settings
+from samkd.files import check_writable, write_json
+from samkd.settings import ExportSettings, Settings
 
-RUN_WEIGHTS = "student.pt"
-RUN_SETTINGS = "settings.yaml"
 PARITY_FILE = "parity.json"
 FP32 = "fp32"
 # Generated parity images are 3:4, so the padding and the crop back to the original size
@@ -56,24 +61,19 @@ CPU = torch.device("cpu")
 
 
 def model_to_export(settings: Settings, source: Path | None) -> ModelSpec:
-    """What `source` names: a training run folder (its `student.pt`, model type and image
-    size), a checkpoint file (of `student.model_type`), or, without it, `student.checkpoint`
-    (random weights when unset)."""
-    image_size = input_image_size(settings)
-    if source is None:
-        checkpoint = settings.student.checkpoint
-        return ModelSpec("student", settings.student.model_type, checkpoint, image_size)
-    if source.is_dir():
-        weights, run_settings = source / RUN_WEIGHTS, source / RUN_SETTINGS
-        if not run_settings.is_file():
+    """What `source` names: a training run folder (its `student.pt`), or a checkpoint (a run's
+    checkpoint or `student.pt` is exported as the run trained it: see `student_spec`), or,
+    without it, `student.checkpoint` (random weights when unset)."""
+    if source is not None and source.is_dir():
+        weights = source / RUN_WEIGHTS
+        if not (source / RUN_SETTINGS).is_file():
             raise UsageError(f"{source}: not a training run folder (no {RUN_SETTINGS})")
         if not weights.is_file():
             raise UsageError(f"{source}: no {RUN_WEIGHTS}; the run has not finished")
-        run = load_settings(run_settings, environ={})
-        return ModelSpec("student", run.student.model_type, weights, input_image_size(run))
-    if not source.is_file():
+        return student_spec(settings, weights)
+    if source is not None and not source.is_file():
         raise UsageError(f"{source}: no such training run folder or checkpoint")
-    return ModelSpec("student", settings.student.model_type, source, image_size)
+    return student_spec(settings, source)
 
 
 @contextmanager

@@ -274,6 +274,10 @@ def _dataset_bytes(path: Path, dataset: h5py.Dataset) -> int:
 
 
 def _inspect_parts(path: Path, sample: int, check: bool) -> FeatureFileReport:
+    if not (parts_dir(path) / "plan.json").exists():
+        # An extraction killed before it published its plan: nothing to resume yet.
+        problem = f"{path.name}: stopped before it wrote its plan; a rerun starts over"
+        return FeatureFileReport(str(path), "parts", "incomplete", [problem], check)
     try:
         plan, teachers = read_parts_plan(path)
     except (FeatureStoreError, OSError, ValueError, KeyError) as error:

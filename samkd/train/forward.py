@@ -1,8 +1,8 @@
 """The student's and teachers' forward passes for one training batch.
 
 `Sam.forward` runs under `no_grad`, so training calls the image encoder, prompt encoder and
-mask decoder itself. Objects of one image are decoded together, split by prompt kind (boxes
-or points), as SAM's prompt encoder takes one kind per call.
+mask decoder itself. The objects of a batch are decoded together, in one call per prompt kind
+(boxes, or points with one number of points), as SAM's prompt encoder takes one kind per call.
 """
 
 from __future__ import annotations
@@ -21,22 +21,25 @@ from samkd.train.batches import TrainingBatch
 
 @dataclass(frozen=True)
 class PromptGroup:
-    """Prompts of some objects of one image, all of one kind, in the input frame.
+    """Prompts of one kind (boxes, or points with one number of points) of objects of a
+    batch's images, in the input frame, decoded in one call.
 
-    boxes: `n x 4`, or point_coords `n x K x 2` with point_labels `n x K`;
-    objects: `n` indices into the image's objects (on the training device, so that indexing
-    device tensors with them needs no host-to-device copy); input_size: the image's `(h, w)`
-    before padding; mask_inputs: `n x 1 x 4h x 4w` low-resolution logits given as mask prompts
-    where `mask_feedback` (`n` bool) is set (the prompt loop's later iterations);
-    task_weights: `n` weights of the objects in SAM's task loss (None: all 1; 0: no target).
+    images: `n` index of each object's image in the batch; objects: `n` index of each object
+    among the batch's objects, all images' in order (both on the training device, so that
+    indexing device tensors with them needs no host-to-device copy); boxes: `n x 4`, or
+    point_coords `n x K x 2` with point_labels `n x K`; input_sizes: `n x 2` each object's
+    image `(h, w)` before padding (None: the whole input); mask_inputs: `n x 1 x 4h x 4w`
+    low-resolution logits given as mask prompts where `mask_feedback` (`n` bool) is set (the
+    prompt loop's later iterations); task_weights: `n` weights of the objects in SAM's task
+    loss (None: all 1; 0: no target).
     """
 
-    sample: int
+    images: torch.Tensor
     objects: torch.Tensor
     boxes: torch.Tensor | None = None
     point_coords: torch.Tensor | None = None
     point_labels: torch.Tensor | None = None
-    input_size: tuple[int, int] | None = None
+    input_sizes: torch.Tensor | None = None
     mask_inputs: torch.Tensor | None = None
     mask_feedback: torch.Tensor | None = None
     task_weights: torch.Tensor | None = None
@@ -63,53 +66,85 @@ class DecoderOutputs:
 
 
 def prompt_groups(batch: TrainingBatch, device: torch.device) -> list[PromptGroup]:
-    """Box objects and point objects of each image, as separate groups.
+    """The batch's prompted objects, one group per prompt kind (boxes, then points by their
+    number), each holding that kind's objects of every image, in image order.
 
     The prompts are small host tensors; they are copied with `non_blocking=True`, as a
     blocking host-to-device copy waits for all the work queued on the device.
     """
+    members: dict[tuple[str, int], list[tuple[int, int, int]]] = {}
+    first = 0  # the batch-wide index of the image's first object
+    for image, item in enumerate(batch.samples):
+        sample = item.sample
+        for index, kind in enumerate(sample.prompt_kinds):
+            if kind == "box" and sample.prompt_boxes is not None:
+                key = ("box", 0)
+            elif kind == "points" and sample.point_coords is not None:
+                key = ("points", sample.point_coords.shape[1])
+            else:
+                continue
+            members.setdefault(key, []).append((image, index, first + index))
+        first += len(sample.prompt_kinds)
+    weights = _batch_task_weights(batch, device)
+    return [
+        _group(batch, kind, members[(kind, count)], weights, device)
+        for kind, count in sorted(members)
+    ]
 
+
+def _batch_task_weights(batch: TrainingBatch, device: torch.device) -> torch.Tensor | None:
+    """The task weight of every object of the batch, in order; None when all weigh 1."""
+    if all(item.task_weights is None for item in batch.samples):
+        return None
+    return torch.cat(
+        [
+            torch.ones(len(item.sample.prompt_kinds), device=device)
+            if item.task_weights is None
+            else item.task_weights.to(device, non_blocking=True)
+            for item in batch.samples
+        ]
+    )
+
+
+def _group(
+    batch: TrainingBatch,
+    kind: str,
+    members: list[tuple[int, int, int]],
+    weights: torch.Tensor | None,
+    device: torch.device,
+) -> PromptGroup:
     def to_device(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(device, non_blocking=True)
 
-    groups = []
-    for position, item in enumerate(batch.samples):
-        sample = item.sample
-        boxed = [i for i, kind in enumerate(sample.prompt_kinds) if kind == "box"]
-        pointed = [i for i, kind in enumerate(sample.prompt_kinds) if kind == "points"]
-        size = sample.input_size
-        weights = item.task_weights
-        if boxed and sample.prompt_boxes is not None:
-            index = torch.tensor(boxed)
-            groups.append(
-                PromptGroup(
-                    position,
-                    to_device(index),
-                    boxes=to_device(sample.prompt_boxes[index]),
-                    input_size=size,
-                    task_weights=None if weights is None else weights[to_device(index)],
-                )
-            )
-        if pointed and sample.point_coords is not None and sample.point_labels is not None:
-            index = torch.tensor(pointed)
-            groups.append(
-                PromptGroup(
-                    position,
-                    to_device(index),
-                    point_coords=to_device(sample.point_coords[index]),
-                    point_labels=to_device(sample.point_labels[index]),
-                    input_size=size,
-                    task_weights=None if weights is None else weights[to_device(index)],
-                )
-            )
-    return groups
+    def gathered(name: str) -> torch.Tensor:
+        return torch.stack(
+            [getattr(batch.samples[image].sample, name)[index] for image, index, _ in members]
+        )
+
+    images = to_device(torch.tensor([image for image, _, _ in members]))
+    objects = to_device(torch.tensor([position for _, _, position in members]))
+    sizes = torch.tensor([batch.samples[image].sample.input_size for image, _, _ in members])
+    prompts = (
+        {"boxes": to_device(gathered("prompt_boxes"))}
+        if kind == "box"
+        else {
+            "point_coords": to_device(gathered("point_coords")),
+            "point_labels": to_device(gathered("point_labels")),
+        }
+    )
+    return PromptGroup(
+        images,
+        objects,
+        input_sizes=to_device(sizes),
+        task_weights=None if weights is None else weights[objects],
+        **prompts,
+    )
 
 
 def group_targets(batch: TrainingBatch, groups: Sequence[PromptGroup]) -> torch.Tensor:
     """Low-resolution ground truth `N x 4h x 4w` in the order of `groups`' objects."""
-    return torch.cat(
-        [batch.samples[group.sample].low_res_targets[group.objects] for group in groups]
-    )
+    targets = torch.cat([item.low_res_targets for item in batch.samples])
+    return torch.cat([targets[group.objects] for group in groups])
 
 
 def group_task_weights(groups: Sequence[PromptGroup]) -> torch.Tensor | None:
@@ -189,6 +224,41 @@ def recorded_upscaling(mask_decoder: MaskDecoder, enabled: bool) -> Iterator[lis
         handle.remove()
 
 
+def predict_masks(
+    mask_decoder: MaskDecoder,
+    image_embeddings: torch.Tensor,
+    image_pe: torch.Tensor,
+    sparse_prompt_embeddings: torch.Tensor,
+    dense_prompt_embeddings: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`MaskDecoder.predict_masks` with each prompt's own image embedding: all four masks
+    `n x 4 x 4h x 4w` and IoU predictions `n x 4`.
+
+    image_embeddings: `n x C x h x w`, the embedding of each prompt's image; image_pe:
+    `1 x C x h x w`; sparse: `n x T x C`; dense: `n x C x h x w`. segment-anything's repeats one
+    image's embedding for every prompt, so each image takes a call of its own; here the prompts
+    of a whole batch decode in one call, with the same operations in the same order.
+    """
+    count = sparse_prompt_embeddings.shape[0]
+    output_tokens = torch.cat([mask_decoder.iou_token.weight, mask_decoder.mask_tokens.weight])
+    tokens = torch.cat([output_tokens.expand(count, -1, -1), sparse_prompt_embeddings], dim=1)
+    src = image_embeddings + dense_prompt_embeddings
+    positions = image_pe.expand(count, -1, -1, -1)
+    batch, channels, height, width = src.shape
+    hidden, src = mask_decoder.transformer(src, positions, tokens)
+    iou_token = hidden[:, 0, :]
+    mask_tokens = hidden[:, 1 : 1 + mask_decoder.num_mask_tokens, :]
+    src = src.transpose(1, 2).view(batch, channels, height, width)
+    upscaled = mask_decoder.output_upscaling(src)
+    heads = mask_decoder.output_hypernetworks_mlps
+    hyper_in = torch.stack([head(mask_tokens[:, i, :]) for i, head in enumerate(heads)], dim=1)
+    batch, channels, height, width = upscaled.shape
+    masks = (hyper_in @ upscaled.view(batch, channels, height * width)).view(
+        batch, -1, height, width
+    )
+    return masks, mask_decoder.iou_prediction_head(iou_token)
+
+
 def run_decoder(
     prompt_encoder: PromptEncoder,
     mask_decoder: MaskDecoder,
@@ -196,18 +266,16 @@ def run_decoder(
     groups: Sequence[PromptGroup],
     record_upscaled: bool,
 ) -> DecoderOutputs:
-    """Decode every group against its image's embedding (`B x 256 x h x w`), keeping all four
-    mask outputs so that training can use the single-mask or the multimask ones per object."""
+    """Decode every group against its images' embeddings (`B x 256 x h x w`), one call a
+    group, keeping all four mask outputs so that training can use the single-mask or the
+    multimask ones per object."""
     dense_pe = prompt_encoder.get_dense_pe()
     logits, scores = [], []
     with recorded_upscaling(mask_decoder, record_upscaled) as upscaled:
         for group in groups:
             sparse, dense = encode_prompts(prompt_encoder, group)
-            group_logits, group_scores = mask_decoder.predict_masks(
-                image_embeddings=embeddings[group.sample : group.sample + 1],
-                image_pe=dense_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
+            group_logits, group_scores = predict_masks(
+                mask_decoder, embeddings[group.images], dense_pe, sparse, dense
             )
             logits.append(group_logits)
             scores.append(group_scores)

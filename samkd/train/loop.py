@@ -119,7 +119,7 @@ def _train(
         logger.info("DDP over {} ranks, find_unused_parameters=False", dist.world_size)
     trained: torch.nn.Module = step_module if ddp is None else ddp
     forward: Any = torch.compile(trained) if settings.train.compile else trained
-    label_free = label_free_of(settings, train_data, store, teachers, precision, console)
+    label_free = label_free_of(settings, train_data, store, teachers, precision, console, dist)
     dataset = DistillationDataset(
         train_data, store, setup.augmentation_of(settings), settings.train.seed, label_free
     )

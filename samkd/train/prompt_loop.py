@@ -80,12 +80,17 @@ def valid_region(groups: Sequence[PromptGroup], grid: int, image_size: int) -> t
     index = torch.arange(grid, device=device)
     regions = []
     for group in groups:
-        height, width = group.input_size or (image_size, image_size)
+        count = len(group.objects)
+        if group.input_sizes is None:
+            sizes = torch.full((count, 2), image_size, device=device)
+        else:
+            sizes = group.input_sizes
+        height, width = sizes[:, 0, None, None], sizes[:, 1, None, None]
         # A cell is inside when its centre is: (i + 1/2) * image_size / grid < height.
-        inside = ((2 * index[:, None] + 1) * image_size < 2 * height * grid) & (
-            (2 * index[None, :] + 1) * image_size < 2 * width * grid
+        inside = ((2 * index[None, :, None] + 1) * image_size < 2 * height * grid) & (
+            (2 * index[None, None, :] + 1) * image_size < 2 * width * grid
         )
-        regions.append(inside.expand(len(group.objects), grid, grid))
+        regions.append(inside)
     return torch.cat(regions)
 
 

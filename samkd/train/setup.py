@@ -376,7 +376,12 @@ def build_schema(settings: Settings, objective: DistillationObjective | None) ->
 
 def task_loss_weights(settings: Settings) -> TaskLossWeights:
     weights = settings.train.task_loss_weights
-    return TaskLossWeights(focal=weights.focal, dice=weights.dice, iou_mse=weights.iou)
+    return TaskLossWeights(
+        focal=weights.focal,
+        dice=weights.dice,
+        iou_mse=weights.iou,
+        other_outputs=weights.other_outputs,
+    )
 
 
 def write_run_files(settings: Settings, run_dir: Path) -> None:

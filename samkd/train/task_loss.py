@@ -3,7 +3,11 @@
 
 As in SAM's training, an ambiguous prompt (a single point) is scored by the lowest-loss of
 the three multimask outputs, and any other prompt (a box, several points) by the single-mask
-output; the IoU head is trained on the outputs that are scored.
+output; the IoU head is trained on the outputs that are scored. With `other_outputs` w > 0, an
+object scored by several outputs takes `(1 - w)` of its mask loss from the best and `w` from
+the mean of the others (relaxed winner-takes-all, Rupprecht et al., ICCV 2017): with the best
+alone, an output that loses the first few comparisons of a decoder trained from scratch is
+never trained again.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ class TaskLossWeights:
     focal: float = 20.0
     dice: float = 1.0
     iou_mse: float = 1.0
+    other_outputs: float = 0.0  # not a term: the share of the outputs besides the best
 
     def items(self) -> tuple[tuple[str, float], ...]:
         """(term, weight) pairs, in the order the terms are logged."""
@@ -90,7 +95,8 @@ def sam_task_loss(
     `ambiguous` (`N` bool), ambiguous objects use the best of outputs 1-3 and the others
     output 0; otherwise every object uses the best of its M outputs. With `weights` (`N`,
     >= 0), each loss is `sum(w_i * loss_i)` over the number of objects with `w_i > 0`.
-    term_weights rank the outputs (`TaskLossWeights.mask_loss`).
+    term_weights rank the outputs (`TaskLossWeights.mask_loss`) and give the share of the
+    other scored outputs (`other_outputs`).
     Returns `{"focal", "dice", "iou_mse"}`, unweighted.
     """
     logits = mask_logits.float()
@@ -107,13 +113,32 @@ def sam_task_loss(
     true_iou = binary_iou(logits.detach(), expanded)
     squared = (iou_predictions.float() - true_iou) ** 2
     iou_mse = (squared * scored).sum(dim=1) / scored.sum(dim=1)
-    per_object = {"focal": focal.gather(1, best)[:, 0], "dice": dice.gather(1, best)[:, 0]}
-    per_object["iou_mse"] = iou_mse
+    share = term_weights.other_outputs
+    per_object = {
+        "focal": relaxed_choice(focal, best, scored, share),
+        "dice": relaxed_choice(dice, best, scored, share),
+        "iou_mse": iou_mse,
+    }
     if weights is None:
         return {name: values.mean() for name, values in per_object.items()}
     weights = weights.float()
     count = (weights > 0).sum().clamp_min(1)
     return {name: (weights * values).sum() / count for name, values in per_object.items()}
+
+
+def relaxed_choice(
+    values: torch.Tensor, best: torch.Tensor, scored: torch.Tensor, share: float
+) -> torch.Tensor:
+    """`N`: each object's value of its `best` output (`N x 1` indices), with `share` of it taken
+    from the mean of its other `scored` outputs (`N x M` bool) where it has some."""
+    chosen = values.gather(1, best)[:, 0]
+    if share == 0:
+        return chosen
+    others = scored.scatter(1, best, False)
+    count = others.sum(dim=1)
+    mean_others = (values * others).sum(dim=1) / count.clamp_min(1)
+    weight = torch.where(count > 0, share, 0.0)
+    return (1 - weight) * chosen + weight * mean_others
 
 
 def combine_task_losses(

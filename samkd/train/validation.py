@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from loguru import logger
 from rich.console import Console
 from rich.table import Table
 
 from samkd.data import Sample, SegmentationDataset
-from samkd.evaluate.metrics import mask_iou
+from samkd.evaluate.metrics import empty_mask_warning, empty_masks, mask_iou
 from samkd.evaluate.predict import encode_images
 from samkd.evaluate.prompts import box_prompts
 from samkd.evaluate.quality import decode
@@ -50,9 +51,12 @@ def my_batches(num_images: int, batch_size: int, dist: Distributed) -> list[list
     return [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
 
 
-def box_ious(student: Any, samples: list[Sample], precision: Precision) -> torch.Tensor:
-    """Box-prompted single-mask IoU of every object of `samples` (`N`, on the CPU)."""
-    ious = []
+def box_ious(
+    student: Any, samples: list[Sample], precision: Precision
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Box-prompted single-mask IoU of every object of `samples`, and whether its predicted
+    mask is empty (`N` float32 and `N` bool, on the CPU)."""
+    ious, empty = [], []
     with precision.autocast(student.device):
         embeddings = encode_images(student, torch.stack([s.image for s in samples]))
         for embedding, sample in zip(embeddings, samples, strict=True):
@@ -62,7 +66,10 @@ def box_ious(student: Any, samples: list[Sample], precision: Precision) -> torch
                     student, embedding[None], prompts, masks, sample.original_size, "single"
                 )
                 ious.append(mask_iou(predicted, masks))
-    return torch.cat(ious) if ious else torch.zeros(0)
+                empty.append(empty_masks(predicted))
+    if not ious:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.bool)
+    return torch.cat(ious), torch.cat(empty)
 
 
 @torch.no_grad()
@@ -83,19 +90,29 @@ def term_sums(
     return sums, unit_counts
 
 
+@dataclass(frozen=True)
+class ValidationNumbers:
+    """Box mIoU of the student over the labelled objects of the validation set, the share of
+    those objects whose predicted mask is empty, and the distillation loss before
+    `lambda_kd` (each term's mean over the set, weighted; NaN without teacher features)."""
+
+    miou: float
+    empty_fraction: float
+    kd_loss: float
+
+
 def validation_numbers(
     step_module: DistillationStep, validation: Validation, dist: Distributed
-) -> tuple[float, float]:
-    """Box mIoU of the student over the labelled objects of the validation set, and the
-    distillation loss before `lambda_kd` (each term's mean over the set, weighted; NaN without
-    teacher features)."""
+) -> ValidationNumbers:
+    """The numbers of the whole validation set, on every rank (see `ValidationNumbers`)."""
     step_module.eval()
     objective = step_module.objective
     # Ranks validate different numbers of batches; sampled RKD positions must stay in step.
     rkd_state = None if objective is None else objective.rkd_generator.get_state()
     schema = step_module.schema
     size = len(schema)
-    totals = torch.zeros(2 + 2 * size, device=validation.device)  # IoUs, objects, sums, counts
+    # IoUs, objects, empty masks, then the term sums and unit counts
+    totals = torch.zeros(3 + 2 * size, device=validation.device)
     for indices in my_batches(len(validation.images), validation.batch_size, dist):
         if validation.with_teachers is None:
             samples = [validation.images[index] for index in indices]
@@ -103,27 +120,29 @@ def validation_numbers(
             batch = collate_training([validation.with_teachers[index] for index in indices])
             samples = [item.sample for item in batch.samples]
             sums, counts = term_sums(step_module, batch, validation)
-            totals[2 : 2 + size] += sums
-            totals[2 + size :] += counts
-        ious = box_ious(step_module.student, samples, validation.precision)
+            totals[3 : 3 + size] += sums
+            totals[3 + size :] += counts
+        ious, empty = box_ious(step_module.student, samples, validation.precision)
         totals[0] += ious.sum().to(validation.device)
         totals[1] += ious.numel()
+        totals[2] += empty.sum().to(validation.device)
     if dist.enabled:
         torch.distributed.all_reduce(totals)
     if objective is not None and rkd_state is not None:
         objective.rkd_generator.set_state(rkd_state)
     values = totals.tolist()
     miou = values[0] / values[1] if values[1] else 0.0
+    empty_fraction = values[2] / values[1] if values[1] else 0.0
     if validation.with_teachers is None or objective is None:
-        return miou, math.nan
+        return ValidationNumbers(miou, empty_fraction, math.nan)
     specs = objective.term_specs()
-    set_sums, set_counts = values[2 : 2 + size], values[2 + size :]
+    set_sums, set_counts = values[3 : 3 + size], values[3 + size :]
     kd_loss = sum(
         specs[name][0] * total / count
         for name, total, count in zip(schema.names, set_sums, set_counts, strict=True)
         if name in specs and count
     )
-    return miou, kd_loss
+    return ValidationNumbers(miou, empty_fraction, kd_loss)
 
 
 def validate_and_adapt(
@@ -140,10 +159,16 @@ def validate_and_adapt(
     stopping the same way on all of them. Returns True when training should stop early."""
     if validation is None:
         return False
-    miou, kd_loss = validation_numbers(step_module, validation, dist)
-    record: dict[str, Any] = {"kind": "val", "step": progress.step, "val/miou": miou}
-    if not math.isnan(kd_loss):
-        record["val/kd_loss"] = kd_loss
+    numbers = validation_numbers(step_module, validation, dist)
+    miou = numbers.miou
+    record: dict[str, Any] = {
+        "kind": "val",
+        "step": progress.step,
+        "val/miou": miou,
+        "val/empty_fraction": numbers.empty_fraction,
+    }
+    if not math.isnan(numbers.kd_loss):
+        record["val/kd_loss"] = numbers.kd_loss
     objective = step_module.objective
     if objective is not None and settings.distillation.dynamic_lambda.enabled:
         change = objective.kd_weight.step(record[settings.distillation.dynamic_lambda.metric])
@@ -159,6 +184,9 @@ def validate_and_adapt(
     if log is not None:
         log.write(record)
         console.print(validation_table(record, progress))
+        warning = empty_mask_warning(numbers.empty_fraction, f"validation at step {progress.step}")
+        if warning is not None:
+            logger.warning(warning)
     patience = settings.train.early_stop_patience
     return patience is not None and progress.evals_without_improvement >= patience
 

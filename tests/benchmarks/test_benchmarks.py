@@ -9,8 +9,8 @@ import pytest
 from benchmarks.__main__ import BENCHMARKS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# The sections' quick runs take 2 minutes together; the three longest (a minute and a quarter)
-# run with `nox -s slow`.
+# The sections' quick runs take 2 minutes together; the longest (the three that took a minute
+# and a quarter, and `view`, which starts servers and a browser) run with `nox -s slow`.
 FAST_SECTIONS = (
     "feature_store",
     "extraction",
@@ -21,8 +21,8 @@ FAST_SECTIONS = (
     "amg",
     "export",
 )
-SLOW_SECTIONS = ("loss_cost", "efficacy", "real_size")
-# Its own test, so that its time shows: seven `samkd` commands on 200 images, 16 real-size rows.
+SLOW_SECTIONS = ("loss_cost", "efficacy", "real_size", "view")
+# Its own test, so that its time shows: three `samkd` commands on 200 images, 16 real-size rows.
 SCALE_SECTION = ("scale",)
 
 

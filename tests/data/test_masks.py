@@ -216,7 +216,7 @@ def test_settings_mask_threshold() -> None:
 
 
 def test_settings_threshold_reaches_train_and_eval_datasets(tmp_path: Path) -> None:
-    from samkd.evaluate.run import load_eval_dataset
+    from samkd.evaluate.spec import load_eval_dataset
     from samkd.train.setup import build_train_dataset
 
     make_folder_dataset(tmp_path)

@@ -62,7 +62,9 @@ def test_points_are_inside_and_negatives_outside_the_mask() -> None:
         ):
             positives = coords[labels == 1].astype(int)
             negatives = coords[labels == 0].astype(int)
-            assert 1 <= len(positives) <= 3 and len(negatives) == 2
+            assert 1 <= len(positives) <= 3
+            # One positive point is a single click: no negatives.
+            assert len(negatives) == (0 if len(positives) == 1 else 2)
             assert mask[positives[:, 1], positives[:, 0]].all()
             assert not mask[negatives[:, 1], negatives[:, 0]].any()
             inside_box = (
@@ -74,6 +76,22 @@ def test_points_are_inside_and_negatives_outside_the_mask() -> None:
                 assert inside_box.all()
             # Padding follows the real points.
             assert list(labels) == sorted(labels, key=lambda v: {1: 0, 0: 1, -1: 2}[v])
+
+
+def test_single_clicks_are_drawn_with_negatives_on() -> None:
+    """With negative points asked for, a third of the point prompts (one positive of 1-3) are
+    still one labelled point alone: the prompts that train SAM's multimask outputs."""
+    masks = masks_array()
+    sampler = PromptSampler(mode="points", max_positive=3, num_negative=1)
+    counts = [
+        int((labels >= 0).sum())
+        for index in range(60)
+        for labels in sampler.sample(masks, seed=0, index=index).point_labels
+    ]
+    assert set(counts) == {1, 3, 4}
+    assert 0.2 < counts.count(1) / len(counts) < 0.5
+    with pytest.raises(ValueError, match="single click"):
+        PromptSampler(mode="points", max_positive=1, num_negative=1)
 
 
 def test_prompts_depend_only_on_seed_and_index() -> None:

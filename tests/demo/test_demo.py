@@ -1,6 +1,7 @@
 """The demo at its smallest size: every command runs and every artifact is written."""
 
 import json
+import shutil
 from pathlib import Path
 
 import h5py
@@ -8,7 +9,15 @@ import pytest
 import yaml
 from rich.console import Console
 
-from samkd.demo.run import FAST, Paths, run_demo, teacher_key, train_teacher
+from samkd.demo.run import (
+    FAST,
+    PACKAGE,
+    Paths,
+    run_demo,
+    teacher_key,
+    train_teacher,
+    training_code_digest,
+)
 
 RUNS = ("teacher", "student-no-kd", "student-kd")
 
@@ -99,3 +108,19 @@ def test_teacher_retrained_when_its_settings_change(demo: tuple[Path, dict]) -> 
     finally:
         paths.teacher_config.write_text(original)
     assert teacher_key(paths) == key
+
+
+def test_teacher_key_follows_the_training_code(tmp_path: Path) -> None:
+    """A cached teacher is one the current code would train: editing the training code changes
+    the key, editing code that does not train (evaluation) does not."""
+    package = tmp_path / "samkd"
+    shutil.copytree(PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__"))
+    digest = training_code_digest(package)
+    loss = package / "train" / "task_loss.py"
+    loss.write_text(loss.read_text().replace("focal: float = 20.0", "focal: float = 19.0"))
+    assert training_code_digest(package) != digest
+    loss.write_text(loss.read_text().replace("focal: float = 19.0", "focal: float = 20.0"))
+    assert training_code_digest(package) == digest
+    metrics = package / "evaluate" / "metrics.py"
+    metrics.write_text(metrics.read_text() + "\n# a comment\n")
+    assert training_code_digest(package) == digest

@@ -13,13 +13,16 @@ from samkd.cli import app
 from samkd.data import build_dataset
 from samkd.demo.shapes import write_shapes_dataset
 from samkd.evaluate import run_eval
+from samkd.evaluate.overlays import object_colour
 from samkd.evaluate.predict import ObjectPrompts, encode_images, predict_masks
 from samkd.evaluate.prompts import box_prompts
 from samkd.extract import run_extract
 from samkd.models import build_sam, save_state_dict
 from samkd.settings import load_settings
 
+from ..conftest import EmptyMaskRun
 from ..data.conftest import make_coco_dataset, make_folder_dataset, make_sa1b_dataset
+from .dense import write_dense_dataset
 
 MODEL = "vit_t_mini"
 
@@ -135,7 +138,9 @@ def test_cli_writes_json_and_overlays(tmp_path: Path, shapes: Path, checkpoint: 
     assert entry["count"] == sum(entry[f"count_{size}"] for size in ("small", "medium", "large"))
     assert report["speed"]["model"]["encoder_latency"]["repeats"] == 2
     assert report["model"]["model_type"] == MODEL
-    assert sorted(p.suffix for p in (tmp_path / "overlays").iterdir())[0] == ".png"
+    drawn = sorted(path.name for path in (tmp_path / "overlays").iterdir())
+    assert drawn == [f"shape_{number:05d}.png" for number in range(3)]  # one per image
+    assert entry["empty_fraction"] == 0.0
 
 
 def test_stored_teacher_matches_the_built_teacher(
@@ -186,3 +191,42 @@ def test_every_dataset_layout(layout: str, make, tmp_path: Path, checkpoint: Pat
     expected = sum(len(object_masks) for object_masks in masks.values())
     assert report["dataset"]["objects"] == expected
     assert report["quality"]["box"]["single"]["count"] == expected
+
+
+def test_dense_images_give_a_few_readable_overlays_and_empty_masks_a_warning(
+    tmp_path: Path, empty_mask_run: EmptyMaskRun
+) -> None:
+    """150 small objects per image, a model whose masks are all empty (trained at 128 px,
+    taken from its run folder): at most eval.overlay_images pictures, the objects outlined
+    in them, and one warning line."""
+    data = write_dense_dataset(tmp_path / "cells", images=2, objects=150)
+    json_path = tmp_path / "eval.json"
+    result = CliRunner().invoke(
+        app,
+        ["eval", "--checkpoint", str(empty_mask_run.folder / "student.pt"), "--data", str(data),
+         "--overlays", str(tmp_path / "overlays"), "--json", str(json_path),
+         "--set", "eval.overlay_images=1", "--set", "eval.prompts=[box]",
+         "--set", "eval.multimask=false", "--set", "eval.speed=false",
+         "--set", "data.num_workers=0"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if "empty masks" in line]
+    assert len(warnings) == 1 and warnings[0].endswith(
+        "the model predicts empty masks for 100% of objects (box prompts, single output): "
+        "undertrained or wrong input scale?"
+    )
+    report = json.loads(json_path.read_text())
+    assert report["model"]["image_size"] == 128
+    assert report["quality"]["box"]["single"]["empty_fraction"] == 1.0
+    assert report["quality"]["box"]["single"]["count"] == 300
+    drawn = sorted((tmp_path / "overlays").iterdir())
+    assert [path.name for path in drawn] == ["cells_0.png"]
+    for path in drawn:
+        with Image.open(path) as picture:
+            pixels = np.asarray(picture.convert("RGB"))
+        assert max(pixels.shape[:2]) >= 768  # 288 x 384 images, drawn at twice their size
+        # Every object outlined in white and its box drawn in a colour of its own.
+        white = (pixels == 255).all(axis=2)
+        assert white.sum() > 150 * 20
+        colours = {tuple(colour) for colour in pixels.reshape(-1, 3)[::7]}
+        assert len(colours & {object_colour(index) for index in range(150)}) > 100

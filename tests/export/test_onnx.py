@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 
+from samkd.data.images import ResizeLongestSide
 from samkd.errors import UsageError
 from samkd.evaluate.predict import ObjectPrompts, predict_masks
 from samkd.export import OnnxFiles, OnnxSam
@@ -59,15 +60,30 @@ def test_opset_and_metadata(exported: Export, name: str) -> None:
         assert metadata["samkd.precision"] == precision
 
 
-def test_decoder_crops_to_any_original_size(exported: Export) -> None:
+@pytest.mark.parametrize(
+    "original_size", [(50, 300), (300, 50), (900, 1300)], ids=["wide", "tall", "large"]
+)
+def test_decoder_crops_to_any_original_size(
+    exported: Export, checkpoint: Path, original_size: tuple[int, int]
+) -> None:
+    """The decoder's masks are its low-resolution logits as `Sam.postprocess_masks` brings
+    them to the original size: upscaled, cropped to the unpadded image, resized (the 1.0
+    release of segment-anything cropped every size as the example's)."""
     model = OnnxSam.load(exported.folder)
-    embedding = model.encode(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
-    box = ObjectPrompts(boxes=torch.tensor([[10.0, 10.0, 40.0, 30.0]]))
-    for original_size in ((50, 300), (640, 480)):
-        inputs = model.decoder_inputs(embedding, box, 0, original_size)
-        masks, iou, low_res = model.run_decoder(inputs)
-        assert masks.shape == (1, 4, *original_size)
-        assert low_res.shape == (1, 4, 4 * EMBED, 4 * EMBED)
+    embedding = torch.randn(1, 256, EMBED, EMBED, generator=torch.Generator().manual_seed(1))
+    height, width = original_size
+    box = ObjectPrompts(
+        boxes=torch.tensor([[0.2 * width, 0.2 * height, 0.6 * width, 0.7 * height]])
+    )
+    masks, _, low_res = model.run_decoder(model.decoder_inputs(embedding, box, 0, original_size))
+    assert masks.shape == (1, 4, *original_size)
+    assert low_res.shape == (1, 4, 4 * EMBED, 4 * EMBED)
+    sam = build_sam(MODEL, image_size=IMAGE_SIZE, checkpoint=checkpoint)
+    input_size = ResizeLongestSide(IMAGE_SIZE).get_preprocess_shape(height, width, IMAGE_SIZE)
+    with torch.no_grad():
+        expected = sam.postprocess_masks(low_res, input_size, original_size)
+    torch.testing.assert_close(masks, expected, atol=1e-3, rtol=1e-4)
+    assert ((masks > 0) == (expected > 0)).float().mean() > 0.999
 
 
 def test_files_of_a_folder_or_an_encoder_file(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """`samkd export` end to end, its one-line errors, and `samkd eval --onnx`."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,12 @@ from typer.testing import CliRunner
 from samkd.cli import app
 from samkd.errors import UsageError
 from samkd.evaluate import run_eval
-from samkd.export import run_export
+from samkd.export import OnnxSam, run_export
+from samkd.export.run import model_to_export
 from samkd.models import build_sam, save_state_dict
 from samkd.settings import Settings, load_settings
 
+from ..conftest import EmptyMaskRun
 from .conftest import IMAGE_SIZE, MODEL, Export, export_settings
 
 pytest.importorskip("onnxruntime")
@@ -49,14 +52,15 @@ def test_missing_source_is_one_line(tmp_path: Path) -> None:
 
 
 def test_checkpoint_of_another_model_type_is_one_line(tmp_path: Path, checkpoint: Path) -> None:
+    weights = shutil.copy(checkpoint, tmp_path / "weights.pt")  # outside its run folder
     result = runner.invoke(
         app,
-        ["export", str(checkpoint), "--model-type", "vit_mini", "-o", str(tmp_path),
+        ["export", str(weights), "--model-type", "vit_mini", "-o", str(tmp_path / "onnx"),
          "--set", f"data.image_size={IMAGE_SIZE}"],
     )  # fmt: skip
     assert result.exit_code == 1
     message = one_line_error(result)
-    assert message.startswith(f"error: checkpoint {checkpoint} does not fit model type 'vit_mini'")
+    assert message.startswith(f"error: checkpoint {weights} does not fit model type 'vit_mini'")
 
 
 def test_cli_exports_a_run_folder(exported: Export, run_folder: Path) -> None:
@@ -133,3 +137,45 @@ def test_eval_of_a_broken_onnx_file_is_one_line(tmp_path: Path, shapes: Path) ->
     assert message.startswith(
         f"error: {tmp_path / 'image_encoder.onnx'}: onnxruntime cannot load it"
     )
+
+
+def test_a_run_checkpoint_exports_as_the_run_trained_it(
+    tmp_path: Path, empty_mask_run: EmptyMaskRun
+) -> None:
+    """`vit_t_mini` trained at 128 px (the defaults: vit_t, its own size): its checkpoints,
+    its student.pt and its folder export as vit_t_mini at 128 px; a contradicting setting is
+    a one-line error."""
+    run = empty_mask_run.folder
+    best = run / "checkpoints" / "best.pt"
+    result = runner.invoke(
+        app,
+        ["export", str(best), "-o", str(tmp_path / "onnx"), "--set", "export.parity_images=1",
+         "--set", "data.num_workers=0"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "onnx" / "parity.json").read_text())
+    assert summary["model"] == {
+        "label": "student", "model_type": "vit_t_mini", "checkpoint": str(best), "image_size": 128
+    }  # fmt: skip
+    assert OnnxSam.load(tmp_path / "onnx").info.image_size == 128
+    defaults = load_settings(None, [], environ={})
+    agreeing = load_settings(
+        None, ["student.model_type=vit_t_mini", "data.image_size=128"], environ={}
+    )
+    for settings in (defaults, agreeing):
+        for source in (run / "checkpoints" / "last.pt", run / "student.pt", run):
+            spec = model_to_export(settings, source)
+            assert (spec.model_type, spec.image_size) == ("vit_t_mini", 128), source
+    for flags, contradiction in (
+        (
+            ["--model-type", "vit_t"],
+            "student.model_type vit_t contradicts it (leave out --model-type)",
+        ),
+        (["--set", "data.image_size=256"], "data.image_size 256 contradicts it (leave it out)"),
+    ):
+        result = runner.invoke(app, ["export", str(best), *flags, "-o", str(tmp_path / "no")])
+        assert result.exit_code == 1
+        assert one_line_error(result) == (
+            f"error: {best}: trained as vit_t_mini at 128 px; {contradiction}"
+        )
+    assert not (tmp_path / "no").exists()

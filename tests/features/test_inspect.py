@@ -61,6 +61,19 @@ def test_report_of_an_unfinished_extraction(tmp_path: Path) -> None:
             assert any("being written" in problem for problem in report.problems)
 
 
+def test_an_extraction_killed_before_its_plan_is_incomplete(tmp_path: Path) -> None:
+    """Killed between making its parts folder and publishing `plan.json` (the random-kill
+    test lands there now and then): nothing to resume, and the rerun starts over."""
+    output = tmp_path / "features.h5"
+    parts_dir(output).mkdir()
+    (parts_dir(output) / ".plan.json.123-abcd.tmp").write_text('{"images": ')
+    report = inspect_feature_file(output)
+    assert (report.status, report.exit_code, report.source) == ("incomplete", 1, "parts")
+    assert report.problems == ["features.h5: stopped before it wrote its plan; a rerun starts over"]
+    with open_for_extraction(output, make_plan(num_images=2)) as writer:
+        assert writer.message.startswith("features.h5: starting")
+
+
 def test_truncated_file_is_corrupt(tmp_path: Path) -> None:
     output = extract(tmp_path / "features.h5", make_plan(num_images=4))
     assert output is not None

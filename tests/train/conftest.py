@@ -2,10 +2,14 @@
 
 import shutil
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
+import samkd.train.teacher_masks
+from samkd.data.layouts import ImageRecord
 from samkd.demo.shapes import write_shapes_dataset
 from samkd.extract import run_extract
 from samkd.models import build_sam, save_state_dict
@@ -120,3 +124,18 @@ def pseudo_mask_file(
     output = tmp_path_factory.mktemp("features") / "pseudo.h5"
     masks = ["extract.pseudo_masks.enabled=true", *KEEP_ALL_MASKS]
     return extract_float32(shapes, teacher_checkpoint, output, "[encoder.embed]", *masks)
+
+
+@pytest.fixture
+def generated_teacher_masks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The ids of the images whose teacher masks an online run generates (the image read
+    for them), in call order."""
+    calls: list[str] = []
+    real = samkd.train.teacher_masks.load_record_image
+
+    def counting(record: ImageRecord, **options: Any) -> np.ndarray:
+        calls.append(record.image_id)
+        return real(record, **options)
+
+    monkeypatch.setattr(samkd.train.teacher_masks, "load_record_image", counting)
+    return calls

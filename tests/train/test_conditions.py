@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pytest
@@ -282,18 +282,27 @@ def unlabelled_for_two_ranks(settings) -> list[int]:
     return [*micro[0][0], *micro[0][1], micro[0][2][0], micro[1][2][0], micro[1][3][0]]
 
 
-def torchrun(config: Path, *extra: str, port: int) -> list[str]:
+SAMKD = ("-m", "samkd")
+
+
+def torchrun(config: Path, *extra: str, port: int, program: Sequence[str] = SAMKD) -> list[str]:
+    """The command of `samkd train` on 2 ranks; `program`: how to start `samkd` (a script
+    with its arguments before samkd's)."""
     return [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        f"--master_port={port}", "-m", "samkd", "train", *extra, "--config", str(config),
+        f"--master_port={port}", *program, "train", *extra, "--config", str(config),
     ]  # fmt: skip
 
 
 def run_two_ranks_rank_one_unlabelled(
-    assignments: list[str], shapes: Path, tmp_path: Path, port: int
+    assignments: list[str],
+    shapes: Path,
+    tmp_path: Path,
+    port: int,
+    program: Sequence[str] = SAMKD,
 ) -> Path:
     """Train under torchrun on 2 ranks, with every image rank 1 sees in the first step
-    unlabelled (a copy of `shapes` under tmp_path/data, returned)."""
+    unlabelled (a copy of `shapes` under tmp_path/data, returned); `program` as `torchrun`'s."""
     rank_one = list(setup.step_batches(8, make_settings(*assignments), 0, 0, Distributed(1, 1, 2)))
     unlabelled = [image_ids(shapes)[i] for i in (*rank_one[0], *rank_one[1])]
     data = partly_labelled(shapes, tmp_path / "data", unlabelled)
@@ -301,7 +310,11 @@ def run_two_ranks_rank_one_unlabelled(
     config.write_text(make_settings(*assignments, f"data.train={data}").to_yaml())
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(
-        torchrun(config, port=port), capture_output=True, text=True, env=environment, timeout=600
+        torchrun(config, port=port, program=program),
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return data

@@ -1,6 +1,7 @@
-"""Prompt-in-the-loop training (`train.prompt_iters`): one iteration is today's step exactly,
-both teacher modes agree, mixed micro-batches (also under bf16 autocast), the mask-prompt
-encoder trains, no syncs, the `meta` device, and two DDP ranks."""
+"""Prompt-in-the-loop training (`train.prompt_iters`): the first iteration is today's step
+exactly, both teacher modes agree, mixed micro-batches (also under bf16 autocast), the
+mask-prompt encoder trains, no syncs, the `meta` device, two DDP ranks, resume, and
+validation with one-shot box prompts."""
 
 import dataclasses
 from pathlib import Path
@@ -12,10 +13,13 @@ import torch
 
 from samkd.errors import UsageError
 from samkd.models import build_sam
-from samkd.runtime import Distributed
+from samkd.runtime import Distributed, resolve_precision
+from samkd.train import loop as loop_module
 from samkd.train import prompt_loop, run_train, setup
+from samkd.train import step as step_module
 from samkd.train.batches import collate_training
 from samkd.train.forward import PromptGroup, prompt_groups
+from samkd.train.metrics_log import read_metrics
 from samkd.train.prompt_loop import (
     PromptLoop,
     TeacherDecoder,
@@ -25,8 +29,16 @@ from samkd.train.prompt_loop import (
 )
 from samkd.train.step import DistillationStep, micro_step
 from samkd.train.terms import UnitCounts
+from samkd.train.validation import validation_numbers
 
-from .conftest import STUDENT, TEACHER, base_assignments, make_settings, precomputed_settings
+from .conftest import (
+    KEEP_ALL_MASKS,
+    STUDENT,
+    TEACHER,
+    base_assignments,
+    make_settings,
+    precomputed_settings,
+)
 from .test_conditions import (
     final_weights,
     image_ids,
@@ -51,28 +63,36 @@ def comparable(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "images_per_s"} for r in train_records(run_dir)]
 
 
-def test_one_iteration_is_todays_step_exactly(
+def test_the_first_iteration_is_todays_step_exactly(
     tmp_path: Path, shapes: Path, teacher_checkpoint: Path
 ) -> None:
+    """The loop's first iteration decodes the sampled prompts as the one-shot step does:
+    with clicks towards the teacher, random clicks and mask feedback always on (settings of
+    the later iterations), its terms are those of a run without the loop."""
     common = [
         *base_assignments(shapes, teacher_checkpoint, tmp_path / "unused"),
         *SMALL_ONLINE,
         "data.prompts.mode=mixed",
-        "train.steps=2",
+        "train.steps=1",
     ]
     loop_settings = [
-        "train.prompt_iters=1",
+        *LOOP,
         "train.mask_feedback_p=1",
         "train.click_mode=random",
         "train.click_target=teacher",
     ]
-    for name, extra in (("today", []), ("one", loop_settings)):
+    for name, extra in (("today", []), ("loop", loop_settings)):
         settings = make_settings(*common, *extra)
         settings.train.output_dir = tmp_path / name
         run_train(settings)
-    assert comparable(tmp_path / "one") == comparable(tmp_path / "today")
-    today, one = final_weights(tmp_path / "today"), final_weights(tmp_path / "one")
-    assert all(torch.equal(one[key], value) for key, value in today.items())
+    (today,) = comparable(tmp_path / "today")
+    (looped,) = comparable(tmp_path / "loop")
+    terms = [name for name in today if name.startswith(("task/", "kd/t/decoder"))]
+    assert {"task/focal", "task/dice", "kd/t/decoder_kl", "kd/t/decoder_mse"} <= set(terms)
+    for name in terms:
+        assert looped[f"{name}@1"] == today[name], name
+        assert looped[f"{name}@3"] != today[name], name  # the later iterations differ
+    assert looped["kd/t/encoder_mse"] == today["kd/t/encoder_mse"]
 
 
 def test_precomputed_equals_online_with_three_iterations(
@@ -246,19 +266,31 @@ def test_each_iteration_adds_one_corrective_click_per_object(feedback_p: float) 
         embeddings = student.image_encoder(torch.randn(1, 3, 128, 128))
         teacher_embeddings = teacher.image_encoder(torch.randn(1, 3, 128, 128))
     groups = [
-        PromptGroup(0, torch.tensor([0, 1]), boxes=torch.tensor([[8.0, 8, 60, 60]] * 2)),
         PromptGroup(
-            0,
+            torch.tensor([0, 0]), torch.tensor([0, 1]), boxes=torch.tensor([[8.0, 8, 60, 60]] * 2)
+        ),
+        PromptGroup(
+            torch.tensor([0]),
             torch.tensor([2]),
             point_coords=torch.tensor([[[30.0, 30.0]]]),
             point_labels=torch.tensor([[1]]),
-            input_size=(96, 128),
+            input_sizes=torch.tensor([[96, 128]]),
         ),
     ]
     targets = square_targets(3, 32)
     decoders = [
         TeacherDecoder("t", teacher.prompt_encoder, teacher.mask_decoder, teacher_embeddings)
     ]
+    # The first object's target is the student's first mask: its first click is a padding
+    # point, and the others' are not.
+    (first,) = run_prompt_loop(
+        PromptLoop(1, feedback_p, "gt", "farthest"), student.prompt_encoder,
+        student.mask_decoder, embeddings, groups, targets, decoders, record_upscaled=False,
+        seed=3,
+    )  # fmt: skip
+    own_mask = current_logits(first.student)[0, 0] > 0
+    assert 0 < int(own_mask.sum()) < own_mask.numel()
+    targets[0] = own_mask.float()
     loop = PromptLoop(3, feedback_p, "gt", "farthest")
     built: list[tuple[list[PromptGroup], dict[str, list[PromptGroup]]]] = []
 
@@ -294,7 +326,112 @@ def test_each_iteration_adds_one_corrective_click_per_object(feedback_p: float) 
         for theirs, ours in zip(teacher_groups["t"], student_groups, strict=True):
             assert torch.equal(theirs.point_coords, ours.point_coords)
             assert torch.equal(theirs.point_labels, ours.point_labels)
-    clicked = [int(label) for groups, _ in built for g in groups for label in g.point_labels[:, -1]]
-    assert set(clicked) - {-1}, "no click at all"
+    first_clicks = torch.cat([group.point_labels[:, -1] for group in built[0][0]])
+    assert first_clicks[0] == -1 and (first_clicks[1:] != -1).all()
+    assert torch.equal(built[0][0][0].point_coords[0, -1], torch.tensor([1.5, 1.5]))
     # The last object's image is 96 px high: its clicks stay in the top 24 of 32 rows.
     assert all(group[1].point_coords[0, -1, 1] < 96 for group, _ in built)
+
+
+class Interrupted(Exception):
+    """Stands for a crash right after a checkpoint."""
+
+
+def test_a_resumed_loop_run_reproduces_the_log_and_reads_its_teacher_masks_back(
+    tmp_path: Path,
+    shapes: Path,
+    shapes_val: Path,
+    teacher_checkpoint: Path,
+    generated_teacher_masks: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two iterations, an unlabelled image prompted by the online teacher's masks, and
+    validation: interrupted after step 2's checkpoint and resumed, the run logs what an
+    uninterrupted one does, and the resumed run makes no teacher mask (the cache is read)."""
+    assignments = [
+        *base_assignments(shapes, teacher_checkpoint, tmp_path / "unused"),
+        *SMALL_ONLINE,
+        "train.prompt_iters=2",
+        *KEEP_ALL_MASKS,
+        "data.prompts.unlabelled=teacher_masks",
+        "train.pseudo_mask_weight=0.5",
+        "train.mask_feedback_p=0.5",
+        f"data.val={shapes_val}",
+        "extract.pseudo_masks.points_per_side=2",
+        "train.steps=3",
+        "train.val_every=2",
+        "train.checkpoint_every=2",
+    ]
+    first_batch = next(setup.step_batches(8, make_settings(*assignments), 0, 0, Distributed()))
+    data = partly_labelled(shapes, tmp_path / "data", [image_ids(shapes)[first_batch[0]]])
+    assignments.append(f"data.train={data}")
+    reference = make_settings(*assignments)
+    reference.train.output_dir = tmp_path / "reference"
+    run_train(reference)
+    assert sorted(generated_teacher_masks) == image_ids(shapes)
+
+    save = loop_module.save_checkpoint
+
+    def crash_after_step_two(state: dict[str, Any], path: Path) -> None:
+        save(state, path)
+        if state["progress"]["step"] == 2 and path.name == "last.pt":
+            raise Interrupted
+
+    interrupted = make_settings(*assignments)
+    interrupted.train.output_dir = tmp_path / "interrupted"
+    with monkeypatch.context() as patch:
+        patch.setattr(loop_module, "save_checkpoint", crash_after_step_two)
+        with pytest.raises(Interrupted):
+            run_train(interrupted)
+    generated_teacher_masks.clear()
+    run_train(interrupted, resume=tmp_path / "interrupted")
+    assert generated_teacher_masks == []
+    resumed, uninterrupted = (
+        [{k: v for k, v in r.items() if k != "images_per_s"} for r in read_metrics(log)]
+        for log in (tmp_path / run / "metrics.jsonl" for run in ("interrupted", "reference"))
+    )
+    assert [(r["kind"], r["step"]) for r in resumed] == [
+        ("train", 1), ("train", 2), ("val", 2), ("train", 3), ("val", 3),
+    ]  # fmt: skip
+    assert resumed == uninterrupted
+    assert all(r["task/focal@2"] > 0 for r in resumed if r["kind"] == "train")
+
+
+def test_validation_keeps_one_shot_box_prompts_when_the_loop_is_on(
+    tmp_path: Path,
+    shapes: Path,
+    shapes_val: Path,
+    teacher_checkpoint: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = make_settings(
+        *base_assignments(shapes, teacher_checkpoint, tmp_path / "run"),
+        *SMALL_ONLINE,
+        *LOOP,
+        "data.prompts.mode=mixed",
+        f"data.val={shapes_val}",
+    )
+    cpu, single = torch.device("cpu"), Distributed()
+    student = setup.build_student(settings, cpu)
+    train_data = setup.build_train_dataset(settings)
+    objective, _, teachers = setup.build_distillation(settings, student, train_data, cpu)
+    schema = setup.build_schema(settings, objective)
+    precision = resolve_precision("fp32", cpu)
+    validation = setup.build_validation(settings, teachers, cpu, precision, single)
+    assert validation is not None and validation.with_teachers is not None
+    kinds = {kind for i in range(2) for kind in validation.with_teachers[i].sample.prompt_kinds}
+    assert kinds == {"box"}
+    loops: list[int] = []
+    real = step_module.run_prompt_loop
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        loops.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(step_module, "run_prompt_loop", counted)
+    numbers = []
+    for loop in (PromptLoop.of(settings.train), None):
+        module = DistillationStep(student, objective, schema, settings.train.task_loss, loop)
+        numbers.append(validation_numbers(module, validation, single))
+    assert loops == []
+    assert numbers[0] == numbers[1] and numbers[0].kd_loss > 0

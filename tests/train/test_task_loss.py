@@ -134,12 +134,46 @@ def test_the_mask_weights_pick_the_scored_output() -> None:
     assert by_dice["dice"] < by_focal["dice"]
 
 
+def test_other_outputs_take_their_share_of_a_single_click_only() -> None:
+    outputs, targets = random_outputs(), random_targets()
+    logits = outputs.mask_logits.float()
+    expanded = targets[:, None].expand_as(logits)
+    focal = sigmoid_focal_loss(logits, expanded)
+    share = 0.2
+    weights = TaskLossWeights(other_outputs=share)
+    terms = sam_task_loss(logits, outputs.iou, targets, outputs.ambiguous, term_weights=weights)
+    pure = sam_task_loss(logits, outputs.iou, targets, outputs.ambiguous)
+    # Object 0 (a single click): best of outputs 1-3 plus `share` of the other two's mean;
+    # objects 1 and 2 (boxes): output 0 alone, as without the share.
+    click = focal[0, 1:]
+    best = int((20 * click + dice_loss(logits, expanded)[0, 1:]).argmin())
+    others = [value for index, value in enumerate(click.tolist()) if index != best]
+    relaxed = (1 - share) * click[best].item() + share * sum(others) / 2
+    expected = (relaxed + focal[1, 0].item() + focal[2, 0].item()) / 3
+    assert terms["focal"].item() == pytest.approx(expected, rel=1e-5)
+    assert terms["iou_mse"].item() == pytest.approx(pure["iou_mse"].item())
+    assert not torch.allclose(terms["focal"], pure["focal"])
+
+
+def test_other_outputs_keep_every_multimask_output_trained() -> None:
+    outputs, targets = random_outputs(), random_targets()
+    for share, trained in ((0.0, 1), (0.1, 3)):
+        logits = outputs.mask_logits.clone().requires_grad_()
+        weights = TaskLossWeights(other_outputs=share)
+        terms = sam_task_loss(logits, outputs.iou, targets, outputs.ambiguous, term_weights=weights)
+        combine_task_losses(terms, weights).backward()
+        assert logits.grad is not None
+        reached = (logits.grad[0, 1:].flatten(1).abs().sum(dim=1) > 0).sum().item()
+        assert reached == trained
+
+
 @pytest.mark.parametrize(
     ("assignment", "message"),
     [
         ("train.task_loss_weights.focal=-1", "train.task_loss_weights.focal: Input should be"),
         ("train.task_loss_weights={focal: 0, dice: 0, iou: 0}", "every weight is 0"),
         ("train.task_loss_weights.mse=1", "unknown key 'train.task_loss_weights.mse'"),
+        ("train.task_loss_weights.other_outputs=1", "other_outputs: Input should be less than 1"),
     ],
 )
 def test_bad_task_weights_are_refused_in_one_line(assignment: str, message: str) -> None:

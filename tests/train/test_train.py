@@ -27,6 +27,7 @@ from samkd.train.metrics_log import read_metrics
 from samkd.train.progress import NonFiniteLossError
 from samkd.train.state import load_checkpoint
 
+from ..conftest import EmptyMaskRun
 from .conftest import ALL_TERMS, STUDENT, base_assignments, make_settings
 
 # Wall-clock and throughput fields differ between any two runs.
@@ -102,8 +103,9 @@ def test_online_run_with_two_teachers_logs_every_term(
 
 
 def test_online_step_with_geometric_augmentation(
-    tmp_path: Path, shapes: Path, teacher_checkpoint: Path
+    tmp_path: Path, shapes: Path, teacher_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The teacher sees the student's transformed input: recorded at both image encoders."""
     settings = make_settings(
         *base_assignments(shapes, teacher_checkpoint, tmp_path / "run"),
         "distillation.use_precomputed_features=false",
@@ -113,9 +115,36 @@ def test_online_step_with_geometric_augmentation(
         "train.augment.crop_scale=[0.5, 1]",
         "train.augment.scale_jitter=0.25",
         "train.augment.rotate90=true",
-        "train.augment.brightness=0.1",  # the teachers get the transformed image without it
     )
+    seen: dict[str, list[torch.Tensor]] = {"student": [], "teacher": []}
+
+    def hook(role: str, model: torch.nn.Module) -> None:
+        model.image_encoder.register_forward_pre_hook(
+            lambda module, inputs: seen[role].append(inputs[0].detach().clone())
+        )
+
+    build_student, build_distillation = setup.build_student, setup.build_distillation
+
+    def recorded_student(*args: object, **kwargs: object) -> torch.nn.Module:
+        student = build_student(*args, **kwargs)
+        hook("student", student)
+        return student
+
+    def recorded_teachers(*args: object, **kwargs: object) -> object:
+        objective, store, teachers = build_distillation(*args, **kwargs)
+        for teacher in teachers:
+            hook("teacher", teacher.model)
+        return objective, store, teachers
+
+    monkeypatch.setattr(setup, "build_student", recorded_student)
+    monkeypatch.setattr(setup, "build_distillation", recorded_teachers)
     run_train(settings)
+    (teacher_input,) = seen["teacher"]  # the step's batch (the student also ran a probe)
+    assert torch.equal(teacher_input, seen["student"][-1])
+    plain = setup.build_train_dataset(settings)
+    indices = next(setup.step_batches(8, settings, 0, 0, Distributed()))
+    untransformed = torch.stack([plain[index].image for index in indices])
+    assert not torch.equal(teacher_input, untransformed)
     record = first_train_record(tmp_path / "run")
     terms = {name: value for name, value in record.items() if name.startswith(("kd/", "task/"))}
     assert {"kd/t/encoder_mse", "kd/t/decoder_kl", "task/focal"} <= set(terms)
@@ -142,6 +171,17 @@ def test_validation_best_checkpoint_and_dynamic_weight(
     assert val[-1]["lambda_kd"] < 1.0
     assert any("lambda_kd_change" in r for r in val)
     assert (tmp_path / "run" / "checkpoints" / "best.pt").exists()
+
+
+def test_validation_reports_the_share_of_empty_masks(empty_mask_run: EmptyMaskRun) -> None:
+    (val,) = [
+        r for r in read_metrics(empty_mask_run.folder / "metrics.jsonl") if r["kind"] == "val"
+    ]
+    assert val["val/empty_fraction"] == 1.0 and val["val/miou"] == 0.0
+    assert empty_mask_run.warnings == [
+        "the model predicts empty masks for 100% of objects (validation at step 1): "
+        "undertrained or wrong input scale?"
+    ]
 
 
 def test_exported_student_loads_strictly(

@@ -1,7 +1,14 @@
-"""An exported encoder and decoder, run by onnxruntime, measured like a PyTorch `Sam`."""
+"""Exported ONNX pairs (`samkd export`): their files and metadata, and `OnnxSam`, which runs
+an encoder and decoder with onnxruntime and is measured like a PyTorch `Sam`.
+
+The export (`samkd.export`) writes what this module reads; both take the file names, input
+names and metadata keys from here. onnx and onnxruntime (`pip install samkd[export]`) are
+imported only when used.
+"""
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,17 +20,28 @@ from samkd.data.images import ResizeLongestSide
 from samkd.errors import UsageError
 from samkd.evaluate.predict import MaskPrediction, ObjectPrompts
 from samkd.evaluate.speed import SpeedReport, time_calls
-from samkd.export.onnx import (
-    DECODER_INPUTS,
-    META_MODEL_TYPE,
-    META_PRECISION,
-    META_SINGLE_MASK,
-    OnnxFiles,
-    require_export_extra,
-)
 
 if TYPE_CHECKING:
     from onnxruntime import InferenceSession
+
+ENCODER_FILE = "image_encoder.onnx"
+DECODER_FILE = "decoder.onnx"
+INT8 = "int8"
+DECODER_INPUTS = (
+    "image_embeddings",
+    "point_coords",
+    "point_labels",
+    "mask_input",
+    "has_mask_input",
+    "orig_im_size",
+)
+EXPORT_EXTRA = "pip install samkd[export]"
+
+META_MODEL_TYPE = "samkd.model_type"
+META_IMAGE_SIZE = "samkd.image_size"
+META_SINGLE_MASK = "samkd.return_single_mask"
+META_PRECISION = "samkd.precision"
+META_VERSION = "samkd.version"
 
 # `Sam.mask_threshold`: mask logits above it are foreground.
 MASK_THRESHOLD = 0.0
@@ -32,6 +50,52 @@ MASK_THRESHOLD = 0.0
 PAD_LABEL = -1.0
 BOX_CORNER_LABELS = (2.0, 3.0)
 UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class OnnxFiles:
+    """The encoder and decoder files of one export (fp32, or a quantised variant)."""
+
+    encoder: Path
+    decoder: Path
+
+    @classmethod
+    def in_folder(cls, folder: Path, variant: str = "") -> OnnxFiles:
+        """`image_encoder.onnx` and `decoder.onnx` in `folder`, or `*.<variant>.onnx`."""
+        suffix = f".{variant}.onnx" if variant else ".onnx"
+        return cls(
+            folder / ENCODER_FILE.replace(".onnx", suffix),
+            folder / DECODER_FILE.replace(".onnx", suffix),
+        )
+
+    @classmethod
+    def of(cls, path: Path) -> OnnxFiles:
+        """The pair that `path` names: an export folder (its fp32 files), or one of its
+        `image_encoder*.onnx` files with the `decoder*.onnx` of the same variant beside it."""
+        if path.is_dir():
+            return cls.in_folder(path)
+        stem = ENCODER_FILE.removesuffix(".onnx")
+        if not (path.name.startswith(stem) and path.suffix == ".onnx"):
+            raise UsageError(f"{path}: expected a samkd export folder or its {stem}*.onnx file")
+        variant = path.name.removeprefix(stem).removesuffix(".onnx").lstrip(".")
+        return cls.in_folder(path.parent, variant)
+
+    def check_exist(self) -> None:
+        for path in (self.encoder, self.decoder):
+            if not path.is_file():
+                raise UsageError(f"{path} does not exist; write it with samkd export")
+
+
+def require_export_extra() -> None:
+    """A one-line `UsageError` naming the `export` extra when onnx or onnxruntime is missing."""
+    for module in ("onnx", "onnxruntime"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise UsageError(
+                f"{module} is not installed; ONNX export and evaluation need the export "
+                f"extra: {EXPORT_EXTRA}"
+            ) from None
 
 
 @dataclass(frozen=True)
