@@ -27,6 +27,7 @@ from benchmarks import (
     preset_speed,
     real_size,
     sam2_efficacy,
+    scale,
     teacher_fast_path,
     train_step,
     view_speed,
@@ -47,6 +48,7 @@ BENCHMARKS: dict[str, Callable[[bool], Section]] = {
     amg.NAME: amg.run,
     export_speed.NAME: export_speed.run,
     real_size.NAME: real_size.run,
+    scale.NAME: scale.run,
     view_speed.NAME: view_speed.run,
 }
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"

@@ -296,7 +296,7 @@ def settings_reference() -> str:
 
 def features_reference() -> str:
     """docs/features.md: the HDF5 layout and how extraction resumes and shards its work."""
-    from samkd.features import images, pseudo_masks, schema, writer
+    from samkd.features import images, pseudo_masks, rows, schema, writer
 
     lines = [HEADER, "# Feature files", ""]
     lines += [
@@ -386,6 +386,26 @@ def features_reference() -> str:
         "- `extract.join: copy` copies every chunk into the output and removes the `.parts`",
         "  folder; `virtual` makes the output's taps virtual datasets over the shards, which",
         "  must then stay next to it (readers refuse a file whose shards are missing).",
+        "",
+        "## Reading",
+        "",
+        "From `samkd/features/rows.py`:",
+        "",
+        "```text",
+        _docstring(rows),
+        "```",
+        "",
+        "- Every read-only open of a feature file, its shards and indexes goes through",
+        "  `samkd.features.layout.open_read_only`: without HDF5's file lock (h5py's",
+        "  `locking=False`), so that a file on NFS or Lustre opens from many nodes at once and",
+        "  a lock held by another process (a writer, a crashed node's) never stops a reader.",
+        "  Writers keep samkd's own lock file. With HDF5 before 1.12.1 (1.10.7) h5py cannot",
+        "  pass the option; there `HDF5_USE_FILE_LOCKING=FALSE` in the environment does it.",
+        "- HDF5 refuses to open a file that a process has open already with other locking",
+        "  flags (`file locking flag values don't match`): code that opens a feature file with",
+        "  h5py in a process that holds a `FeatureStore` passes `locking=False` (or",
+        "  `open_read_only`). A store holds no HDF5 handle while every row it reads is a plain",
+        "  chunk; it opens one for compressed taps and pseudo-masks.",
         "",
         "## Pseudo-masks",
         "",

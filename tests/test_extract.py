@@ -34,6 +34,8 @@ from samkd.models import CheckpointError, build_sam, save_state_dict
 from samkd.runtime import input_image_size
 from samkd.settings import load_settings
 
+from .nodes import torchrun_nodes
+
 TAPS = ["encoder.embed", "encoder.qk.3", "encoder.block.1"]
 # Bitwise comparisons between processes need one thread: a loaded machine must not change
 # how CPU kernels split their reductions.
@@ -226,6 +228,22 @@ def test_torchrun_join_outlasts_a_short_collective_timeout(
     assert "reading rank 0's image index" in completed.stderr  # rank 1 hashed nothing
     assert_identical(output, reference)
     assert not (tmp_path / "features.h5.parts").exists()
+    assert sorted(item.name for item in tmp_path.iterdir()) == ["c.yaml", "features.h5"]
+
+
+def test_two_nodes_extract_a_file_equal_to_one_process(
+    tmp_path: Path, shapes: Path, teacher: Path, reference: Path
+) -> None:
+    """`torchrun --nnodes 2 --nproc_per_node 1`: the global rank (the node's) picks the
+    shards and rank 0 alone holds the lock and joins; the file is one process's, bitwise."""
+    output = tmp_path / "features.h5"
+    config = write_config(tmp_path / "c.yaml", shapes, teacher, output)
+    nodes = torchrun_nodes(["-m", "samkd", "extract", "--config", str(config)], port=29561)
+    for node in nodes:
+        assert node.returncode == 0, node.stderr[-3000:]
+    assert "reading rank 0's image index" in nodes[1].stderr  # node 1 is rank 1
+    assert "joining the shards" in nodes[0].stderr and "joining" not in nodes[1].stderr
+    assert_identical(output, reference)
     assert sorted(item.name for item in tmp_path.iterdir()) == ["c.yaml", "features.h5"]
 
 

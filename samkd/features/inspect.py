@@ -24,6 +24,7 @@ from samkd.features.layout import (
     PSEUDO_MASK_COUNTS,
     PSEUDO_MASKS,
     PSEUDO_MASKS_CRC32,
+    open_read_only,
     read_index_file,
     read_skipped,
     read_skipped_images,
@@ -265,7 +266,7 @@ def _dataset_bytes(path: Path, dataset: h5py.Dataset) -> int:
         return int(dataset.id.get_storage_size())
     total = 0
     for source in dataset.virtual_sources():
-        with h5py.File(path.parent / source.file_name, "r") as shard:
+        with open_read_only(path.parent / source.file_name) as shard:
             total += int(shard[source.dset_name].id.get_storage_size())
     return total
 
@@ -325,7 +326,7 @@ def _parts_teacher(
     for shard in range(shard_count(plan)):
         file = shard_path(path, teacher.name, shard)
         if file.exists():
-            shards[shard] = stack.enter_context(h5py.File(file, "r"))
+            shards[shard] = stack.enter_context(open_read_only(file))
     done = np.zeros(num_images, dtype=bool)
     for shard, handle in shards.items():
         start = shard * shard_size
@@ -336,7 +337,7 @@ def _parts_teacher(
     report = _teacher_report(teacher, int(done.sum()), num_images)
     decoder = decoder_path(path, teacher.name)
     if decoder.exists():
-        with h5py.File(decoder, "r") as handle:
+        with open_read_only(decoder) as handle:
             report.decoder_tensors = len(handle)
     for tap in teacher.taps:
 
@@ -374,7 +375,7 @@ def _parts_pseudo_masks(
         file = shard_path(path, options["teacher"], shard)
         if not file.exists():
             continue
-        with h5py.File(file, "r") as handle:
+        with open_read_only(file) as handle:
             start = shard * shard_size
             stop = start + handle["done"].shape[0]
             done[start:stop] = handle["done"][()]

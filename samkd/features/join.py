@@ -19,6 +19,7 @@ from samkd.features.layout import (
     copy_state_dict,
     create_pseudo_mask_datasets,
     create_tap_dataset,
+    open_read_only,
     read_skipped,
     write_skipped_images,
     write_teacher_attrs,
@@ -85,7 +86,7 @@ def join_shards(output: Path, layout: JoinLayout = "copy", keep_parts: bool = Fa
     remove_temporaries(output)  # of a join killed midway: as big as the output
     with written_hdf5(output) as handle:
         _write_root(handle, stored, layout)
-        with h5py.File(parts_dir(output) / "index.h5", "r") as index:
+        with open_read_only(parts_dir(output) / "index.h5") as index:
             index.copy(index["images"], handle, "images")
         for teacher in teachers:
             group = handle.create_group(f"teachers/{teacher.name}")
@@ -142,7 +143,7 @@ def _join_teacher(
     if pseudo is not None and pseudo["teacher"] == teacher.name:
         masks = create_pseudo_mask_datasets(group, num_images)
     for shard, path in enumerate(shards):
-        with h5py.File(path, "r") as source:
+        with open_read_only(path) as source:
             rows = slice(shard * shard_size, shard * shard_size + source["done"].shape[0])
             done[rows] = source["done"][()]
             for name, values in crc.items():
@@ -161,7 +162,7 @@ def _join_teacher(
     group.create_dataset("done", data=done)
     decoder = decoder_path(output, teacher.name)
     if decoder.exists():
-        with h5py.File(decoder, "r") as source:
+        with open_read_only(decoder) as source:
             copy_state_dict(source, group.create_group("decoder"))
 
 
@@ -174,7 +175,7 @@ def skipped_in_shards(
     skipped = np.full(int(stored["num_images"]), "", dtype=object)
     for teacher in teachers:
         for shard in range(shard_count(stored)):
-            with h5py.File(shard_path(output, teacher.name, shard), "r") as source:
+            with open_read_only(shard_path(output, teacher.name, shard)) as source:
                 reasons = read_skipped(source)
             rows = slice(shard * shard_size, shard * shard_size + len(reasons))
             skipped[rows] = np.where(skipped[rows] == "", reasons, skipped[rows])
@@ -228,5 +229,5 @@ def _virtual_tap(
 
 
 def _shard_rows(path: Path) -> int:
-    with h5py.File(path, "r") as handle:
+    with open_read_only(path) as handle:
         return int(handle["done"].shape[0])

@@ -31,6 +31,25 @@ PSEUDO_MASKS_CRC32 = "pseudo_masks_crc32"
 PSEUDO_MASK_COUNTS = "pseudo_mask_counts"
 
 
+def open_read_only(path: Path, **options: Any) -> h5py.File:
+    """`path` opened read-only, without HDF5's file lock where HDF5 lets it be turned off.
+
+    On NFS or Lustre HDF5's lock fails ("unable to lock file") or makes nodes wait for each
+    other, and a reader needs none: samkd publishes a file (by rename) only once it is
+    complete, and its own lock file (`samkd.features.lock`) keeps writers apart. HDF5 before
+    1.12.1 (or 1.10.7) has no such option, and h5py refuses it: there the environment decides
+    (`HDF5_USE_FILE_LOCKING=FALSE`).
+    """
+    if locking_option_supported(h5py.version.hdf5_version_tuple):
+        options["locking"] = False
+    return h5py.File(path, "r", **options)
+
+
+def locking_option_supported(hdf5_version: tuple[int, ...]) -> bool:
+    """Whether h5py accepts `locking=` with this HDF5 version (H5Pset_file_locking)."""
+    return tuple(hdf5_version) >= (1, 12, 1) or (1, 10, 7) <= tuple(hdf5_version) < (1, 11)
+
+
 def discard_hdf5(handle: h5py.File, path: Path) -> None:
     """Close `handle` and delete its file `path`, even on a full disk.
 
@@ -143,7 +162,7 @@ def read_image_index(group: h5py.Group) -> tuple[ImageRecord, ...]:
 
 def read_index_file(path: Path) -> tuple[ImageRecord, ...]:
     """The image records of a feature file, a parts folder's `index.h5` or a hash checkpoint."""
-    with h5py.File(path, "r") as handle:
+    with open_read_only(path) as handle:
         return read_image_index(handle["images"])
 
 

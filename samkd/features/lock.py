@@ -13,6 +13,7 @@ file names their job, so the ranks of a second job on the same output never touc
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -35,6 +36,11 @@ JOB_VARIABLES = (
     "TORCHELASTIC_RESTART_COUNT",
     "WORLD_SIZE",
 )
+
+
+# What flock raises where the file system has no locks (Lustre without -o flock, NFS
+# without its lock service).
+NO_LOCKS = frozenset({errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP})
 
 
 class OutputLockedError(FeatureStoreError):
@@ -112,6 +118,16 @@ def _acquire(path: Path, output: Path) -> int:
             holder = _read_holder(descriptor)
             os.close(descriptor)
             raise OutputLockedError(f"{output.name}: {_describe_holder(holder, path)}") from None
+        except OSError as error:
+            os.close(descriptor)
+            if error.errno not in NO_LOCKS:
+                raise
+            path.unlink(missing_ok=True)  # nobody can hold a lock there
+            raise FeatureStoreError(
+                f"{output.name}: cannot lock {path} ({os.strerror(error.errno).lower()}): its "
+                "file system takes no locks (Lustre needs the flock mount option, NFS its lock "
+                "service); set extract.output to a folder on one that does"
+            ) from None
         except BaseException:
             os.close(descriptor)
             raise

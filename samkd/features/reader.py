@@ -7,13 +7,12 @@ Every row read is checked against the crc32 stored with it at extraction (see
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import mmap
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,22 +27,24 @@ from samkd.features.images import MAX_HASHED, changed_image
 from samkd.features.layout import (
     PSEUDO_MASKS,
     PSEUDO_MASKS_CRC32,
+    open_read_only,
     read_index_file,
     read_skipped_images,
 )
 from samkd.features.pseudo_masks import decode_rows
+from samkd.features.rows import Descriptors, TapRows
 from samkd.features.schema import (
     FILE_FORMAT,
     READABLE_SCHEMA_VERSIONS,
     FeatureStoreError,
     TapKind,
-    TapSpec,
     TeacherSpec,
     parts_dir,
     teacher_from_json,
 )
 
 CHUNK_CACHE_BYTES = 4 << 20
+TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
 
 
 class FeatureChecksumError(FeatureStoreError):
@@ -61,7 +62,7 @@ def open_feature_file(path: Path) -> h5py.File:
             )
         raise FeatureStoreError(f"{path}: feature file does not exist")
     try:
-        handle = h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES)
+        handle = open_read_only(path, rdcc_nbytes=CHUNK_CACHE_BYTES)
     except OSError as error:
         raise FeatureStoreError(f"{path.name}: not a readable HDF5 file ({error})") from None
     if handle.attrs.get("format") != FILE_FORMAT:
@@ -113,9 +114,12 @@ class FeatureStore:
     `taps` selects the taps read: one list for every teacher, or a list per teacher name.
     `store[i]` is `{teacher: {tap: tensor}}` with each tensor shaped like the tap
     (e.g. 256 x 64 x 64), `dtype` float32 by default, or as stored with `dtype=None` (to
-    move half the bytes and widen on the GPU). The HDF5 handle is opened lazily in
-    each process (never shared across fork) and dropped when pickled, so the store can be
-    (part of) a Dataset read by DataLoader workers.
+    move half the bytes and widen on the GPU). A row is read with one `pread` where it is
+    one uncompressed chunk (`samkd.features.rows`), else through h5py. The HDF5 handle is
+    opened lazily in each process (never shared across fork) and dropped when pickled, so
+    the store can be (part of) a Dataset read by DataLoader workers. Files are opened
+    without HDF5's file lock (`open_read_only`), so that many nodes read one file on shared
+    storage.
 
     Each row read is checked against its stored crc32. A mismatch raises
     `FeatureChecksumError` naming the image, teacher and tap; under `on_error="skip"` the
@@ -149,16 +153,20 @@ class FeatureStore:
             self.image_hashes = [h.decode("ascii") for h in handle["images/sha256"][()]]
             self.preprocessing = json.loads(handle["images"].attrs["preprocessing"])
             self._skipped_images = read_skipped_images(handle["images"])
-            self._fast = _check_datasets(self.path, handle, self.teachers)
+            # Read here, once: DataLoader workers inherit (or unpickle) them.
+            self._taps = _stored_taps(self.path, handle, self.teachers)
             self.pseudo_mask_teacher = _pseudo_mask_teacher(self.path, handle)
+            self._pseudo_mask_checksums = None
+            if self.pseudo_mask_teacher is not None:
+                group = handle["teachers"][self.pseudo_mask_teacher]
+                self._pseudo_mask_checksums = group[PSEUDO_MASKS_CRC32][()]
         self._positions: dict[str, int] | None = None
-        # Per process (see `_open_datasets`): never shared across fork, dropped when pickled.
+        # Per process, opened only to read what no pread can (see `_dataset`): never shared
+        # across fork, dropped when pickled. Rows read with a pread need no HDF5 handle.
         self._handle: h5py.File | None = None
-        self._datasets: dict[tuple[str, str], h5py.Dataset] = {}
-        self._checksums: dict[tuple[str, str], np.ndarray] = {}
-        self._mapping: mmap.mmap | None = None
-        self._pseudo_masks: tuple[h5py.Dataset, np.ndarray] | None = None
+        self._datasets: dict[str, h5py.Dataset] = {}
         self._pid: int | None = None
+        self._descriptors = Descriptors()
 
     @property
     def skipped_images(self) -> dict[int, str]:
@@ -194,6 +202,14 @@ class FeatureStore:
             self._skip(image_id, error)
             return {}
 
+    def prefetch(self, images: Sequence[int | str]) -> None:
+        """Ask the disk now for the rows of `images` (indices or ids) that will be read next:
+        a batch's reads then wait for the disk together rather than one after the other.
+        Only a hint (`posix_fadvise`): nothing is read or checked here."""
+        rows = [self._row(image) for image in images]
+        for tap in self._taps.values():
+            tap.rows.advise(rows, self._descriptors)
+
     def pseudo_masks(self, index: int | str) -> list[dict[str, Any]]:
         """The teacher automatic masks of one image (see `samkd.features.pseudo_masks`):
         COCO RLE records at the original image size, highest predicted IoU first; `[]` for
@@ -208,13 +224,11 @@ class FeatureStore:
         image_id = self.image_ids[row]
         if image_id in self.skipped_rows:
             return []
-        self._open_datasets()
-        assert self._pseudo_masks is not None
-        dataset, checksums = self._pseudo_masks
-        data = bytes(dataset[row])
+        data = bytes(self._dataset(f"teachers/{self.pseudo_mask_teacher}/{PSEUDO_MASKS}")[row])
+        assert self._pseudo_mask_checksums is not None
         try:
             if self.verify:
-                self._check_pseudo_masks(data, int(checksums[row]), row)
+                self._check_pseudo_masks(data, int(self._pseudo_mask_checksums[row]), row)
         except FeatureChecksumError as error:
             self._skip(image_id, error)
             return []
@@ -254,24 +268,29 @@ class FeatureStore:
 
     def _read_features(self, row: int, flip: bool) -> dict[str, dict[str, torch.Tensor]]:
         """Every selected tap of one row, each checked before it is converted."""
-        datasets = self._open_datasets()
         features: dict[str, dict[str, torch.Tensor]] = {}
         for teacher in self.teachers:
             features[teacher.name] = {}
             for tap in teacher.taps:
                 key = teacher.name, tap.name
-                values = self._read_row(datasets[key], tap, row, key)
+                stored_dtype = self._taps[key].dtype
+                widened = self.dtype not in (None, stored_dtype)
+                # As stored, into the output itself unless it is to be widened.
+                stored = output_tensor(tap.shape, stored_dtype, shared=not widened)
+                self._read_row(key, row, stored.numpy())
                 if self.verify:
-                    self._check_row(values, key, row)
-                stored = torch.from_numpy(values)
-                tensor = output_tensor(stored.shape, self.dtype or stored.dtype)
-                tensor.copy_(stored)  # torch widens float16 several times faster than numpy
+                    self._check_row(stored.numpy(), key, row)
+                tensor = stored
+                if widened:
+                    assert self.dtype is not None
+                    tensor = output_tensor(tap.shape, self.dtype)
+                    tensor.copy_(stored)  # torch widens float16 several times faster than numpy
                 features[teacher.name][tap.name] = flip_tap(tensor, tap.kind) if flip else tensor
         return features
 
     def _check_row(self, values: np.ndarray, key: tuple[str, str], row: int) -> None:
         """Raise FeatureChecksumError when the bytes read differ from those extracted."""
-        stored = int(self._checksums[key][row])
+        stored = int(self._taps[key].checksums[row])
         read = crc32(values)
         if read != stored:
             teacher, tap = key
@@ -357,50 +376,29 @@ class FeatureStore:
     def close(self) -> None:
         if self._handle is not None and self._pid == os.getpid():
             self._handle.close()
-            if self._mapping is not None:
-                with contextlib.suppress(BufferError):  # a caller still holds a view
-                    self._mapping.close()
+        self._descriptors.close()
         self.__dict__.update(_unopened())
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, **_unopened()}
 
-    def _open_datasets(self) -> dict[tuple[str, str], h5py.Dataset]:
-        """This process's dataset handles, looked up once (a path lookup in h5py costs about
-        as much as reading a small tap), and its memory map of the file."""
+    def _dataset(self, name: str) -> h5py.Dataset:
+        """A dataset of this process's HDF5 handle, opened on first use (a path lookup in
+        h5py costs about as much as reading a small tap: each is looked up once)."""
         if self._handle is None or self._pid != os.getpid():
             self._handle = open_feature_file(self.path)
             self._pid = os.getpid()
-            taps = self._handle["teachers"]
-            self._datasets = {
-                (teacher.name, tap.name): taps[teacher.name]["taps"][tap.name]
-                for teacher in self.teachers
-                for tap in teacher.taps
-            }
-            self._checksums = {
-                (teacher.name, tap.name): taps[teacher.name]["crc32"][tap.name][()]
-                for teacher in self.teachers
-                for tap in teacher.taps
-            }
-            self._mapping = map_file(self.path) if any(self._fast.values()) else None
-            if self.pseudo_mask_teacher is not None:
-                group = taps[self.pseudo_mask_teacher]
-                self._pseudo_masks = group[PSEUDO_MASKS], group[PSEUDO_MASKS_CRC32][()]
-        return self._datasets
+            self._datasets = {}
+        if name not in self._datasets:
+            self._datasets[name] = self._handle[name]
+        return self._datasets[name]
 
-    def _read_row(
-        self, dataset: h5py.Dataset, tap: TapSpec, row: int, key: tuple[str, str]
-    ) -> np.ndarray:
-        """One image's tap in the stored dtype; a view of the file's memory map when the
-        image is one uncompressed chunk (its bytes are the sample), to be copied at once."""
-        if self._fast[key] and self._mapping is not None:
-            chunk = dataset.id.get_chunk_info_by_coord((row, *(0,) * len(tap.shape)))
-            if chunk.byte_offset is not None and chunk.size == tap.numel * dataset.dtype.itemsize:
-                values = np.frombuffer(
-                    self._mapping, dtype=dataset.dtype, count=tap.numel, offset=chunk.byte_offset
-                )
-                return values.reshape(tap.shape)
-        return np.ascontiguousarray(dataset[row])
+    def _read_row(self, key: tuple[str, str], row: int, out: np.ndarray) -> None:
+        """One image's tap as stored, into `out`: with one pread where the row is one
+        uncompressed chunk (`samkd.features.rows`), else through h5py."""
+        if not self._taps[key].rows.read_into(row, out, self._descriptors):
+            teacher, tap = key
+            self._dataset(f"teachers/{teacher}/taps/{tap}").read_direct(out, np.s_[row], np.s_[...])
 
 
 def _unopened() -> dict[str, Any]:
@@ -408,9 +406,6 @@ def _unopened() -> dict[str, Any]:
     return {
         "_handle": None,
         "_datasets": {},
-        "_checksums": {},
-        "_mapping": None,
-        "_pseudo_masks": None,
         "_pid": None,
     }
 
@@ -422,26 +417,14 @@ def crc32(values: np.ndarray) -> int:
     return zlib_ng.crc32(values)
 
 
-def output_tensor(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    """An empty tensor for one tap; in a DataLoader worker, in shared memory, which a worker
-    would otherwise copy it to in order to pass it on (as torch's own `default_collate`
-    allocates its batches there): one copy of every tap fewer per image."""
-    if torch.utils.data.get_worker_info() is None:
+def output_tensor(shape: Sequence[int], dtype: torch.dtype, shared: bool = True) -> torch.Tensor:
+    """An empty tensor for one tap; in a DataLoader worker (and `shared`), in shared memory,
+    which a worker would otherwise copy it to in order to pass it on (as torch's own
+    `default_collate` allocates its batches there): one copy of every tap fewer per image."""
+    if not shared or torch.utils.data.get_worker_info() is None:
         return torch.empty(tuple(shape), dtype=dtype)
     storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
     return torch.empty(0, dtype=dtype).set_(storage).view(tuple(shape))
-
-
-def map_file(path: Path) -> mmap.mmap | None:
-    """A private (copy-on-write, so that numpy and torch see writable memory; nothing is ever
-    written) read mapping of the whole file, or None where the platform cannot map it.
-    Reading a chunk through it skips HDF5's read path and a copy: about 2.5x the images/s of
-    `read_direct_chunk` once the page cache holds the file."""
-    try:
-        with open(path, "rb") as handle:
-            return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-    except (OSError, ValueError):
-        return None
 
 
 def _select_teachers(
@@ -496,11 +479,20 @@ def _pseudo_mask_teacher(path: Path, handle: h5py.File) -> str | None:
     return teacher
 
 
-def _check_datasets(
+@dataclass(frozen=True)
+class _StoredTap:
+    """A selected tap of a file: its dtype, where its rows are, and their crc32s."""
+
+    dtype: torch.dtype
+    rows: TapRows
+    checksums: np.ndarray
+
+
+def _stored_taps(
     path: Path, handle: h5py.File, teachers: Sequence[TeacherSpec]
-) -> dict[tuple[str, str], bool]:
-    """Refuse incomplete files and lost shards; which taps can be read chunk-direct."""
-    fast: dict[tuple[str, str], bool] = {}
+) -> dict[tuple[str, str], _StoredTap]:
+    """Refuse incomplete files and lost shards; each selected tap's rows and checksums."""
+    taps: dict[tuple[str, str], _StoredTap] = {}
     for teacher in teachers:
         group = handle["teachers"][teacher.name]
         done = group["done"][()]
@@ -517,8 +509,10 @@ def _check_datasets(
                     f"{path.name}: shard {missing[0]} is missing "
                     f"({len(missing)} in all for teacher '{teacher.name}' tap '{tap.name}')"
                 )
-            fast[teacher.name, tap.name] = not dataset.is_virtual and not dataset.compression
-    return fast
+            taps[teacher.name, tap.name] = _StoredTap(
+                TORCH_DTYPES[dataset.dtype], TapRows(path, dataset), group["crc32"][tap.name][()]
+            )
+    return taps
 
 
 def read_decoder_state_dict(path: Path, teacher: str) -> dict[str, torch.Tensor]:

@@ -50,6 +50,7 @@ from samkd.features.layout import (
     create_pseudo_mask_datasets,
     create_tap_dataset,
     discard_hdf5,
+    open_read_only,
     read_index_file,
     utc_now,
     write_index_file,
@@ -755,7 +756,7 @@ def _stats_match(index_file: Path, plan: ExtractionPlan) -> bool:
     mtimes = np.array([record.mtime_ns for record in plan.images], dtype=np.int64)
     if (sizes < 0).all():
         return True
-    with h5py.File(index_file, "r") as handle:
+    with open_read_only(index_file) as handle:
         images = handle["images"]
         if "file_sizes" not in images:
             return False
@@ -783,14 +784,14 @@ def _check_same_plan(
 
 def _stored_identity_of_output(output: Path) -> dict[str, Any]:
     try:
-        with h5py.File(output, "r") as handle:
+        with open_read_only(output) as handle:
             return json.loads(handle.attrs["plan"])
     except (OSError, KeyError) as error:
         raise FeatureStoreError(f"{output.name}: not a readable feature file ({error})") from None
 
 
 def _output_layout(output: Path) -> str:
-    with h5py.File(output, "r") as handle:
+    with open_read_only(output) as handle:
         return str(handle.attrs.get("layout", ""))
 
 

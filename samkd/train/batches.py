@@ -227,6 +227,13 @@ class DistillationDataset(Dataset[TrainingSample]):
         self.epoch = epoch
         self.dataset.seed = self.seed + epoch
 
+    def __getitems__(self, indices: list[int]) -> list[TrainingSample]:
+        """A micro-batch (what a DataLoader worker fetches): its stored rows are asked of the
+        disk together first (`FeatureStore.prefetch`), then read one by one."""
+        if self.store is not None:
+            self.store.prefetch([self.dataset.records[index].image_id for index in indices])
+        return [self[index] for index in indices]
+
     def __getitem__(self, index: int) -> TrainingSample:
         geometry = self.augmentation.draw_geometry(
             np.random.default_rng((self.seed, self.epoch, index, 13))

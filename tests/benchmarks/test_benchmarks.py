@@ -22,6 +22,8 @@ FAST_SECTIONS = (
     "export",
 )
 SLOW_SECTIONS = ("loss_cost", "efficacy", "real_size", "view", "frames", "sam2_efficacy")
+# Its own test, so that its time shows: three `samkd` commands on 200 images, 16 real-size rows.
+SCALE_SECTION = ("scale",)
 
 
 def assert_quick_run_writes(sections: tuple[str, ...], output: Path) -> None:
@@ -41,11 +43,19 @@ def assert_quick_run_writes(sections: tuple[str, ...], output: Path) -> None:
 
 
 def test_every_section_is_checked() -> None:
-    assert set(FAST_SECTIONS + SLOW_SECTIONS) == set(BENCHMARKS)
+    assert set(FAST_SECTIONS + SLOW_SECTIONS + SCALE_SECTION) == set(BENCHMARKS)
 
 
 def test_quick_run_writes_every_fast_section(tmp_path: Path) -> None:
     assert_quick_run_writes(FAST_SECTIONS, tmp_path / "BENCHMARKS.md")
+
+
+def test_quick_run_writes_the_scale_section(tmp_path: Path) -> None:
+    output = tmp_path / "BENCHMARKS.md"
+    assert_quick_run_writes(SCALE_SECTION, output)
+    text = output.read_text()
+    assert "3. Projections: computed from the anchors and this run's reads, not measured" in text
+    assert "Target: a copy join copies at most once: it wrote 1.00x" in text
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from samkd.features import open_for_extraction
+import samkd.features.lock
+from samkd.features import FeatureStoreError, open_for_extraction
 from samkd.features.lock import (
     OutputLockedError,
     holds_lock,
@@ -83,6 +85,23 @@ def test_the_lock_is_reentrant_within_a_process(tmp_path: Path) -> None:
         with open_for_extraction(output, make_plan(num_images=2)) as writer:
             writer.close()
         assert holds_lock(output) and lock_path(output).exists()
+    assert not holds_lock(output) and not lock_path(output).exists()
+
+
+def test_a_file_system_without_locks_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_locks(descriptor: int, operation: int) -> None:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(samkd.features.lock.fcntl, "flock", no_locks)
+    output = tmp_path / "features.h5"
+    with pytest.raises(FeatureStoreError) as error, output_lock(output):
+        pass
+    message = str(error.value)
+    assert "\n" not in message and not isinstance(error.value, OutputLockedError)
+    assert message.startswith(f"features.h5: cannot lock {lock_path(output)} (function not ")
+    assert "set extract.output to a folder" in message
     assert not holds_lock(output) and not lock_path(output).exists()
 
 

@@ -31,7 +31,7 @@ from samkd.features import (
     render_report,
     space_needed,
 )
-from samkd.features.layout import read_index_file
+from samkd.features.layout import open_read_only, read_index_file
 from samkd.features.pseudo_masks import (
     decode_pseudo_masks,
     decode_rows,
@@ -163,7 +163,9 @@ def test_written_masks_read_back_in_both_layouts(tmp_path: Path, layout: str) ->
     assert store.pseudo_masks("img_0003.jpg") == expected[3]
     worker = pickle.loads(pickle.dumps(store))  # as a DataLoader worker gets it
     assert worker.pseudo_masks(-1) == expected[5]
-    with h5py.File(output, "r") as handle:
+    # The stores hold the file open without HDF5's lock: a second open in this process
+    # must say the same (HDF5 refuses other locking flags).
+    with open_read_only(output) as handle:
         assert handle.attrs["schema_version"] == PSEUDO_MASKS_SCHEMA_VERSION
         group = handle["teachers/vit_h"]
         assert not group["pseudo_masks"].is_virtual

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import samkd.features.reader
+import samkd.features.rows
 from samkd.features import FeatureChecksumError, FeatureStore, FeatureStoreError
 
 from .feature_helpers import extract, make_plan
@@ -41,11 +41,11 @@ def damaged_file(clean_file: Path, tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture(params=["memory map", "hdf5"])
+@pytest.fixture(params=["pread", "hdf5"])
 def read_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both ways a row is read: the file's memory map, and h5py where it cannot map."""
+    """Both ways a row is read: one pread at its chunk, and h5py where it is no plain chunk."""
     if request.param == "hdf5":
-        monkeypatch.setattr(samkd.features.reader, "map_file", lambda path: None)
+        monkeypatch.setattr(samkd.features.rows, "chunk_offsets", lambda dataset: None)
     return str(request.param)
 
 

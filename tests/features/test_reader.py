@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import samkd.features.reader
+import samkd.features.rows
 from samkd.features import FeatureStore, FeatureStoreError, flip_tap
 
 from .feature_helpers import PREPROCESSING, extract, make_plan
@@ -42,19 +44,36 @@ def test_dtype_none_reads_as_stored_and_widens_exactly(feature_file: Path) -> No
     assert torch.equal(stored.float(), widened)
 
 
-def test_reads_without_a_memory_map_are_the_same(
+def test_direct_reads_equal_reads_through_hdf5(
     feature_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    mapped = FeatureStore(feature_file)
-    assert mapped[0] and mapped._mapping is not None
-    monkeypatch.setattr(samkd.features.reader, "map_file", lambda path: None)
-    unmapped = FeatureStore(feature_file)
-    for index in range(len(mapped)):
-        by_map, by_hdf5 = mapped[index], unmapped[index]
-        for teacher, taps in by_map.items():
+    direct = FeatureStore(feature_file)
+    assert direct[0] and all(tap.rows.offsets[0] is not None for tap in direct._taps.values())
+    monkeypatch.setattr(samkd.features.rows, "chunk_offsets", lambda dataset: None)
+    through_hdf5 = FeatureStore(feature_file)
+    for index in range(len(direct)):
+        by_pread, by_hdf5 = direct[index], through_hdf5[index]
+        for teacher, taps in by_pread.items():
             for tap, tensor in taps.items():
                 assert torch.equal(tensor, by_hdf5[teacher][tap]), (index, teacher, tap)
-    assert unmapped._mapping is None
+    assert all(tap.rows.offsets[0] is None for tap in through_hdf5._taps.values())
+
+
+def test_prefetch_asks_the_disk_for_each_row(
+    feature_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    advised: list[tuple[int, int, int]] = []
+
+    def advise(descriptor: int, offset: int, length: int, advice: int) -> None:
+        advised.append((offset, length, advice))
+
+    store = FeatureStore(feature_file, teachers=["vit_h"], taps=["encoder.embed"])
+    monkeypatch.setattr(samkd.features.rows.os, "posix_fadvise", advise)
+    store.prefetch([1, "img_0004.jpg"])
+    offsets = store._taps["vit_h", "encoder.embed"].rows.offsets[0]
+    assert offsets is not None
+    size, soon = 256 * 16 * 16 * 2, os.POSIX_FADV_WILLNEED  # float16 rows
+    assert advised == [(offsets[1], size, soon), (offsets[4], size, soon)]
 
 
 def test_worker_outputs_are_in_shared_memory(monkeypatch: pytest.MonkeyPatch) -> None:

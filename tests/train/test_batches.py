@@ -225,3 +225,22 @@ def test_label_free_prompts_follow_the_geometry(tmp_path: Path) -> None:
         assert (sample.point_coords[..., 0] < width).all()
         assert (sample.point_coords[..., 1] < height).all()
     assert any(turned)
+
+
+def test_a_micro_batch_asks_for_its_feature_rows_together(
+    shapes: Path, feature_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from samkd.features import FeatureStore
+
+    dataset = build_dataset(shapes, image_size=256, prompts=PromptSampler(mode="box"))
+    store = FeatureStore(feature_file, dtype=None)
+    asked: list[list[int | str]] = []
+    monkeypatch.setattr(store, "prefetch", asked.append)
+    batches = DistillationDataset(dataset, store, Augmentation(), 0)
+    batch = batches.__getitems__([3, 1])
+    assert asked == [[dataset.records[3].image_id, dataset.records[1].image_id]]
+    for item, index in zip(batch, [3, 1], strict=True):
+        alone = batches[index]
+        assert item.sample.image_id == alone.sample.image_id
+        for tap, tensor in alone.teacher_features["t"].items():
+            assert torch.equal(item.teacher_features["t"][tap], tensor)

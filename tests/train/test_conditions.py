@@ -25,6 +25,7 @@ from samkd.train.step import DistillationStep, StepParts, micro_step
 from samkd.train.teachers import load_online_teacher
 from samkd.train.terms import UnitCounts
 
+from ..nodes import torchrun_nodes
 from .conftest import ALL_TERMS, STUDENT, TEACHER, base_assignments, make_settings
 
 
@@ -364,6 +365,35 @@ def test_two_ranks_with_accumulation_equal_one_batch(
     for key, value in final_weights(tmp_path / "single").items():
         torch.testing.assert_close(
             final_weights(tmp_path / "ddp")[key], value, rtol=1e-4, atol=ADAM_ATOL, msg=key
+        )
+
+
+def test_two_nodes_train_to_the_end_as_one_process(
+    tmp_path: Path, shapes: Path, teacher_checkpoint: Path, feature_file: Path
+) -> None:
+    """`torchrun --nnodes 2 --nproc_per_node 1` from a feature file: each node's global rank
+    takes its half of every batch and rank 0 alone writes the run, so the log and weights
+    are those of one process with the same batches."""
+    assignments = [
+        *base_assignments(shapes, teacher_checkpoint, tmp_path / "nodes"),
+        f"distillation.features={feature_file}",
+        "student.freeze_bn_stats=true",
+        "train.steps=2",
+    ]
+    config = tmp_path / "config.yaml"
+    config.write_text(make_settings(*assignments).to_yaml())
+    nodes = torchrun_nodes(["-m", "samkd", "train", "--config", str(config)], port=29563)
+    for node in nodes:
+        assert node.returncode == 0, node.stderr[-3000:]
+    single = make_settings(*assignments)
+    single.train.output_dir = tmp_path / "single"
+    run_train(single)
+    distributed = train_records(tmp_path / "nodes")
+    assert [record["step"] for record in distributed] == [1, 2]  # one writer of the log
+    assert_logs_close(comparable(distributed), comparable(train_records(tmp_path / "single")), 1e-4)
+    for key, value in final_weights(tmp_path / "single").items():
+        torch.testing.assert_close(
+            final_weights(tmp_path / "nodes")[key], value, rtol=1e-4, atol=ADAM_ATOL, msg=key
         )
 
 
