@@ -442,7 +442,9 @@ def description(config: Config, facts: dict[str, Any]) -> str:
         f"{best_iou:.2f} with a ground-truth object, on average. Prompts at evaluation: the "
         "object's box (single-mask output), its centre point (the best of the three multimask "
         "outputs against the ground truth, and the single-mask output) and 3 corrective clicks "
-        "(single-mask output). `x / a`: the row's mean over row a's."
+        "(single-mask output). `x / a`: the row's mean over row a's. Rows e and f each differ "
+        "from row d in one setting (the prompt loop; the teacher masks as task-loss targets): "
+        "their gaps over row d are what that setting moved."
     )
 
 
