@@ -22,11 +22,13 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+
+from benchmarks.feature_store import drop_page_cache
 
 SAMPLE_SECONDS = 0.25
 BLOCK = 512  # the unit of ru_inblock and ru_oublock on Linux
@@ -145,18 +147,6 @@ def _sample_until(
 # --------------------------------------------------------------------------- page cache
 
 
-def drop_from_page_cache(paths: Iterable[Path]) -> None:
-    """Evict the files' clean pages from the page cache (posix_fadvise DONTNEED): no root
-    needed, and other people's files stay cached. Pages a process has mapped stay."""
-    os.sync()
-    for path in paths:
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(descriptor)
-
-
 def cached_fraction(path: Path) -> float:
     """The fraction of `path`'s pages in the page cache (mincore), to check a drop worked."""
     size = path.stat().st_size
@@ -187,7 +177,7 @@ def sequential_read_rate(path: Path, attempts: int = 2) -> tuple[float, str]:
     it), `attempts` times each: the fastest the disk was seen to read, a strict baseline.
     Without `dd`: Python reads of 16 MiB."""
     if not shutil.which("dd"):
-        drop_from_page_cache([path])
+        drop_page_cache([path])
         buffer = bytearray(READ_BUFFER)
         began = time.perf_counter()
         with open(path, "rb", buffering=0) as handle:
@@ -197,7 +187,7 @@ def sequential_read_rate(path: Path, attempts: int = 2) -> tuple[float, str]:
     best, how = 0.0, ""
     for _ in range(attempts):
         for flags, label in (([], "dd bs=16M"), (["iflag=direct"], "dd bs=16M iflag=direct")):
-            drop_from_page_cache([path])
+            drop_page_cache([path])
             completed = subprocess.run(
                 ["dd", f"if={path}", "of=/dev/null", "bs=16M", *flags],
                 capture_output=True,

@@ -47,10 +47,10 @@ from rich.console import Console
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.common import NOISE_NOTE, ResultTable, Section
+from benchmarks.feature_store import drop_page_cache
 from benchmarks.processes import (
     Usage,
     cached_fraction,
-    drop_from_page_cache,
     run_measured,
     sequential_read_rate,
 )
@@ -448,7 +448,7 @@ def read_rate(path: Path, workers: int, cold: bool) -> tuple[float, float]:
     residue = 0.0
     if cold:
         files = [path, *sorted(parts_dir(path).rglob("part-*.h5"))]
-        drop_from_page_cache(files)
+        drop_page_cache(files)
         residue = max(cached_fraction(file) for file in files)
     order = np.random.default_rng(workers).permutation(len(dataset)).tolist()
     batches = [order[start : start + BATCH] for start in range(0, len(order), BATCH)]
@@ -488,7 +488,7 @@ def hash_rate(folder: Path, count: int) -> tuple[int, int, float]:
     """(files, bytes, seconds) of indexing `count` JPEG files from a cold cache, as the first
     start of `samkd extract` does (`index_images`: stat, image size, sha256, on threads)."""
     paths = write_jpegs(folder, count)
-    drop_from_page_cache(paths)
+    drop_page_cache(paths)
     began = time.perf_counter()
     index_images(paths, [path.stem for path in paths], {})
     seconds = time.perf_counter() - began

@@ -23,7 +23,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from annotated_types import Ge, Gt, Le
@@ -48,13 +48,8 @@ from pydantic_settings import (
 ENV_PREFIX = "SAMKD_"
 ENV_NESTED_DELIMITER = "__"
 
-ModelType = Literal[
-    "vit_b",
-    "vit_l",
-    "vit_h",
-    "vit_t",
-    "vit_mini",
-    "vit_t_mini",
+# The SAM 2 family (`samkd.models.registry`): built from the optional sam2 package.
+Sam2ModelType = Literal[
     "sam2.1_hiera_t",
     "sam2.1_hiera_s",
     "sam2.1_hiera_b+",
@@ -65,18 +60,8 @@ ModelType = Literal[
     "sam2_hiera_l",
     "hiera_mini",
 ]
-# The SAM 2 family (`samkd.models.registry`): built from the optional sam2 package.
-SAM2_MODEL_TYPES = (
-    "sam2.1_hiera_t",
-    "sam2.1_hiera_s",
-    "sam2.1_hiera_b+",
-    "sam2.1_hiera_l",
-    "sam2_hiera_t",
-    "sam2_hiera_s",
-    "sam2_hiera_b+",
-    "sam2_hiera_l",
-    "hiera_mini",
-)
+SAM2_MODEL_TYPES: tuple[str, ...] = get_args(Sam2ModelType)
+ModelType = Literal["vit_b", "vit_l", "vit_h", "vit_t", "vit_mini", "vit_t_mini", Sam2ModelType]
 FrameSetting = Literal["auto", "longest_side", "square"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 EvalPromptKind = Literal["box", "point", "points"]
