@@ -35,8 +35,7 @@ import tempfile
 import time
 import warnings
 import zlib
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +46,7 @@ from rich.console import Console
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.common import NOISE_NOTE, ResultTable, Section
-from benchmarks.feature_store import drop_page_cache
+from benchmarks.feature_store import drop_page_cache, single_thread
 from benchmarks.processes import (
     Usage,
     cached_fraction,
@@ -525,17 +524,6 @@ def run_real_size(work: Path, sizes: Sizes) -> RealSize:
         sizes.real_rows, EMBED.numel * 2, write, join_rates, join_written, output_bytes,
         sequential, how, reads, residue, layouts, files, hashed, seconds, handover,
     )  # fmt: skip
-
-
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """Torch single-threaded in this process, as in DataLoader workers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- projections
